@@ -1,0 +1,363 @@
+"""Typed, frozen configuration: one dataclass per concern, read from YAML.
+
+An unknown or mistyped key is an error that lists the valid keys of its section; values are
+checked for type and range when the object is built. ``--set section.key=value`` overrides
+from the command line go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
+MVC_DECODER_STYLES = ("inner product", "inner product, detach", "concat query", "sum query")
+INCLUDE_ZERO_GENE = ("all", "batch-wise", "row-wise", "nonzero")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as given."""
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}.")
+
+
+def _check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                 *, low_open: bool = False) -> None:
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{name}: {value!r} must be {'>' if low_open else '>='} {low}.")
+    if high is not None and value > high:
+        raise ConfigError(f"{name}: {value!r} must be <= {high}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and options of :class:`scformer_jax.model.TransformerGenerator`."""
+
+    embsize: int = 64
+    d_hid: int = 64
+    nlayers: int = 4
+    nhead: int = 4
+    dropout: float = 0.2
+    # None: the same as `dropout` (the original applies it to the attention weights too).
+    attention_dropout: float | None = None
+    nlayers_cls: int = 3
+    n_cls: int = 1
+    # Vocabulary; the data sets these from the dataset's gene vocabulary.
+    ntoken: int = 0
+    pad_token_id: int = 0
+    cls_token_id: int = 1
+    pad_value: float = 0.0
+    pert_pad_id: int = 2
+    max_value: float = 512.0
+    cell_emb_style: str = "cls"
+    # True: prepend a real <cls> token for cell_emb_style 'cls'. False: the original's
+    # behaviour (the first gene's output is the cell embedding), to reproduce old checkpoints.
+    prepend_cls_token: bool = True
+    mvc_decoder_style: str = "inner product, detach"
+    attention: str = "auto"
+    attention_block_size: int = 128
+    # Rematerialise each transformer layer in the backward pass (less memory, ~30% more FLOPs).
+    remat: bool = False
+    # Matmul dtype; parameters, LayerNorm, softmax statistics and losses stay float32.
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("embsize", "d_hid", "nlayers", "nhead", "nlayers_cls", "n_cls",
+                     "attention_block_size"):
+            _check_range(f"model.{name}", getattr(self, name), 1)
+        if self.embsize % self.nhead:
+            raise ConfigError(
+                f"model.embsize ({self.embsize}) must be divisible by model.nhead ({self.nhead}).")
+        _check_range("model.dropout", self.dropout, 0.0, 0.999)
+        if self.attention_dropout is not None:
+            _check_range("model.attention_dropout", self.attention_dropout, 0.0, 0.999)
+        _check_choice("model.cell_emb_style", self.cell_emb_style, CELL_EMB_STYLES)
+        _check_choice("model.mvc_decoder_style", self.mvc_decoder_style, MVC_DECODER_STYLES)
+        from scformer_jax.attention import IMPLEMENTATIONS
+
+        _check_choice("model.attention", self.attention, IMPLEMENTATIONS)
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        if self.attention in ("xla", "cudnn") and self.attn_dropout_rate > 0:
+            raise ConfigError(
+                f"model.attention {self.attention!r} has no attention-weight dropout but the "
+                f"config asks for {self.attn_dropout_rate}; set model.attention_dropout: 0.0 "
+                "(or model.dropout: 0.0), or use attention 'chunked' / 'full'.")
+        if self.pert_pad_id in (0, 1) or not 0 <= self.pert_pad_id <= 2:
+            raise ConfigError(
+                f"model.pert_pad_id must be 2 (flags 0 and 1 are taken); got {self.pert_pad_id}.")
+
+    @property
+    def attn_dropout_rate(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
+
+    @property
+    def uses_cls_token(self) -> bool:
+        return self.cell_emb_style == "cls" and self.prepend_cls_token
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which objectives train the model and their named weights.
+
+    The total loss is ``sum(weight_k * loss_k)`` over the enabled objectives; the original
+    script hard-coded 10 for CCE and ECS.
+    """
+
+    mlm: bool = True  # masked MSE on expression; always on, kept as a key for clarity
+    cls: bool = False
+    cce: bool = False
+    mvc: bool = False
+    ecs: bool = False
+    mse_weight: float = 1.0
+    cls_weight: float = 1.0
+    cce_weight: float = 10.0
+    mvc_weight: float = 1.0
+    ecs_weight: float = 10.0
+    cce_temperature: float = 0.5
+    ecs_threshold: float = 0.85
+
+    def __post_init__(self):
+        if not self.mlm:
+            raise ConfigError(
+                "objective.mlm: the expression MSE is the perturbation objective and is always "
+                "on; set objective.mlm: true (use objective.mse_weight to rescale it).")
+        for name in ("mse_weight", "cls_weight", "cce_weight", "mvc_weight", "ecs_weight"):
+            _check_range(f"objective.{name}", getattr(self, name), 0.0)
+        _check_range("objective.cce_temperature", self.cce_temperature, 0.0, low_open=True)
+        _check_range("objective.ecs_threshold", self.ecs_threshold, 0.0, 1.0)
+
+    def weights(self) -> dict[str, float]:
+        """The weight of every enabled objective, by loss name."""
+        out = {"mse": self.mse_weight}
+        for name in ("cls", "cce", "mvc", "ecs"):
+            if getattr(self, name):
+                out[name] = getattr(self, f"{name}_weight")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how cells become token sequences."""
+
+    # A GEARS data folder, a .h5ad file, or a built-in dataset name ("simulated", ...).
+    path: str = "simulated"
+    split: str = "simulation"
+    split_seed: int = 1
+    train_gene_set_size: float = 0.75
+    combo_seen2_train_frac: float = 0.75
+    split_path: str | None = None
+    include_zero_gene: str = "all"
+    max_seq_len: int = 1536
+    # obs column holding the labels of the CLS objective.
+    label_key: str = "cell_type"
+    # Re-draw the control cell paired with each perturbed cell every epoch (GEARS does).
+    redraw_pairing: bool = True
+    # Data-loader seed (pairing, shuffling, gene sampling); None: train.seed.
+    seed: int | None = None
+
+    def __post_init__(self):
+        _check_choice("data.include_zero_gene", self.include_zero_gene, INCLUDE_ZERO_GENE)
+        _check_range("data.max_seq_len", self.max_seq_len, 2)
+        _check_range("data.train_gene_set_size", self.train_gene_set_size, 0.0, 1.0, low_open=True)
+        _check_range("data.combo_seen2_train_frac", self.combo_seen2_train_frac, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam with global-norm clipping and a step decay per `schedule_interval` epochs."""
+
+    lr: float = 1e-4
+    schedule_interval: int = 1
+    decay: float = 0.9  # lr multiplied by this every schedule_interval epochs (StepLR gamma)
+    grad_clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _check_range("optim.lr", self.lr, 0.0, low_open=True)
+        _check_range("optim.schedule_interval", self.schedule_interval, 1)
+        _check_range("optim.decay", self.decay, 0.0, 1.0, low_open=True)
+        _check_range("optim.grad_clip_norm", self.grad_clip_norm, 0.0, low_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: sizes, epochs, validation, checkpoints, logging."""
+
+    batch_size: int = 32
+    eval_batch_size: int = 32
+    epochs: int = 6
+    early_stop: int = 5  # epochs without improvement of `best_metric` before stopping
+    best_metric: str = "val_pearson_delta"
+    best_mode: str = "max"
+    log_interval: int = 100
+    seed: int = 42
+    # Stop after this many steps in total (0: no limit); for smoke tests and benchmarks.
+    max_steps: int = 0
+    # Validation batches per epoch (0: the whole validation set).
+    max_val_batches: int = 0
+    keep_checkpoints: int = 1
+    # A PyTorch scGPT/scFormer checkpoint folder to start from, and which parameter groups
+    # to take from it (empty: all that match).
+    load_model: str | None = None
+    load_param_prefixes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("batch_size", "eval_batch_size", "epochs", "log_interval", "keep_checkpoints"):
+            _check_range(f"train.{name}", getattr(self, name), 1)
+        _check_range("train.early_stop", self.early_stop, 0)
+        _check_range("train.max_steps", self.max_steps, 0)
+        _check_range("train.max_val_batches", self.max_val_batches, 0)
+        _check_choice("train.best_mode", self.best_mode, ("min", "max"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
+                  "optim": OptimConfig, "train": TrainConfig}
+
+
+def _unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"Unknown key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}.")
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    """Checks `value` against a field annotation (the few types the configs use)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing}, {})  # noqa: S307 - our own annotations
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(where, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}.")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        (item_type, _) = typing.get_args(annotation)
+        return tuple(_coerce(where, v, item_type) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}.")
+        return value
+    return value
+
+
+def _build_section(name: str, values: Mapping[str, Any]) -> Any:
+    cls = _SECTION_TYPES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"Section {name!r} must be a mapping of keys to values, got {values!r}.")
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown_key_error(name, key, sorted(fields))
+        kwargs[key] = _coerce(f"{name}.{key}", value, fields[key].type)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: Mapping[str, Any] | None) -> Config:
+    """Builds a :class:`Config`; unknown sections or keys raise :class:`ConfigError`."""
+    raw = dict(raw or {})
+    for section in raw:
+        if section not in _SECTIONS:
+            raise _unknown_key_error("the config's top level", section, sorted(_SECTIONS))
+    return Config(**{name: _build_section(name, raw.get(name) or {}) for name in _SECTIONS})
+
+
+def config_to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    out = dataclasses.asdict(config)
+    for section in out.values():
+        for key, value in section.items():
+            if isinstance(value, tuple):
+                section[key] = list(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim", "lr", 3e-4)``; the value is read as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(
+            f"Override {text!r} must look like section.key=value, e.g. optim.lr=3e-4.")
+    path, value = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    return section, key, yaml.safe_load(value)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = {k: dict(v or {}) for k, v in dict(raw or {}).items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML config (or the defaults when `path` is None) and applies overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections.")
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    tmp.replace(path)

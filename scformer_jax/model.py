@@ -1,0 +1,267 @@
+"""The scFormer perturbation model (``TransformerGenerator``) in Flax linen.
+
+Pure functional: ``model.init`` returns a plain parameter pytree and ``model.apply`` is a
+function of (params, batch arrays, rngs). Layer names follow the PyTorch original where a
+name exists there, so that PyTorch checkpoints map onto these parameters one to one
+(``scformer_jax.convert``).
+
+Differences from the original, all deliberate:
+* ``cell_emb_style='cls'`` prepends a real ``<cls>`` token (the original took the output of
+  the first gene, since the perturbation input has no ``<cls>`` token);
+  ``prepend_cls_token=False`` restores the original behaviour.
+* ``avg-pool`` and ``w-pool`` ignore padding positions (the original averaged over them).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scformer_jax import attention as attn_lib
+from scformer_jax.batch import FLAG_CHANNEL, VALUE_CHANNEL, check_inputs
+from scformer_jax.config import ModelConfig
+
+# PyTorch's LayerNorm epsilon (Flax's default is 1e-6); kept for checkpoint parity.
+LN_EPS = 1e-5
+
+
+def _uniform(scale: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -scale, scale)
+
+    return init
+
+
+def _torch_linear_bias_init(fan_in: int):
+    return _uniform(1.0 / max(fan_in, 1) ** 0.5)
+
+
+class PaddedEmbedding(nn.Module):
+    """An embedding whose padding id maps to zeros and receives no gradient (PyTorch's
+    ``padding_idx``): the looked-up row is multiplied by 0, so its table row gets 0 gradient."""
+
+    num_embeddings: int
+    features: int
+    padding_idx: int
+    init_scale: float | None = None  # uniform(-s, s); None: N(0, 1) as nn.Embedding
+
+    @nn.compact
+    def __call__(self, ids):
+        init = (_uniform(self.init_scale) if self.init_scale is not None
+                else nn.initializers.normal(1.0))
+
+        def table_init(key, shape, dtype=jnp.float32):
+            return init(key, shape, dtype).at[self.padding_idx].set(0.0)
+
+        table = self.param("embedding", table_init, (self.num_embeddings, self.features))
+        out = jnp.take(table, ids, axis=0)
+        return out * (ids != self.padding_idx)[..., None].astype(out.dtype)
+
+
+class ValueEncoder(nn.Module):
+    """Expression value -> vector: clip at max_value, Dense(1->d), ReLU, Dense(d->d), LN, dropout."""
+
+    d_model: int
+    dropout: float
+    max_value: float
+
+    @nn.compact
+    def __call__(self, values, *, deterministic: bool):
+        x = jnp.minimum(values, self.max_value)[..., None]
+        x = nn.relu(nn.Dense(self.d_model, name="linear1",
+                             bias_init=_torch_linear_bias_init(1))(x))
+        x = nn.Dense(self.d_model, name="linear2",
+                     bias_init=_torch_linear_bias_init(self.d_model))(x)
+        x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x)
+        return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with PyTorch's fused in-projection layout (q, k, v rows)."""
+
+    d_model: int
+    nhead: int
+    dropout: float
+    implementation: str
+    block_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_padding_mask, *, deterministic: bool):
+        batch, length, _ = x.shape
+        head_dim = self.d_model // self.nhead
+        qkv = nn.Dense(3 * self.d_model, name="in_proj", dtype=self.dtype,
+                       kernel_init=nn.initializers.xavier_uniform(),
+                       bias_init=nn.initializers.zeros)(x)
+        # (batch, length, 3 * d) -> three (batch, length, heads, head_dim)
+        q, k, v = jnp.split(qkv.reshape(batch, length, 3, self.nhead, head_dim), 3, axis=2)
+        q, k, v = (t[:, :, 0] for t in (q, k, v))
+        rate = 0.0 if deterministic else self.dropout
+        dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
+        out = attn_lib.attention(q, k, v, key_padding_mask, implementation=self.implementation,
+                                 block_size=self.block_size, dropout_rate=rate,
+                                 dropout_rng=dropout_rng)
+        out = out.reshape(batch, length, self.d_model)
+        return nn.Dense(self.d_model, name="out_proj", dtype=self.dtype,
+                        bias_init=nn.initializers.zeros)(out)
+
+
+class EncoderLayer(nn.Module):
+    """Post-LayerNorm transformer layer (PyTorch's ``TransformerEncoderLayer``, ReLU)."""
+
+    config: ModelConfig
+    implementation: str
+
+    @nn.compact
+    def __call__(self, x, key_padding_mask, deterministic: bool):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        drop = functools.partial(nn.Dropout(c.dropout), deterministic=deterministic)
+        h = SelfAttention(c.embsize, c.nhead, c.attn_dropout_rate, self.implementation,
+                          c.attention_block_size, dtype, name="self_attn")(
+            x, key_padding_mask, deterministic=deterministic)
+        x = nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x + drop(h))
+        h = nn.Dense(c.d_hid, name="linear1", dtype=dtype,
+                     bias_init=_torch_linear_bias_init(c.embsize))(x)
+        h = nn.Dense(c.embsize, name="linear2", dtype=dtype,
+                     bias_init=_torch_linear_bias_init(c.d_hid))(drop(nn.relu(h)))
+        return nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x + drop(h)).astype(jnp.float32)
+
+
+class ClsDecoder(nn.Module):
+    """[Dense, ReLU, LayerNorm] x (nlayers - 1), then Dense to n_cls."""
+
+    d_model: int
+    n_cls: int
+    nlayers: int
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.nlayers - 1):
+            x = nn.LayerNorm(epsilon=LN_EPS, name=f"norm_{i}")(
+                nn.relu(nn.Dense(self.d_model, name=f"dense_{i}")(x)))
+        return nn.Dense(self.n_cls, name="out_layer")(x)
+
+
+class MVCDecoder(nn.Module):
+    """Masked value prediction from the cell embedding, queried by gene embeddings."""
+
+    d_model: int
+    style: str
+
+    @nn.compact
+    def __call__(self, cell_emb, gene_embs):
+        """cell_emb (batch, d), gene_embs (batch, length, d) -> (batch, length)."""
+        if self.style.endswith("detach"):
+            gene_embs = jax.lax.stop_gradient(gene_embs)
+        if self.style in ("inner product", "inner product, detach"):
+            query = nn.sigmoid(nn.Dense(self.d_model, name="gene2query")(gene_embs))
+            projected = nn.Dense(self.d_model, use_bias=False, name="W")(query)
+            return jnp.einsum("bld,bd->bl", projected, cell_emb)
+        prelu = nn.PReLU(negative_slope_init=0.25, name="hidden_activation")
+        if self.style == "concat query":
+            query = nn.sigmoid(nn.Dense(64, name="gene2query")(gene_embs))
+            cell = jnp.broadcast_to(cell_emb[:, None, :], query.shape[:2] + cell_emb.shape[-1:])
+            h = prelu(nn.Dense(64, name="fc1")(jnp.concatenate([cell, query], axis=-1)))
+        else:  # "sum query"
+            query = nn.sigmoid(nn.Dense(self.d_model, name="gene2query")(gene_embs))
+            h = prelu(nn.Dense(64, name="fc1")(cell_emb[:, None, :] + query))
+        return nn.Dense(1, name="fc2")(h)[..., 0]
+
+
+class TransformerGenerator(nn.Module):
+    """scFormer's perturbation model.
+
+    Call with the two-channel batch arrays (see :mod:`scformer_jax.batch`). Returns a dict:
+    ``mlm_output`` (batch, seq_len) predicted expression of every input token,
+    ``cell_emb`` (batch, embsize), and when asked ``cls_output`` (batch, n_cls) and
+    ``mvc_output`` (batch, seq_len).
+    """
+
+    config: ModelConfig
+
+    def _layers(self, length: int):
+        c = self.config
+        impl = attn_lib.resolve_implementation(c.attention, length,
+                                               attention_dropout=c.attn_dropout_rate)
+        layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if c.remat else EncoderLayer
+        return [layer_cls(c, impl, name=f"layers_{i}") for i in range(c.nlayers)]
+
+    @nn.compact
+    def __call__(self, gene_ids, inputs, padding_mask, *, deterministic: bool = True,
+                 compute_cls: bool = False, compute_mvc: bool = False):
+        """Args:
+          gene_ids: int (batch, seq_len) token ids.
+          inputs: float (batch, seq_len, 2): control expression and perturbation flag.
+          padding_mask: bool (batch, seq_len), True at padding.
+          deterministic: no dropout when True (evaluation).
+          compute_cls / compute_mvc: also run the classification / MVC decoders.
+        """
+        check_inputs(gene_ids, inputs, padding_mask)
+        c = self.config
+        if c.ntoken <= max(c.pad_token_id, c.cls_token_id):
+            raise ValueError(
+                f"model.ntoken ({c.ntoken}) must exceed the special token ids (pad "
+                f"{c.pad_token_id}, cls {c.cls_token_id}); set it from the dataset's vocabulary.")
+        values = inputs[..., VALUE_CHANNEL].astype(jnp.float32)
+        flags = inputs[..., FLAG_CHANNEL].astype(jnp.int32)
+        if c.uses_cls_token:
+            batch = gene_ids.shape[0]
+            gene_ids = jnp.concatenate(
+                [jnp.full((batch, 1), c.cls_token_id, gene_ids.dtype), gene_ids], axis=1)
+            values = jnp.concatenate([jnp.full((batch, 1), c.pad_value, values.dtype), values], 1)
+            flags = jnp.concatenate([jnp.full((batch, 1), c.pert_pad_id, flags.dtype), flags], 1)
+            padding_mask = jnp.concatenate([jnp.zeros((batch, 1), bool), padding_mask], 1)
+
+        gene_embs = PaddedEmbedding(c.ntoken, c.embsize, c.pad_token_id, init_scale=0.1,
+                                    name="encoder")(gene_ids)
+        gene_embs = nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(gene_embs)
+        values_emb = ValueEncoder(c.embsize, c.dropout, c.max_value, name="value_encoder")(
+            values, deterministic=deterministic)
+        x = gene_embs + values_emb + PaddedEmbedding(3, c.embsize, c.pert_pad_id,
+                                                     name="pert_encoder")(flags)
+        for layer in self._layers(x.shape[1]):
+            x = layer(x, padding_mask, deterministic)
+
+        cell_emb = self._cell_embedding(x, values, padding_mask)
+        if c.uses_cls_token:
+            x, gene_embs = x[:, 1:], gene_embs[:, 1:]
+        decoder = nn.Dense(1, kernel_init=_uniform(0.1), bias_init=nn.initializers.zeros,
+                           name="decoder")
+        out = {"mlm_output": decoder(x)[..., 0], "cell_emb": cell_emb}
+        if compute_cls:
+            out["cls_output"] = ClsDecoder(c.embsize, c.n_cls, c.nlayers_cls,
+                                           name="cls_decoder")(cell_emb)
+        if compute_mvc:
+            out["mvc_output"] = MVCDecoder(c.embsize, c.mvc_decoder_style,
+                                           name="mvc_decoder")(cell_emb, gene_embs)
+        return out
+
+    def _cell_embedding(self, x, values, padding_mask):
+        style = self.config.cell_emb_style
+        if style == "cls":
+            return x[:, 0]
+        keep = (~padding_mask).astype(x.dtype)[..., None]
+        if style == "avg-pool":
+            return (x * keep).sum(1) / jnp.maximum(keep.sum(1), 1.0)
+        # w-pool: expression-weighted sum, L2-normalised (as the original).
+        pooled = (x * (values[..., None] * keep)).sum(1)
+        sq = jnp.sum(pooled * pooled, axis=-1, keepdims=True)
+        return pooled * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
+
+
+def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
+    """Initial parameters (a plain pytree), with every decoder present."""
+    model = TransformerGenerator(config)
+    gene_ids = jnp.full((1, seq_len), config.pad_token_id + 1 if config.pad_token_id + 1
+                        != config.cls_token_id else config.cls_token_id + 1, jnp.int32)
+    gene_ids = gene_ids % config.ntoken
+    inputs = jnp.zeros((1, seq_len, 2), jnp.float32)
+    padding_mask = jnp.zeros((1, seq_len), bool)
+    variables = model.init({"params": rng, "dropout": rng}, gene_ids, inputs, padding_mask,
+                           deterministic=True, compute_cls=True, compute_mvc=True)
+    return variables["params"]
