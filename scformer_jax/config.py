@@ -280,6 +280,12 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}.")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept it as the number it means.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}.")
         return float(value)
@@ -339,19 +345,35 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, A
     return raw
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads one YAML file; a top-level ``base: other.yaml`` (relative to it) is read first
+    and this file's sections update it key by key."""
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    if path.resolve() in seen:
+        raise ConfigError(f"Config file {str(path)!r} includes itself through 'base'.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections.")
+    raw = dict(raw)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, Mapping) and isinstance(merged.get(section), Mapping):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Reads a YAML config (or the defaults when `path` is None) and applies overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist.")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {e}") from e
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections.")
+    raw = _read_yaml(Path(path)) if path is not None else {}
     return config_from_dict(apply_overrides(raw, list(overrides)))
 
 

@@ -182,22 +182,34 @@ def contrastive_cell_embedding_loss(emb_a, emb_b, *, temperature=0.5, axis_name=
         emb_a, emb_b, temperature=temperature, axis_name=axis_name, weights=weights))
 
 
-def elastic_cell_similarity_terms(cell_emb, *, ecs_threshold=0.85, weights=None):
-    """(sum over cell pairs, number of pairs) of the ECS objective."""
+def elastic_cell_similarity_terms(cell_emb, *, ecs_threshold=0.85, axis_name=None,
+                                  weights=None):
+    """(sum over cell pairs, number of pairs) of the ECS objective.
+
+    With ``axis_name``, this device's cells are paired with the cells of every device along
+    that axis, so that the psum of the terms equals the single-device global-batch value.
+    """
     chex.assert_rank(cell_emb, 2)
     n = cell_emb.shape[0]
     weights = (jnp.ones((n,), jnp.float32) if weights is None
                else jnp.asarray(weights, jnp.float32))
     chex.assert_shape(weights, (n,))
     normed = _l2_normalize(cell_emb)
-    cos_sim = normed @ normed.T
-    cos_sim = jnp.where(jnp.eye(n, dtype=bool), 0.0, cos_sim)
+    others, other_weights, offset = normed, weights, 0
+    if axis_name is not None:
+        others = jax.lax.all_gather(normed, axis_name, tiled=True)
+        other_weights = jax.lax.all_gather(weights, axis_name, tiled=True)
+        offset = jax.lax.axis_index(axis_name) * n
+    cos_sim = normed @ others.T  # (n_local, n_global)
+    diagonal = jnp.arange(n)[:, None] + offset == jnp.arange(others.shape[0])[None, :]
+    cos_sim = jnp.where(diagonal, 0.0, cos_sim)
     per_pair = 1.0 - (jax.nn.relu(cos_sim) - ecs_threshold) ** 2
-    pair_weights = weights[:, None] * weights[None, :]
+    pair_weights = weights[:, None] * other_weights[None, :]
     return jnp.sum(per_pair * pair_weights), jnp.sum(pair_weights)
 
 
-def elastic_cell_similarity_loss(cell_emb, *, ecs_threshold=0.85, weights=None):
+def elastic_cell_similarity_loss(cell_emb, *, ecs_threshold=0.85, axis_name=None,
+                                 weights=None):
     """Elastic cell similarity (ECS).
 
     ``mean(1 - (relu(cos_sim) - ecs_threshold)^2)`` over all cell pairs of the batch, with the
@@ -207,13 +219,14 @@ def elastic_cell_similarity_loss(cell_emb, *, ecs_threshold=0.85, weights=None):
     Args:
       cell_emb: (batch, d).
       ecs_threshold: the threshold (0.85 in the perturbation script).
+      axis_name: optional data-parallel axis; pairs then span every device's cells.
       weights: optional (batch,) row weights; pairs with a weight-0 cell are left out.
 
     Returns:
       Scalar (0 when no pair counts).
     """
     return safe_divide(*elastic_cell_similarity_terms(
-        cell_emb, ecs_threshold=ecs_threshold, weights=weights))
+        cell_emb, ecs_threshold=ecs_threshold, axis_name=axis_name, weights=weights))
 
 
 def combine_losses(losses: Mapping[str, jnp.ndarray], weights: Mapping[str, float]):
