@@ -1,0 +1,595 @@
+"""GEARS's perturbation metrics on mean expression profiles.
+
+Every metric compares, for one perturbation (condition such as ``"A+ctrl"`` or ``"A+B"``),
+the mean predicted profile with the mean true profile over all ``n_genes`` genes or over
+the perturbation's top differentially expressed (DE) genes, either on expression values or
+on the *change over control* (``profile - ctrl_mean``, "delta"). Per-perturbation values
+are then averaged over perturbations, overall and per test subgroup (``unseen_single``,
+``combo_seen0``, ``combo_seen1``, ``combo_seen2``).
+
+The definitions follow GEARS (``gears.inference.compute_metrics``, ``deeper_analysis`` and
+``non_dropout_analysis``); metric names are GEARS's except ``pearson_de_delta``, which GEARS
+calls ``pearson_delta_de`` (scGPT's name is used here, see :data:`GEARS_METRIC_NAMES`).
+
+Per-perturbation metrics (``k`` in 20, 50, 100, 200; ``de_idx[:k]`` are the top-``k`` DE
+genes in rank order):
+
+* ``mse``, ``pearson``: all genes, expression values.
+* ``mse_de``, ``pearson_de``: top-20 DE genes, expression values.
+* ``pearson_delta``: all genes, change over control; ``pearson_de_delta``: top-20 DE genes.
+* ``pearson_top{k}_de``, ``pearson_delta_top{k}_de``, ``mse_top{k}_de``: top-``k`` DE genes
+  (``mse_top{k}_de`` is GEARS's MSE of the changes, which equals the MSE of the values
+  because the control mean cancels).
+* ``frac_correct_direction_all``, ``frac_correct_direction_{k}``: fraction of genes where
+  ``sign(pred - ctrl) == sign(true - ctrl)`` (two zero changes agree).
+* ``frac_correct_direction_20_nonzero``: the same over the top-20 DE genes whose true mean
+  is not zero.
+* With ``non_dropout_de_idx`` (GEARS's ``top_non_dropout_de_20``): ``pearson_top20_de_non_dropout``,
+  ``pearson_delta_top20_de_non_dropout``, ``mse_top20_de_non_dropout`` and the direction
+  fractions ``frac_correct_direction_top20_non_dropout``,
+  ``frac_opposite_direction_top20_non_dropout`` and ``frac_0/1_direction_top20_non_dropout``
+  (one change zero, the other not).
+
+Documented behaviour and differences from GEARS:
+
+1. **Rank order vs gene order.** GEARS's data loader stores each perturbation's top-20 DE
+   genes as ``np.where(var_names.isin(top20))``, i.e. in *gene (column) order*, and
+   ``evaluate`` builds ``pred_de``/``truth_de`` with them; ``deeper_analysis`` recomputes
+   ``de_idx`` from ``rank_genes_groups_cov_all[:20]`` in *rank order*. Its
+   ``frac_correct_direction_20_nonzero`` then compares ``pred_de`` (gene order) with
+   ``ctrl[de_idx]`` (rank order), i.e. a gene's prediction with another gene's control
+   value. Here every array is indexed with the same rank-ordered ``de_idx``, so each gene
+   is compared with its own control value; the value can differ from GEARS's. All other
+   metrics are invariant to the order of the genes, so they agree with GEARS.
+2. **"nonzero"** in ``frac_correct_direction_20_nonzero`` means "the true expression is not
+   zero in every cell" in GEARS; on mean profiles it is ``true_mean != 0``, the same thing
+   for non-negative (log-normalised) expression.
+3. **Constant vectors.** ``scipy.stats.pearsonr`` returns NaN (with a warning) when either
+   vector is constant, and GEARS replaces that NaN with 0. :func:`pearson` returns 0.0 in
+   that case without a NaN and without a warning, and :func:`evaluate_profiles` lists every
+   such case in :attr:`EvalResult.notes` (the control baseline's predicted change is
+   constant by design, so its ``pearson_delta`` is 0).
+4. **Too few DE genes.** GEARS divides ``frac_correct_direction_{k}`` by ``k`` even when
+   fewer than ``k`` genes were ranked. Here a top-``k`` metric is NaN in the
+   per-perturbation table when fewer than ``k`` DE indices are given, and averages skip
+   NaN; a metric that no perturbation defines is absent from the averages.
+5. **Averages.** GEARS's subgroup means raise ``KeyError`` for a subgroup member that was
+   not evaluated and give NaN for an empty subgroup. Here members without predictions are
+   skipped (listed in ``notes``) and empty subgroups are absent.
+6. **Not computed:** metrics that need the per-cell distribution of the truth
+   (``frac_in_range*``, ``*sigma*``), GEARS's ``*_top200_hvg`` and ``fold_change_gap_*``
+   (they need every condition's mean, not only the evaluated ones), and the "non-zero"
+   family of ``non_zero_analysis``.
+7. ``ctrl``: GEARS's ``compute_metrics`` gives the control condition ``mse_de = 0``;
+   :func:`evaluate_gears_results` drops control cells from the evaluation instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+DE_TOP_KS = (20, 50, 100, 200)
+N_DE = 20
+SUBGROUP_NAMES = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
+CONTROL_CONDITION = "ctrl"
+
+# Our name -> the name GEARS's deeper_analysis uses for the same quantity.
+GEARS_METRIC_NAMES = {"pearson_de_delta": "pearson_delta_de"}
+
+
+def _metric_names(with_non_dropout: bool) -> list[str]:
+    names = ["mse", "pearson", "mse_de", "pearson_de", "pearson_delta", "pearson_de_delta"]
+    for k in DE_TOP_KS:
+        names += [f"pearson_top{k}_de", f"pearson_delta_top{k}_de", f"mse_top{k}_de"]
+    names.append("frac_correct_direction_all")
+    names += [f"frac_correct_direction_{k}" for k in DE_TOP_KS]
+    names.append("frac_correct_direction_20_nonzero")
+    if with_non_dropout:
+        names += [
+            "pearson_top20_de_non_dropout",
+            "pearson_delta_top20_de_non_dropout",
+            "mse_top20_de_non_dropout",
+            "frac_correct_direction_top20_non_dropout",
+            "frac_opposite_direction_top20_non_dropout",
+            "frac_0/1_direction_top20_non_dropout",
+        ]
+    return names
+
+
+METRIC_NAMES = tuple(_metric_names(with_non_dropout=True))
+
+
+# --------------------------------------------------------------------------------------
+# Elementary metrics.
+# --------------------------------------------------------------------------------------
+
+
+def _is_constant(x: np.ndarray) -> bool:
+    return x.size == 0 or bool(np.all(x == x.flat[0]))
+
+
+def pearson(x: Any, y: Any) -> float:
+    """Pearson correlation, 0.0 when either vector is constant (GEARS's convention).
+
+    Args:
+      x: (n,) values.
+      y: (n,) values.
+
+    Returns:
+      The correlation in [-1, 1]; 0.0 (not NaN, no warning) if ``x`` or ``y`` is constant
+      or has fewer than two entries.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"pearson: x and y must have the same length, got {x.size} and {y.size}.")
+    if x.size < 2 or _is_constant(x) or _is_constant(y):
+        return 0.0
+    xc = x - x.mean()
+    yc = y - y.mean()
+    denom = np.sqrt(np.dot(xc, xc) * np.dot(yc, yc))
+    if denom == 0.0:  # underflow of nearly-constant vectors
+        return 0.0
+    return float(np.clip(np.dot(xc, yc) / denom, -1.0, 1.0))
+
+
+def mse(x: Any, y: Any) -> float:
+    """Mean squared error ``mean((x - y) ** 2)``.
+
+    Args:
+      x: (n,) values.
+      y: (n,) values.
+
+    Returns:
+      The MSE; NaN for empty inputs.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"mse: x and y must have the same length, got {x.size} and {y.size}.")
+    if x.size == 0:
+        return float("nan")
+    return float(np.mean((x - y) ** 2))
+
+
+def direction_fractions(pred_change: Any, true_change: Any) -> tuple[float, float, float]:
+    """Agreement of the signs of two changes over control, gene by gene.
+
+    Args:
+      pred_change: (n,) predicted change over control.
+      true_change: (n,) true change over control.
+
+    Returns:
+      ``(correct, opposite, zero_vs_nonzero)``: fractions of genes whose signs are equal
+      (two zeros agree), opposite (+ vs -), or where exactly one change is zero; they sum
+      to 1. NaNs for empty inputs.
+    """
+    diff = np.abs(np.sign(np.asarray(pred_change, np.float64)) -
+                  np.sign(np.asarray(true_change, np.float64))).ravel()
+    if diff.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    n = diff.size
+    return (float(np.sum(diff == 0) / n), float(np.sum(diff == 2) / n),
+            float(np.sum(diff == 1) / n))
+
+
+# --------------------------------------------------------------------------------------
+# One perturbation.
+# --------------------------------------------------------------------------------------
+
+
+def _perturbation_metrics(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray,
+                          de_idx: np.ndarray, non_dropout_de_idx: np.ndarray | None
+                          ) -> tuple[dict[str, float], list[str]]:
+    """Metrics of one condition and the names of the Pearsons that met a constant vector."""
+    out: dict[str, float] = {}
+    constant: list[str] = []
+    pred_change = pred - ctrl
+    true_change = true - ctrl
+
+    def corr(name: str, a: np.ndarray, b: np.ndarray) -> None:
+        if a.size >= 2 and (_is_constant(a) or _is_constant(b)):
+            constant.append(name)
+        out[name] = pearson(a, b)
+
+    nan = float("nan")
+    out["mse"] = mse(pred, true)
+    corr("pearson", pred, true)
+
+    top = de_idx[:N_DE] if de_idx.size >= N_DE else None
+    if top is not None:
+        out["mse_de"] = mse(pred[top], true[top])
+        corr("pearson_de", pred[top], true[top])
+    else:
+        out["mse_de"] = out["pearson_de"] = nan
+    corr("pearson_delta", pred_change, true_change)
+    if top is not None:
+        corr("pearson_de_delta", pred_change[top], true_change[top])
+    else:
+        out["pearson_de_delta"] = nan
+
+    for k in DE_TOP_KS:
+        if de_idx.size >= k:
+            idx = de_idx[:k]
+            corr(f"pearson_top{k}_de", pred[idx], true[idx])
+            corr(f"pearson_delta_top{k}_de", pred_change[idx], true_change[idx])
+            out[f"mse_top{k}_de"] = mse(pred_change[idx], true_change[idx])
+        else:
+            out[f"pearson_top{k}_de"] = out[f"pearson_delta_top{k}_de"] = nan
+            out[f"mse_top{k}_de"] = nan
+
+    out["frac_correct_direction_all"] = direction_fractions(pred_change, true_change)[0]
+    for k in DE_TOP_KS:
+        idx = de_idx[:k]
+        out[f"frac_correct_direction_{k}"] = (
+            direction_fractions(pred_change[idx], true_change[idx])[0]
+            if de_idx.size >= k else nan)
+    if top is not None:
+        nonzero = top[true[top] != 0]
+        out["frac_correct_direction_20_nonzero"] = (
+            direction_fractions(pred_change[nonzero], true_change[nonzero])[0]
+            if nonzero.size else nan)
+    else:
+        out["frac_correct_direction_20_nonzero"] = nan
+
+    if non_dropout_de_idx is not None:
+        idx = non_dropout_de_idx[:N_DE]
+        if idx.size:
+            corr("pearson_top20_de_non_dropout", pred[idx], true[idx])
+            corr("pearson_delta_top20_de_non_dropout", pred_change[idx], true_change[idx])
+            out["mse_top20_de_non_dropout"] = mse(pred_change[idx], true_change[idx])
+            correct, opposite, half = direction_fractions(pred_change[idx], true_change[idx])
+        else:
+            for name in ("pearson_top20_de_non_dropout", "pearson_delta_top20_de_non_dropout",
+                         "mse_top20_de_non_dropout"):
+                out[name] = nan
+            correct = opposite = half = nan
+        out["frac_correct_direction_top20_non_dropout"] = correct
+        out["frac_opposite_direction_top20_non_dropout"] = opposite
+        out["frac_0/1_direction_top20_non_dropout"] = half
+    return out, constant
+
+
+def perturbation_metrics(pred_mean: Any, true_mean: Any, ctrl_mean: Any, de_idx: Any,
+                         non_dropout_de_idx: Any = None) -> dict[str, float]:
+    """Every metric of one perturbation (see the module docstring for the list).
+
+    Args:
+      pred_mean: (n_genes,) mean predicted expression of the perturbed cells.
+      true_mean: (n_genes,) mean true expression of the perturbed cells.
+      ctrl_mean: (n_genes,) mean expression of the control cells.
+      de_idx: (n_de,) int column indices of the DE genes, most significant first.
+      non_dropout_de_idx: optional (<= 20,) int indices of the top non-dropout DE genes,
+        most significant first (GEARS's ``top_non_dropout_de_20``).
+
+    Returns:
+      metric name -> value; NaN where a top-``k`` metric has fewer than ``k`` DE genes.
+    """
+    ctrl = _as_profile(ctrl_mean, "ctrl_mean")
+    n_genes = ctrl.shape[0]
+    pred = _as_profile(pred_mean, "pred_mean", n_genes)
+    true = _as_profile(true_mean, "true_mean", n_genes)
+    de = _as_index(de_idx, "de_idx", n_genes)
+    nd = None if non_dropout_de_idx is None else _as_index(non_dropout_de_idx,
+                                                           "non_dropout_de_idx", n_genes)
+    return _perturbation_metrics(pred, true, ctrl, de, nd)[0]
+
+
+# --------------------------------------------------------------------------------------
+# Many perturbations.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Metrics of one predictor on a set of perturbations.
+
+    Attributes:
+      overall: metric -> mean over the evaluated perturbations (NaN values skipped).
+      per_subgroup: subgroup -> (metric -> mean over the subgroup's evaluated
+        perturbations); subgroups with no evaluated perturbation are absent.
+      per_perturbation: one row per condition (index ``condition``), a ``subgroup``
+        column (``;``-joined names, empty if none) and one column per metric.
+      subgroup_sizes: subgroup -> number of evaluated perturbations averaged.
+      notes: human-readable remarks (constant vectors met by Pearson, subgroup members
+        without predictions).
+    """
+
+    overall: dict[str, float]
+    per_subgroup: dict[str, dict[str, float]]
+    per_perturbation: pd.DataFrame
+    subgroup_sizes: dict[str, int]
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"overall", "per_subgroup", "subgroup_sizes", "notes"}``."""
+        return {
+            "overall": dict(self.overall),
+            "per_subgroup": {k: dict(v) for k, v in self.per_subgroup.items()},
+            "subgroup_sizes": dict(self.subgroup_sizes),
+            "notes": list(self.notes),
+        }
+
+
+def _as_profile(x: Any, what: str, n_genes: int | None = None) -> np.ndarray:
+    if sp.issparse(x):
+        x = x.toarray()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim == 2 and arr.shape[0] == 1:  # np.matrix rows from sparse means
+        arr = arr[0]
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D profile of shape (n_genes,), got shape "
+                         f"{arr.shape}. Average the cells first (see mean_profiles).")
+    if n_genes is not None and arr.shape[0] != n_genes:
+        raise ValueError(f"{what} has {arr.shape[0]} genes but ctrl_mean has {n_genes}; all "
+                         f"profiles must use the same gene columns in the same order.")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.sum(~np.isfinite(arr)))
+        raise ValueError(f"{what} contains {bad} NaN/inf values; metrics need finite "
+                         f"profiles (check the model output or the input data).")
+    return arr
+
+
+def _as_index(idx: Any, what: str, n_genes: int) -> np.ndarray:
+    arr = np.asarray(idx)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D array of gene column indices, got shape "
+                         f"{arr.shape}.")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what} must hold integer gene column indices, got dtype "
+                         f"{arr.dtype}; map gene names with de_indices_from_gene_lists.")
+    if arr.min() < 0 or arr.max() >= n_genes:
+        raise ValueError(f"{what} has indices outside [0, {n_genes}); they must index the "
+                         f"profiles' gene columns.")
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"{what} repeats gene indices; each DE gene must appear once.")
+    return arr.astype(np.int64)
+
+
+def _mean_skipping_nan(values: Sequence[float]) -> float | None:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else None
+
+
+def _aggregate(table: pd.DataFrame, metric_names: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for name in metric_names:
+        value = _mean_skipping_nan(table[name].to_numpy())
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def evaluate_profiles(
+    pred_mean: Mapping[str, Any],
+    true_mean: Mapping[str, Any],
+    ctrl_mean: Any,
+    de_idx: Mapping[str, Any],
+    non_dropout_de_idx: Mapping[str, Any] | None = None,
+    subgroups: Mapping[str, Sequence[str]] | None = None,
+) -> EvalResult:
+    """GEARS's metrics for every condition of ``true_mean``, averaged overall and per subgroup.
+
+    Args:
+      pred_mean: condition -> (n_genes,) mean predicted profile; must cover every
+        condition of ``true_mean`` (extra conditions are ignored).
+      true_mean: condition -> (n_genes,) mean true profile; these conditions are evaluated.
+      ctrl_mean: (n_genes,) mean expression of the control cells.
+      de_idx: condition -> int array of DE gene column indices in *rank order* (most
+        significant first, as in ``rank_genes_groups_cov_all``), at least 20 long for the
+        top-20 metrics and at least ``k`` for the top-``k`` ones.
+      non_dropout_de_idx: optional condition -> int array of the top non-dropout DE
+        genes in rank order (GEARS's ``top_non_dropout_de_20``; see
+        :func:`top_non_dropout_de`); enables the ``*_non_dropout`` metrics.
+      subgroups: optional subgroup name -> list of conditions (e.g. GEARS's
+        ``subgroup["test_subgroup"]``).
+
+    Returns:
+      An :class:`EvalResult`.
+
+    Raises:
+      ValueError: on missing predictions or DE indices, shape mismatches, NaNs, or
+        out-of-range indices; the message names the condition.
+    """
+    if not true_mean:
+        raise ValueError("evaluate_profiles: true_mean is empty; nothing to evaluate.")
+    ctrl = _as_profile(ctrl_mean, "ctrl_mean")
+    n_genes = ctrl.shape[0]
+    conditions = list(true_mean)
+    missing = [c for c in conditions if c not in pred_mean]
+    if missing:
+        raise ValueError(f"evaluate_profiles: no prediction for {len(missing)} condition(s) "
+                         f"{missing[:5]}; pred_mean must cover every condition of true_mean.")
+    missing = [c for c in conditions if c not in de_idx]
+    if missing:
+        raise ValueError(f"evaluate_profiles: no DE gene indices for {len(missing)} "
+                         f"condition(s) {missing[:5]}; pass de_idx for every condition.")
+    if non_dropout_de_idx is not None:
+        missing = [c for c in conditions if c not in non_dropout_de_idx]
+        if missing:
+            raise ValueError(f"evaluate_profiles: no non-dropout DE indices for "
+                             f"{len(missing)} condition(s) {missing[:5]}.")
+
+    metric_names = _metric_names(non_dropout_de_idx is not None)
+    rows = []
+    notes: list[str] = []
+    for cond in conditions:
+        pred = _as_profile(pred_mean[cond], f"pred_mean[{cond!r}]", n_genes)
+        true = _as_profile(true_mean[cond], f"true_mean[{cond!r}]", n_genes)
+        de = _as_index(de_idx[cond], f"de_idx[{cond!r}]", n_genes)
+        nd = (None if non_dropout_de_idx is None else
+              _as_index(non_dropout_de_idx[cond], f"non_dropout_de_idx[{cond!r}]", n_genes))
+        values, constant = _perturbation_metrics(pred, true, ctrl, de, nd)
+        if constant:
+            notes.append(f"{cond}: a constant vector made {', '.join(constant)} 0 "
+                         f"(Pearson is undefined there; GEARS also reports 0).")
+        rows.append(values)
+
+    membership: dict[str, list[str]] = {c: [] for c in conditions}
+    per_subgroup: dict[str, dict[str, float]] = {}
+    sizes: dict[str, int] = {}
+    table = pd.DataFrame(rows, index=pd.Index(conditions, name="condition"),
+                         columns=metric_names)
+    for name, members in (subgroups or {}).items():
+        present = [c for c in members if c in membership]
+        absent = [c for c in members if c not in membership]
+        if absent:
+            notes.append(f"subgroup {name}: {len(absent)} member(s) without predictions "
+                         f"skipped, e.g. {absent[:3]}.")
+        for c in present:
+            membership[c].append(name)
+        if present:
+            per_subgroup[name] = _aggregate(table.loc[present], metric_names)
+            sizes[name] = len(present)
+    table.insert(0, "subgroup", [";".join(membership[c]) for c in conditions])
+    return EvalResult(overall=_aggregate(table, metric_names), per_subgroup=per_subgroup,
+                      per_perturbation=table, subgroup_sizes=sizes, notes=tuple(notes))
+
+
+# --------------------------------------------------------------------------------------
+# Helpers: mean profiles, DE indices.
+# --------------------------------------------------------------------------------------
+
+
+def mean_profiles(values: Any, conditions: Sequence[str]) -> dict[str, np.ndarray]:
+    """Mean profile of each condition from per-cell values.
+
+    Args:
+      values: (n_cells, n_genes) expression, dense array or scipy sparse matrix.
+      conditions: (n_cells,) condition name of each cell.
+
+    Returns:
+      condition -> (n_genes,) float64 mean, conditions in order of first appearance.
+    """
+    conditions = np.asarray(conditions)
+    if not sp.issparse(values):
+        values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"mean_profiles: values must be (n_cells, n_genes), got shape "
+                         f"{values.shape}.")
+    if conditions.shape != (values.shape[0],):
+        raise ValueError(f"mean_profiles: conditions has shape {conditions.shape} but values "
+                         f"has {values.shape[0]} cells; give one condition name per cell.")
+    codes, names = pd.factorize(conditions)
+    counts = np.bincount(codes, minlength=len(names)).astype(np.float64)
+    # A sparse (groups x cells) averaging matrix handles dense and sparse values alike.
+    averaging = sp.csr_matrix((1.0 / counts[codes], (codes, np.arange(codes.size))),
+                              shape=(len(names), codes.size))
+    means = averaging @ values
+    means = np.asarray(means.toarray() if sp.issparse(means) else means, dtype=np.float64)
+    if not np.all(np.isfinite(means)):
+        raise ValueError("mean_profiles: values contain NaN/inf; clean the expression matrix.")
+    return {str(name): means[i] for i, name in enumerate(names)}
+
+
+def _close_matches(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3)
+    return f" (close matches: {', '.join(close)})" if close else ""
+
+
+def de_indices_from_gene_lists(de_genes: Mapping[str, Sequence[str]],
+                               gene_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Turns ranked DE gene lists (e.g. ``adata.uns["rank_genes_groups_cov_all"]``) into indices.
+
+    Args:
+      de_genes: condition -> gene identifiers, most significant first.
+      gene_names: (n_genes,) identifiers of the profile columns (the same kind of
+        identifier as in ``de_genes``, e.g. ``adata.var_names``).
+
+    Returns:
+      condition -> int64 column indices in the same (rank) order.
+
+    Raises:
+      ValueError: if a DE gene is not among ``gene_names`` (close matches listed).
+    """
+    position = {g: i for i, g in enumerate(gene_names)}
+    out = {}
+    for cond, genes in de_genes.items():
+        idx = []
+        for g in genes:
+            if g not in position:
+                raise ValueError(f"DE gene {g!r} of condition {cond!r} is not among the "
+                                 f"{len(position)} gene columns{_close_matches(g, position)}; "
+                                 f"use the same gene identifiers as the profile columns.")
+            idx.append(position[g])
+        out[cond] = np.asarray(idx, dtype=np.int64)
+    return out
+
+
+def top_non_dropout_de(de_idx: Any, pert_mean: Any, ctrl_mean: Any, n: int = N_DE) -> np.ndarray:
+    """GEARS's top non-dropout DE genes of one perturbation.
+
+    A gene is a "dropout" when it is expressed in control (``ctrl_mean != 0``) but has zero
+    mean in the perturbed cells; the result keeps the first ``n`` non-dropout genes of
+    ``de_idx`` in rank order (GEARS's ``top_non_dropout_de_20``).
+
+    Args:
+      de_idx: (n_de,) int DE gene indices, most significant first.
+      pert_mean: (n_genes,) mean true expression of the perturbed cells.
+      ctrl_mean: (n_genes,) mean expression of the control cells.
+      n: how many to keep.
+
+    Returns:
+      (<= n,) int64 indices in rank order.
+    """
+    ctrl = _as_profile(ctrl_mean, "ctrl_mean")
+    pert = _as_profile(pert_mean, "pert_mean", ctrl.shape[0])
+    idx = _as_index(de_idx, "de_idx", ctrl.shape[0])
+    non_dropout = (pert != 0) | (ctrl == 0)
+    return idx[non_dropout[idx]][:n]
+
+
+def evaluate_gears_results(
+    test_res: Mapping[str, Any],
+    ctrl_mean: Any,
+    de_idx: Mapping[str, Any],
+    non_dropout_de_idx: Mapping[str, Any] | None = None,
+    subgroups: Mapping[str, Sequence[str]] | None = None,
+) -> EvalResult:
+    """:func:`evaluate_profiles` on a GEARS ``evaluate()``-style result dict.
+
+    ``pred_de``/``truth_de`` of ``test_res`` are not used: they are in GEARS's gene order
+    and carry no indices; the DE genes come from ``de_idx`` (rank order) instead. Control
+    cells (``pert_cat == "ctrl"``) are dropped.
+
+    Args:
+      test_res: ``{"pert_cat": (n_cells,) str, "pred": (n_cells, n_genes),
+        "truth": (n_cells, n_genes), ...}``.
+      ctrl_mean: (n_genes,) mean expression of the control cells.
+      de_idx: condition -> int DE gene indices in rank order.
+      non_dropout_de_idx: optional condition -> top non-dropout DE indices in rank order.
+      subgroups: optional subgroup name -> list of conditions.
+
+    Returns:
+      An :class:`EvalResult`.
+    """
+    for key in ("pert_cat", "pred", "truth"):
+        if key not in test_res:
+            raise ValueError(f"evaluate_gears_results: test_res has no {key!r}; expected "
+                             f"GEARS's evaluate() output with pert_cat, pred and truth.")
+    pert_cat = np.asarray(test_res["pert_cat"]).astype(str)
+    pred = np.asarray(test_res["pred"], dtype=np.float64)
+    truth = np.asarray(test_res["truth"], dtype=np.float64)
+    if pred.shape != truth.shape or pred.ndim != 2 or pred.shape[0] != pert_cat.shape[0]:
+        raise ValueError(f"evaluate_gears_results: pred {pred.shape}, truth {truth.shape} and "
+                         f"pert_cat {pert_cat.shape} must be (n_cells, n_genes), "
+                         f"(n_cells, n_genes) and (n_cells,).")
+    keep = pert_cat != CONTROL_CONDITION
+    return evaluate_profiles(mean_profiles(pred[keep], pert_cat[keep]),
+                             mean_profiles(truth[keep], pert_cat[keep]), ctrl_mean,
+                             de_idx, non_dropout_de_idx, subgroups)
+
+
+def to_gears_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Renames metrics to GEARS's names (``pearson_de_delta`` -> ``pearson_delta_de``)."""
+    return {GEARS_METRIC_NAMES.get(k, k): v for k, v in metrics.items()}
