@@ -1,0 +1,145 @@
+"""Device placement, in one place: multi-host start-up, replication, batch sharding, pmap.
+
+The train step itself is per-device code with one axis name (:data:`AXIS`); this module
+decides how it is mapped over devices. Today that is ``jax.pmap`` over the local devices of
+every process (one global axis across hosts); a ``jit`` + ``shard_map`` version would only
+change the functions here.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import jax_utils
+
+from scformer_jax.batch import PerturbBatch
+
+AXIS = "batch"
+log = logging.getLogger(__name__)
+
+_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "JAX_COORDINATOR_ADDRESS", "KUBERNETES_SERVICE_HOST")
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Calls ``jax.distributed.initialize`` when this is one process of several.
+
+    Explicit arguments win; otherwise JAX auto-detects Slurm, Open MPI, Kubernetes and Cloud
+    TPU. A plain single process (no cluster variables) is left alone. Returns True when the
+    distributed runtime was started.
+    """
+    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    slurm_multi = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+    detected = slurm_multi or any(
+        os.environ.get(k) for k in _CLUSTER_ENV if k not in ("SLURM_NTASKS",))
+    if not explicit and not detected:
+        return False
+    if explicit:
+        if coordinator_address is None or num_processes is None or process_id is None:
+            raise ValueError(
+                "Multi-process training needs all of --coordinator-address, --num-processes "
+                "and --process-id (or none of them, to auto-detect Slurm/MPI/TPU).")
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    else:
+        jax.distributed.initialize()
+    log.info("distributed: process %d of %d, %d local / %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(),
+             jax.device_count())
+    return True
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def check_batch_size(global_batch: int, *, what: str = "train.batch_size") -> int:
+    """Per-device batch size; the global batch must split evenly over all devices."""
+    n = jax.device_count()
+    if global_batch % n:
+        raise ValueError(
+            f"{what} ({global_batch}) must be divisible by the number of devices ({n} = "
+            f"{jax.process_count()} process(es) x {jax.local_device_count()} local device(s)); "
+            f"use e.g. {max(n, global_batch // n * n)}.")
+    return global_batch // n
+
+
+def process_rows(tree: Any, *, process_index: int | None = None,
+                 process_count: int | None = None) -> Any:
+    """This process's contiguous share of the rows of a global host batch."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if count == 1:
+        return tree
+
+    def take(x):
+        rows = x.shape[0] // count
+        return x[index * rows:(index + 1) * rows]
+
+    return jax.tree_util.tree_map(take, tree)
+
+
+def shard(tree: Any) -> Any:
+    """(rows, ...) host arrays -> (local_devices, rows / local_devices, ...) on the devices."""
+    n = jax.local_device_count()
+
+    def split(x):
+        x = np.asarray(x)
+        if x.shape[0] % n:
+            raise ValueError(f"{x.shape[0]} rows do not split over {n} local devices.")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+    # `jax.device_put_sharded` is gone in JAX 0.10: a NamedSharding over the local devices,
+    # leading axis split, is what pmap takes without a copy.
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("_local",))
+    sharding = jax.NamedSharding(mesh, jax.P("_local"))
+    return jax.tree_util.tree_map(lambda x: jax.device_put(split(x), sharding), tree)
+
+
+def prefetch(iterator, size: int = 2):
+    """Shards batches onto the devices `size` steps ahead, so transfers overlap compute."""
+    queue = collections.deque()
+    for item in iterator:
+        queue.append(item)
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def shard_batch(batch: PerturbBatch) -> PerturbBatch:
+    """A global host batch -> this process's rows, split over the local devices."""
+    return shard(process_rows(batch))
+
+
+def replicate(tree: Any) -> Any:
+    return jax_utils.replicate(tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first replica, as host NumPy arrays."""
+    return jax.device_get(jax_utils.unreplicate(tree))
+
+
+def pmap(fn: Callable, *, donate_argnums=()) -> Callable:
+    """The one place where per-device code is mapped over devices."""
+    return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+
+
+def gather_rows(x: Any) -> np.ndarray:
+    """(local_devices, rows, ...) device output -> (all processes' rows, ...) on every host."""
+    trailing = x.shape[2:]
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    local = np.concatenate([np.asarray(s.data).reshape((-1,) + trailing) for s in shards])
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))

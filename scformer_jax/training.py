@@ -1,0 +1,489 @@
+"""Training library: train state, optimiser, the per-device train step and the loop.
+
+``train.py`` only parses arguments and calls :func:`train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from scformer_jax import parallel
+from scformer_jax.batch import PerturbBatch
+from scformer_jax.checkpoints import Checkpoints
+from scformer_jax.config import Config, ModelConfig, save_config
+from scformer_jax.model import TransformerGenerator, init_params
+from scformer_jax.objectives import loss_terms, objective_value, predict_expression
+
+log = logging.getLogger(__name__)
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimiser state and step; nothing else lives on the devices."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step."""
+
+
+def make_optimizer(optim, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
+    """Adam with global-norm clipping and the original's StepLR decay per epoch interval."""
+    schedule = optax.exponential_decay(
+        init_value=optim.lr, transition_steps=max(1, steps_per_epoch * optim.schedule_interval),
+        decay_rate=optim.decay, staircase=True)
+    adam = (optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                        weight_decay=optim.weight_decay) if optim.weight_decay > 0
+            else optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps))
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adam), schedule
+
+
+def create_train_state(model_config: ModelConfig, optim, steps_per_epoch: int, rng,
+                       params: Any | None = None) -> tuple[TrainState, Any]:
+    model = TransformerGenerator(model_config)
+    if params is None:
+        params = init_params(model_config, rng)
+    tx, schedule = make_optimizer(optim, steps_per_epoch)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx), schedule
+
+
+def train_step(state: TrainState, batch: PerturbBatch, rng, *, model: TransformerGenerator,
+               objective, axis_name: str | None = parallel.AXIS):
+    """One optimisation step on this device's shard of the batch.
+
+    Per-device code: gradients are averaged over ``axis_name`` (``lax.pmean``), so the
+    update equals the single-device update on the global batch. ``rng`` is the step's key;
+    each device folds in its index so dropout differs across shards.
+    """
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        terms, _ = loss_terms(model, params, batch, rng, objective, deterministic=False,
+                              axis_name=axis_name)
+        return objective_value(terms, objective, axis_name=axis_name)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(params, batch: PerturbBatch, *, model: TransformerGenerator, objective,
+              axis_name: str | None = parallel.AXIS):
+    """Eval-mode loss terms and predictions of every input token."""
+    terms, out = loss_terms(model, params, batch, jax.random.PRNGKey(0), objective,
+                            deterministic=True, axis_name=axis_name)
+    _, metrics = objective_value({k: v for k, v in terms.items() if k in ("mse", "mre")},
+                                 dataclasses.replace(objective, cls=False, cce=False,
+                                                     mvc=False, ecs=False),
+                                 axis_name=axis_name)
+    pred = jnp.where(batch.padding_mask, 0.0, out["mlm_output"])
+    return metrics, pred
+
+
+def make_p_train_step(model, objective):
+    import functools
+
+    return parallel.pmap(functools.partial(train_step, model=model, objective=objective),
+                         donate_argnums=(0,))
+
+
+def make_p_eval_step(model, objective):
+    import functools
+
+    return parallel.pmap(functools.partial(eval_step, model=model, objective=objective))
+
+
+def make_p_predict(model):
+    import functools
+
+    return parallel.pmap(functools.partial(predict_expression, model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsWriter:
+    """JSON lines (``metrics.jsonl``) and TensorBoard events, from the primary process only."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if enabled:
+            self._file = open(workdir / "metrics.jsonl", "a", buffering=1)
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience
+                log.warning("TensorBoard logging disabled: %s", e)
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": int(step)}
+        record.update({k: (float(v) if isinstance(v, (int, float, np.floating, np.integer))
+                           or (hasattr(v, "shape") and np.ndim(v) == 0) else v)
+                       for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, float) and math.isfinite(
+                        value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the loop is; saved with every checkpoint (JSON)."""
+
+    epoch: int = 0  # the next epoch to run
+    best_value: float | None = None
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def build_data(config: Config):
+    """Loads the dataset, splits it and builds the loaders of the run."""
+    from scformer_jax import data as data_lib
+
+    dataset = data_lib.load_dataset(config.data.path)
+    split = data_lib.gears_split(
+        dataset.conditions, split=config.data.split, seed=config.data.split_seed,
+        train_gene_set_size=config.data.train_gene_set_size,
+        combo_seen2_train_frac=config.data.combo_seen2_train_frac,
+        split_path=config.data.split_path)
+    return dataset, split
+
+
+def model_config_for(config: Config, dataset) -> ModelConfig:
+    """The model config with the vocabulary and class count taken from the dataset."""
+    labels = dataset.label_names(config.data.label_key) if config.objective.cls else None
+    return dataclasses.replace(
+        config.model, ntoken=dataset.n_tokens, pad_token_id=dataset.pad_token_id,
+        cls_token_id=dataset.cls_token_id,
+        n_cls=max(1, len(labels)) if labels is not None else config.model.n_cls)
+
+
+def _loader(data_lib, dataset, conditions, config: Config, *, train: bool, batch_size: int):
+    seed = config.data.seed if config.data.seed is not None else config.train.seed
+    max_len = config.data.max_seq_len if train else max(config.data.max_seq_len,
+                                                        dataset.n_genes + 8)
+    return data_lib.BatchLoader(
+        dataset, conditions, batch_size=batch_size,
+        include_zero_gene=config.data.include_zero_gene, max_seq_len=max_len, seed=seed,
+        shuffle=train, pad_value=config.model.pad_value, pert_pad_id=config.model.pert_pad_id,
+        frozen_pairing=not config.data.redraw_pairing if train else True,
+        label_key=config.data.label_key)
+
+
+def predict_conditions(p_predict, params_repl, loader, n_genes: int,
+                       max_batches: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Mean predicted and true full-gene profiles per condition over a loader's cells.
+
+    Genes that are not input tokens of a cell (zero in its control in the non-`all` modes)
+    are predicted to stay at their control value, 0.
+    """
+    pred_sum: dict[str, np.ndarray] = {}
+    true_sum: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
+    for i, host in enumerate(loader.epoch(0)):
+        if max_batches and i >= max_batches:
+            break
+        pred = parallel.gather_rows(p_predict(params_repl, parallel.shard_batch(host.batch)))
+        target = np.asarray(host.batch.target_values)
+        for row in range(host.n_real):
+            cond = host.conditions[row]
+            idx = host.gene_index[row]
+            keep = idx >= 0
+            p = np.zeros(n_genes, np.float64)
+            t = np.zeros(n_genes, np.float64)
+            p[idx[keep]] = pred[row][keep]
+            t[idx[keep]] = target[row][keep]
+            if cond not in pred_sum:
+                pred_sum[cond], true_sum[cond], count[cond] = p, t, 1
+            else:
+                pred_sum[cond] += p
+                true_sum[cond] += t
+                count[cond] += 1
+    return ({c: pred_sum[c] / count[c] for c in pred_sum},
+            {c: true_sum[c] / count[c] for c in true_sum})
+
+
+def validate(p_eval, p_predict, params_repl, loader, dataset, *, max_batches: int = 0):
+    """Validation loss (eval-mode MSE over the val cells) and GEARS's pearson_delta."""
+    from scformer_jax import metrics as metrics_lib
+
+    sums: dict[str, float] = {}
+    n = 0
+    for i, host in enumerate(loader.epoch(0)):
+        if max_batches and i >= max_batches:
+            break
+        m, _ = p_eval(params_repl, parallel.shard_batch(host.batch))
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[0]) * host.n_real
+        n += host.n_real
+    out = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+    pred_mean, true_mean = predict_conditions(p_predict, params_repl, loader, dataset.n_genes,
+                                              max_batches)
+    perturbed = [c for c in true_mean if c != "ctrl"]
+    if perturbed:
+        result = metrics_lib.evaluate_profiles(
+            {c: pred_mean[c] for c in perturbed}, {c: true_mean[c] for c in perturbed},
+            dataset.ctrl_mean, {c: dataset.de_idx(c) for c in perturbed})
+        for key in ("pearson", "pearson_delta", "pearson_de", "pearson_de_delta", "mse_de"):
+            if key in result.overall:
+                out[f"val_{key}"] = result.overall[key]
+    return out
+
+
+def _format_bar(metrics: dict[str, float], lr: float, ms_per_batch: float, cells_s: float) -> str:
+    return (f"loss {metrics['loss']:.4f} mse {metrics['mse']:.4f} mre {metrics['mre']:.3f} "
+            f"lr {lr:.2e} {ms_per_batch:.0f} ms/batch {cells_s:.1f} cells/s")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return bar, bar
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
+    """Trains with `config`, writing checkpoints, metrics and the config into `workdir`.
+
+    Resumes from the newest readable checkpoint in `workdir` when there is one. Returns a
+    summary dict (best metric, best epoch, steps, workdir).
+    """
+    from scformer_jax import data as data_lib
+
+    workdir = Path(workdir)
+    primary = parallel.is_primary()
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(config, workdir / "config.yaml")
+    dataset, split = build_data(config)
+    if primary:
+        data_lib.write_split_json(split, workdir / "split.json")
+    if not split.get("val"):
+        raise ValueError(
+            f"The {config.data.split!r} split of {config.data.path!r} has no validation "
+            "perturbations; use a larger dataset or another split.")
+
+    model_config = model_config_for(config, dataset)
+    per_device = parallel.check_batch_size(config.train.batch_size)
+    parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
+    train_loader = _loader(data_lib, dataset, split["train"], config, train=True,
+                           batch_size=config.train.batch_size)
+    val_loader = _loader(data_lib, dataset, split["val"], config, train=False,
+                         batch_size=config.train.eval_batch_size)
+    steps_per_epoch = len(train_loader)
+
+    rng = jax.random.PRNGKey(config.train.seed)
+    init_rng, step_rng_base = jax.random.split(rng)
+    params = None
+    if config.train.load_model:
+        from scformer_jax import convert
+
+        params = convert.load_pretrained_params(
+            config.train.load_model, model_config, init_rng,
+            prefixes=config.train.load_param_prefixes, dataset=dataset)
+    state, schedule = create_train_state(model_config, config.optim, steps_per_epoch, init_rng,
+                                         params=params)
+    ckpts = Checkpoints(workdir / "checkpoints", best_mode=config.train.best_mode,
+                        keep_latest=config.train.keep_checkpoints)
+    loop = LoopState()
+    restored = ckpts.restore(state)
+    if restored is not None:
+        step, host_state, meta = restored
+        state = state.replace(step=host_state["step"], params=host_state["params"],
+                              opt_state=jax.tree_util.tree_unflatten(
+                                  jax.tree_util.tree_structure(state.opt_state),
+                                  jax.tree_util.tree_leaves(host_state["opt_state"])))
+        loop = LoopState(**meta["loop"])
+        log.info("Resumed from checkpoint step %d (epoch %d)", step, loop.epoch)
+        if primary:
+            print(f"Resuming from {ckpts.directory} step {step}, epoch {loop.epoch + 1}")
+
+    model = TransformerGenerator(model_config)
+    p_train_step = make_p_train_step(model, config.objective)
+    p_eval = make_p_eval_step(model, config.objective)
+    p_predict = make_p_predict(model)
+    state_repl = parallel.replicate(state)
+    writer = MetricsWriter(workdir, enabled=primary)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+    if primary:
+        print(f"scformer-jax: {dataset.n_genes} genes, {len(split['train'])} train / "
+              f"{len(split['val'])} val / {len(split['test'])} test perturbations; "
+              f"{n_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "
+              f"({jax.default_backend()}), {per_device} cells per device per step")
+
+    total_steps = int(state.step)
+    stopped_early = False
+    best_metric = f"val_{config.train.best_metric.removeprefix('val_')}"
+    last_val: dict[str, float] = {}
+    try:
+        for epoch in range(loop.epoch, config.train.epochs):
+            t_epoch = time.time()
+            batches = (parallel.shard_batch(h.batch) for h in train_loader.epoch(epoch))
+            it, bar = _progress(parallel.prefetch(batches), steps_per_epoch,
+                                f"epoch {epoch + 1}/{config.train.epochs}", progress and primary)
+            sums: dict[str, float] = {}
+            n_steps = 0
+            t_last = time.time()
+            for batch in it:
+                step_rng = jax.random.fold_in(step_rng_base, total_steps)
+                state_repl, metrics = p_train_step(
+                    state_repl, batch, parallel.replicate(step_rng))
+                # Block on every step: queued collectives can stall on few-core CPU hosts,
+                # and the loss must be checked before the next step anyway.
+                metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+                total_steps += 1
+                n_steps += 1
+                if not math.isfinite(metrics["loss"]):
+                    raise NonFiniteLossError(
+                        f"Non-finite loss ({metrics['loss']}) at step {total_steps} (epoch "
+                        f"{epoch + 1}); the last good checkpoint in {ckpts.directory} is kept. "
+                        "Lower optim.lr, check the data for NaN/inf, or use dtype float32.")
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                now = time.time()
+                dt, t_last = now - t_last, now
+                lr = float(schedule(total_steps - 1))
+                if bar is not None:
+                    bar.set_postfix_str(_format_bar(metrics, lr, dt * 1000,
+                                                    config.train.batch_size / max(dt, 1e-9)))
+                if total_steps % config.train.log_interval == 0 or total_steps == 1:
+                    writer.write("train", total_steps, {**metrics, "lr": lr, "epoch": epoch + 1,
+                                                        "ms_per_batch": dt * 1000})
+                if config.train.max_steps and total_steps >= config.train.max_steps:
+                    break
+            if bar is not None:
+                bar.close()
+            params_repl = state_repl.params
+            val = validate(p_eval, p_predict, params_repl, val_loader, dataset,
+                           max_batches=config.train.max_val_batches)
+            last_val = val
+            epoch_metrics = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
+            epoch_metrics.update(val)
+            epoch_metrics["epoch_seconds"] = time.time() - t_epoch
+            value = val.get(best_metric)
+            if value is None:
+                raise ValueError(
+                    f"train.best_metric {config.train.best_metric!r} is not computed; "
+                    f"choose one of {sorted(k.removeprefix('val_') for k in val)}.")
+            loop.epoch = epoch + 1
+            if _improved(value, loop.best_value, config.train.best_mode):
+                loop.best_value, loop.best_epoch = value, epoch + 1
+                loop.epochs_without_improvement = 0
+            else:
+                loop.epochs_without_improvement += 1
+            writer.write("epoch", total_steps, {"epoch": epoch + 1, **epoch_metrics})
+            if primary:
+                print(f"epoch {epoch + 1}/{config.train.epochs}: train loss "
+                      f"{epoch_metrics.get('train_loss', float('nan')):.4f}, val mse "
+                      f"{val.get('val_mse', float('nan')):.4f}, {best_metric} {value:.4f}"
+                      f"{' (best)' if loop.best_epoch == epoch + 1 else ''}, "
+                      f"{epoch_metrics['epoch_seconds']:.1f}s")
+            host_state = parallel.unreplicate(state_repl)
+            ckpts.save(total_steps, {"step": host_state.step, "params": host_state.params,
+                                     "opt_state": host_state.opt_state},
+                       {"loop": dataclasses.asdict(loop), "epoch_metrics": epoch_metrics,
+                        "model_config": dataclasses.asdict(model_config)},
+                       metric=value)
+            if config.train.max_steps and total_steps >= config.train.max_steps:
+                break
+            if config.train.early_stop and \
+                    loop.epochs_without_improvement >= config.train.early_stop:
+                stopped_early = True
+                if primary:
+                    print(f"Early stop: no improvement of {best_metric} for "
+                          f"{config.train.early_stop} epoch(s).")
+                break
+    finally:
+        ckpts.close()
+        writer.close()
+
+    summary = {"workdir": str(workdir), "steps": total_steps, "epochs_run": loop.epoch,
+               "best_epoch": loop.best_epoch, "best_metric": best_metric,
+               "best_value": loop.best_value, "stopped_early": stopped_early,
+               "last_validation": last_val}
+    if primary:
+        tmp = workdir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(workdir / "summary.json")
+    return summary
+
+
+def restore_params(workdir: str | Path, *, which: str = "best"):
+    """(model_config, params) of a run folder's best (or latest) checkpoint."""
+    workdir = Path(workdir)
+    ckpts = Checkpoints(workdir / "checkpoints")
+    step = ckpts.best_step() if which == "best" else None
+    steps = ckpts.steps()
+    if not steps:
+        raise FileNotFoundError(
+            f"No checkpoint in {workdir / 'checkpoints'}; run train.py with --workdir {workdir}.")
+    import orbax.checkpoint as ocp
+
+    meta = ckpts.manager.restore(step if step is not None else steps[-1],
+                                 args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    model_config = ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                  for k, v in meta["model_config"].items()})
+    target_params = init_params(model_config, jax.random.PRNGKey(0))
+    state, _ = create_train_state(model_config, _default_optim(), 1, jax.random.PRNGKey(0),
+                                  params=target_params)
+    restored = ckpts.restore({"step": state.step, "params": state.params,
+                              "opt_state": state.opt_state}, step=step)
+    ckpts.close()
+    if restored is None:
+        raise FileNotFoundError(f"No readable checkpoint in {workdir / 'checkpoints'}.")
+    return model_config, restored[1]["params"], restored[2]
+
+
+def _default_optim():
+    from scformer_jax.config import OptimConfig
+
+    return OptimConfig()
+
+
+def new_workdir(root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / stamp
+    suffix = 0
+    while path.exists():
+        suffix += 1
+        path = Path(root) / f"{stamp}-{suffix}"
+    return path

@@ -1,0 +1,130 @@
+"""The train step: data-parallel equivalence, objective switches, no recompilation."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from scformer_jax import parallel
+from scformer_jax.batch import PerturbBatch
+from scformer_jax.config import ModelConfig, ObjectiveConfig, OptimConfig
+from scformer_jax.model import TransformerGenerator
+from scformer_jax.training import create_train_state, train_step
+
+MODEL = ModelConfig(ntoken=30, embsize=16, d_hid=16, nlayers=2, nhead=2, dropout=0.0,
+                    n_cls=3, attention="full")
+
+
+def random_batch(batch=8, length=12, seed=0, n_pad_rows=0):
+    rng = np.random.default_rng(seed)
+    gene_ids = np.tile(np.arange(3, 3 + length, dtype=np.int32), (batch, 1))
+    control = rng.uniform(0, 3, (batch, length)).astype(np.float32)
+    flags = np.zeros((batch, length), np.float32)
+    flags[np.arange(batch), rng.integers(0, length, batch)] = 1
+    target = control + flags * rng.normal(1, 0.1, (batch, length)).astype(np.float32)
+    weights = np.ones(batch, np.float32)
+    if n_pad_rows:
+        weights[-n_pad_rows:] = 0
+    return PerturbBatch.from_arrays(
+        gene_ids=gene_ids, control_values=control, pert_flags=flags, target_values=target,
+        padding_mask=np.zeros((batch, length), bool), cell_weights=weights,
+        labels=rng.integers(0, 3, batch))
+
+
+def fresh_state(model_config=MODEL, lr=1e-4):
+    # Adam's first step is lr * g / (|g| + eps): for gradients that are exactly 0 in exact
+    # arithmetic (e.g. the attention key bias) it scales float noise up to ~lr, so the
+    # equivalence tests use the seed's lr (1e-4) to stay within 1e-5.
+    state, _ = create_train_state(model_config, OptimConfig(lr=lr), 10, jax.random.PRNGKey(0))
+    return state
+
+
+def single_device_step(state, batch, rng, objective, model_config=MODEL):
+    fn = jax.jit(functools.partial(train_step, model=TransformerGenerator(model_config),
+                                   objective=objective, axis_name=None))
+    return fn(state, jax.tree_util.tree_map(np.asarray, batch), rng)
+
+
+def multi_device_step(state, batch, rng, objective, model_config=MODEL):
+    p_step = parallel.pmap(functools.partial(train_step, model=TransformerGenerator(model_config),
+                                             objective=objective))
+    new_state, metrics = p_step(parallel.replicate(state), parallel.shard_batch(batch),
+                                parallel.replicate(rng))
+    return parallel.unreplicate(new_state), jax.tree_util.tree_map(lambda m: m[0], metrics)
+
+
+def assert_trees_close(a, b, tol=1e-5):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("objective", [
+    ObjectiveConfig(),
+    ObjectiveConfig(cls=True, mvc=True, ecs=True, cce=True),
+], ids=["mse", "all"])
+def test_two_devices_equal_one_device(objective):
+    assert jax.local_device_count() == 2, "tests/conftest.py forces two CPU devices"
+    batch = random_batch(n_pad_rows=2)
+    state = fresh_state()
+    rng = jax.random.PRNGKey(3)
+    one, m_one = single_device_step(state, batch, rng, objective)
+    two, m_two = multi_device_step(state, batch, rng, objective)
+    assert_trees_close(one.params, two.params)
+    for key in m_one:
+        np.testing.assert_allclose(m_one[key], m_two[key], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_rows_do_not_change_the_update():
+    objective = ObjectiveConfig(cls=True, ecs=True)
+    state = fresh_state()
+    rng = jax.random.PRNGKey(0)
+    real = random_batch(batch=6, seed=1)
+    padded = random_batch(batch=8, seed=1, n_pad_rows=2)
+    # The first 6 rows of `padded` are the same cells as `real` (same seed, same draws).
+    padded = jax.tree_util.tree_map(
+        lambda p, r: np.concatenate([np.asarray(r), np.asarray(p)[6:]]), padded, real)
+    padded = dataclasses.replace(padded, cell_weights=np.array([1] * 6 + [0] * 2, np.float32))
+    a, _ = single_device_step(state, real, rng, objective)
+    b, _ = single_device_step(state, padded, rng, objective)
+    assert_trees_close(a.params, b.params)
+
+
+@pytest.mark.parametrize("switch", ["mse", "cls", "cce", "mvc", "ecs"])
+def test_each_objective_lowers_its_loss(switch):
+    model_config = dataclasses.replace(MODEL, dropout=0.1)
+    objective = ObjectiveConfig(**({} if switch == "mse" else {switch: True}))
+    state = fresh_state(model_config, lr=3e-3)
+    step = jax.jit(functools.partial(train_step, model=TransformerGenerator(model_config),
+                                     objective=objective, axis_name=None))
+    batch = jax.tree_util.tree_map(np.asarray, random_batch(batch=16, seed=2))
+    history = []
+    for i in range(30):
+        state, metrics = step(state, batch, jax.random.PRNGKey(i))
+        history.append(float(metrics[switch]))
+    assert np.all(np.isfinite(history))
+    assert np.mean(history[-5:]) < np.mean(history[:5]), history
+
+
+def test_train_step_is_traced_once():
+    objective = ObjectiveConfig()
+    model = TransformerGenerator(MODEL)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, batch, rng):
+        return train_step(state, batch, rng, model=model, objective=objective, axis_name=None)
+
+    state = fresh_state()
+    for seed in range(3):
+        state, _ = step(state, jax.tree_util.tree_map(np.asarray, random_batch(seed=seed)),
+                        jax.random.PRNGKey(seed))
+
+
+def test_one_channel_batch_fails_in_the_train_step():
+    batch = random_batch()
+    bad = dataclasses.replace(batch, inputs=batch.inputs[..., :1])
+    with pytest.raises(AssertionError, match="index 1 is out of bounds"):
+        single_device_step(fresh_state(), bad, jax.random.PRNGKey(0), ObjectiveConfig())
