@@ -175,10 +175,11 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 
 def build_data(config: Config):
     """Loads the dataset, splits it and builds the loaders of the run."""
-    from scformer_jax import data as data_lib
+    from scformer_jax.data.dataset import load_dataset
+    from scformer_jax.data.splits import gears_split
 
-    dataset = data_lib.load_dataset(config.data.path)
-    split = data_lib.gears_split(
+    dataset = load_dataset(config.data.path, label_key=config.data.label_key)
+    split = gears_split(
         dataset.conditions, split=config.data.split, seed=config.data.split_seed,
         train_gene_set_size=config.data.train_gene_set_size,
         combo_seen2_train_frac=config.data.combo_seen2_train_frac,
@@ -188,7 +189,7 @@ def build_data(config: Config):
 
 def model_config_for(config: Config, dataset) -> ModelConfig:
     """The model config with the vocabulary and class count taken from the dataset."""
-    labels = dataset.label_names(config.data.label_key) if config.objective.cls else None
+    labels = dataset.label_names if config.objective.cls else None
     return dataclasses.replace(
         config.model, ntoken=dataset.n_tokens, pad_token_id=dataset.pad_token_id,
         cls_token_id=dataset.cls_token_id,
@@ -197,14 +198,13 @@ def model_config_for(config: Config, dataset) -> ModelConfig:
 
 def _loader(data_lib, dataset, conditions, config: Config, *, train: bool, batch_size: int):
     seed = config.data.seed if config.data.seed is not None else config.train.seed
-    max_len = config.data.max_seq_len if train else max(config.data.max_seq_len,
-                                                        dataset.n_genes + 8)
+    # Evaluation scores every gene of a cell, as the original's pred_perturb: no sampling.
+    max_len = config.data.max_seq_len if train else None
     return data_lib.BatchLoader(
         dataset, conditions, batch_size=batch_size,
         include_zero_gene=config.data.include_zero_gene, max_seq_len=max_len, seed=seed,
         shuffle=train, pad_value=config.model.pad_value, pert_pad_id=config.model.pert_pad_id,
-        frozen_pairing=not config.data.redraw_pairing if train else True,
-        label_key=config.data.label_key)
+        frozen_pairing=not config.data.redraw_pairing if train else True)
 
 
 def predict_conditions(p_predict, params_repl, loader, n_genes: int,
@@ -260,7 +260,7 @@ def validate(p_eval, p_predict, params_repl, loader, dataset, *, max_batches: in
     if perturbed:
         result = metrics_lib.evaluate_profiles(
             {c: pred_mean[c] for c in perturbed}, {c: true_mean[c] for c in perturbed},
-            dataset.ctrl_mean, {c: dataset.de_idx(c) for c in perturbed})
+            dataset.control_mean, {c: dataset.de_indices(c) for c in perturbed})
         for key in ("pearson", "pearson_delta", "pearson_de", "pearson_de_delta", "mse_de"):
             if key in result.overall:
                 out[f"val_{key}"] = result.overall[key]
@@ -296,7 +296,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         save_config(config, workdir / "config.yaml")
     dataset, split = build_data(config)
     if primary:
-        data_lib.write_split_json(split, workdir / "split.json")
+        from scformer_jax.data.splits import write_split_json
+
+        write_split_json(split, workdir / "split.json")
     if not split.get("val"):
         raise ValueError(
             f"The {config.data.split!r} split of {config.data.path!r} has no validation "

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Evaluate a trained run: ``python eval.py --workdir runs/NAME``.
+
+Scores the best checkpoint on the run's test split with GEARS's metrics, beside the control,
+training-mean, additive and linear baselines, and writes ``runs/NAME/eval/`` (metrics.json,
+per_perturbation.csv, predictions.h5ad, plots/, report.md). ``--predict A+B C`` also writes
+predictions for any perturbations, seen or not. The work is in
+:mod:`scformer_jax.evaluation` and :mod:`scformer_jax.predict`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="Run folder written by train.py.")
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    parser.add_argument("--out", default=None, help="Output folder (default WORKDIR/eval).")
+    parser.add_argument("--plot", nargs="*", default=[], metavar="PERTURBATION",
+                        help="Perturbations to plot besides the first --n-plots test ones.")
+    parser.add_argument("--n-plots", type=int, default=5)
+    parser.add_argument("--predict", nargs="*", default=[], metavar="PERTURBATION",
+                        help="Also predict these perturbations (e.g. A+B C) into "
+                             "OUT/predict.h5ad (mean) and OUT/predict_cells.h5ad.")
+    parser.add_argument("--pool-size", type=int, default=300,
+                        help="Control cells sampled for --predict.")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from scformer_jax import evaluation
+    from scformer_jax.predict import UnknownPerturbationError, load_predictor
+
+    try:
+        summary = evaluation.evaluate_run(args.workdir, which=args.checkpoint, out_dir=args.out,
+                                          plot_perturbations=args.plot, n_plots=args.n_plots,
+                                          seed=args.seed)
+        out = Path(args.out) if args.out else Path(args.workdir) / "eval"
+        if args.predict:
+            predictor = load_predictor(args.workdir, which=args.checkpoint)
+            result = predictor.predict(args.predict, pool_size=args.pool_size, seed=args.seed)
+            result.mean.write_h5ad(out / "predict.h5ad")
+            result.cells.write_h5ad(out / "predict_cells.h5ad")
+    except (FileNotFoundError, ValueError, UnknownPerturbationError) as e:
+        print(f"eval.py: {e}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    print(f"Evaluation written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Predict the expression of cells under any perturbation, seen or not.
+
+``predict(...)`` samples a pool of control cells, sets the perturbation flags of the
+requested genes and runs the model in eval mode, returning the mean and per-cell
+predictions as AnnData (``obs['condition']``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Sequence
+
+import anndata
+import jax
+import numpy as np
+import pandas as pd
+
+from scformer_jax.config import ModelConfig
+from scformer_jax.data.batching import HostBatch, assemble_batch, bucket_sizes
+from scformer_jax.data.dataset import PerturbData
+from scformer_jax.model import TransformerGenerator
+from scformer_jax.objectives import predict_expression
+
+CONTROL = "ctrl"
+
+
+class UnknownPerturbationError(ValueError):
+    """A requested perturbation names a gene the model has no token for."""
+
+
+def normalize_perturbation(text: str, dataset: PerturbData) -> str:
+    """``"A"``, ``"A+ctrl"``, ``"ctrl+A"``, ``"A+B"`` -> the dataset's condition spelling.
+
+    A double is written as the dataset writes it when it holds that pair in either order.
+
+    Raises:
+      UnknownPerturbationError: a gene without a token, with close matches.
+    """
+    text = str(text).strip()
+    if text == CONTROL:
+        return CONTROL
+    genes = [g for g in text.split("+") if g and g != CONTROL]
+    if not genes or len(genes) > 2 or "" in text.split("+"):
+        raise UnknownPerturbationError(
+            f"Perturbation {text!r} is malformed: write one gene ('A' or 'A+ctrl'), two genes "
+            "('A+B') or 'ctrl'.")
+    known = [name for name in dataset.vocab if not name.startswith("<")]
+    for gene in genes:
+        if gene not in dataset.vocab or gene.startswith("<"):
+            close = difflib.get_close_matches(gene, known, n=5, cutoff=0.6)
+            hint = f" Close matches: {close}." if close else ""
+            raise UnknownPerturbationError(
+                f"Unknown gene {gene!r} in perturbation {text!r}: the model has no token for it "
+                f"(it is neither a measured gene nor a perturbed gene of {dataset.name!r}).{hint}")
+    if len(genes) == 1:
+        return f"{genes[0]}+ctrl"
+    a, b = genes
+    for candidate in (f"{a}+{b}", f"{b}+{a}"):
+        if candidate in dataset.condition_cells:
+            return candidate
+    return f"{a}+{b}"
+
+
+class Predictor:
+    """A trained model bound to a dataset's vocabulary, predicting full gene profiles."""
+
+    def __init__(self, model_config: ModelConfig, params: Any, dataset: PerturbData, *,
+                 batch_size: int = 32, include_zero_gene: str = "all"):
+        self.model_config = model_config
+        self.params = params
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.include_zero_gene = include_zero_gene
+        # A few fixed lengths, so the model compiles a few times, not once per batch.
+        self._buckets = bucket_sizes(dataset.n_genes + 2)
+        model = TransformerGenerator(model_config)
+        self._predict = jax.jit(lambda p, b: predict_expression(model, p, b))
+
+    def _run(self, host: HostBatch, control_rows: np.ndarray) -> np.ndarray:
+        """Full (n_real, n_genes) predictions; genes that are not input tokens keep their
+        control value (0 for the genes the non-`all` modes leave out)."""
+        pred = np.asarray(self._predict(self.params, host.batch))
+        out = control_rows.astype(np.float32).copy()
+        for row in range(host.n_real):
+            idx = host.gene_index[row]
+            keep = idx >= 0
+            out[row, idx[keep]] = pred[row][keep]
+        return out
+
+    def predict_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
+        """(n, n_genes) predicted profiles of `control_cells` under `condition`."""
+        results = []
+        for start in range(0, len(control_cells), self.batch_size):
+            chunk = np.asarray(control_cells[start:start + self.batch_size], dtype=np.int64)
+            host = assemble_batch(
+                self.dataset, chunk, chunk, conditions=[condition] * len(chunk),
+                include_zero_gene=self.include_zero_gene, max_seq_len=None,
+                batch_size=self.batch_size, pad_value=self.model_config.pad_value,
+                pert_pad_id=self.model_config.pert_pad_id,
+                bucket_sizes=self._buckets)
+            results.append(self._run(host, self.dataset.dense_rows(chunk)))
+        return np.concatenate(results) if results else np.zeros((0, self.dataset.n_genes))
+
+    def predict(self, perturbations: Sequence[str], *, pool_size: int = 300, seed: int = 0,
+                return_cells: bool = True) -> "Prediction":
+        """Predicts each perturbation on a pool of control cells.
+
+        Args:
+          perturbations: e.g. ``["FOXA1", "KLF1+MAP2K6", "CEBPE+ctrl"]``; unseen genes and
+            combinations are fine as long as the genes have tokens.
+          pool_size: control cells to sample (all when fewer); the same pool for every
+            perturbation, so differences between perturbations are not sampling noise.
+          seed: the pool's seed.
+          return_cells: also return the per-cell predictions.
+
+        Returns:
+          :class:`Prediction` with ``mean`` (one row per perturbation) and ``cells``.
+        """
+        if isinstance(perturbations, str):
+            perturbations = [perturbations]
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}.")
+        conditions = [normalize_perturbation(p, self.dataset) for p in perturbations]
+        rng = np.random.default_rng(seed)
+        controls = self.dataset.control_cells
+        pool = np.sort(rng.choice(controls, size=min(pool_size, len(controls)), replace=False))
+        means, cells, cell_obs = [], [], []
+        for condition in conditions:
+            pred = self.predict_cells(condition, pool)
+            means.append(pred.mean(axis=0))
+            if return_cells:
+                cells.append(pred)
+                cell_obs.append(pd.DataFrame({"condition": condition, "control_cell": pool}))
+        var = pd.DataFrame(index=pd.Index(self.dataset.gene_names.astype(str), name="gene_name"))
+        mean = anndata.AnnData(
+            X=np.stack(means).astype(np.float32) if means else np.zeros((0, len(var)), np.float32),
+            obs=pd.DataFrame({"condition": conditions, "n_control_cells": len(pool)},
+                             index=[str(i) for i in range(len(conditions))]),
+            var=var.copy())
+        cell_data = None
+        if return_cells:
+            obs = pd.concat(cell_obs, ignore_index=True) if cell_obs else pd.DataFrame(
+                {"condition": [], "control_cell": []})
+            obs.index = obs.index.astype(str)
+            cell_data = anndata.AnnData(
+                X=np.concatenate(cells).astype(np.float32) if cells
+                else np.zeros((0, len(var)), np.float32), obs=obs, var=var.copy())
+        return Prediction(mean=mean, cells=cell_data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """``mean``: AnnData, one row per perturbation (obs 'condition');
+    ``cells``: AnnData, one row per (perturbation, control cell), or None."""
+
+    mean: anndata.AnnData
+    cells: anndata.AnnData | None
+
+
+def predict(model_config: ModelConfig, params: Any, dataset: PerturbData,
+            perturbations: Sequence[str], *, pool_size: int = 300, seed: int = 0,
+            batch_size: int = 32, include_zero_gene: str = "all",
+            return_cells: bool = True) -> Prediction:
+    """Functional form of :meth:`Predictor.predict`."""
+    return Predictor(model_config, params, dataset, batch_size=batch_size,
+                     include_zero_gene=include_zero_gene).predict(
+        perturbations, pool_size=pool_size, seed=seed, return_cells=return_cells)
+
+
+def load_predictor(workdir: str, *, which: str = "best", batch_size: int = 32) -> Predictor:
+    """A :class:`Predictor` from a run folder written by ``train.py``."""
+    from pathlib import Path
+
+    from scformer_jax.config import load_config
+    from scformer_jax.data.dataset import load_dataset
+    from scformer_jax.training import restore_params
+
+    config = load_config(Path(workdir) / "config.yaml")
+    model_config, params, _ = restore_params(workdir, which=which)
+    dataset = load_dataset(config.data.path, label_key=config.data.label_key)
+    return Predictor(model_config, params, dataset, batch_size=batch_size,
+                     include_zero_gene=config.data.include_zero_gene)

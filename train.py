@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Train scformer-jax: ``python train.py --config configs/default.yaml [--workdir runs/NAME]``.
+
+Kept short on purpose: the work is in :mod:`scformer_jax.training`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config (see configs/).")
+    parser.add_argument("--workdir", default=None,
+                        help="Run folder; default: a new folder under runs/. An existing run "
+                             "folder is resumed from its newest checkpoint.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="Override a config key (repeatable).")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    multi = parser.add_argument_group(
+        "multi-process (leave out on Slurm/MPI/TPU pods: detected automatically)")
+    multi.add_argument("--coordinator-address", default=None, help="host:port of process 0.")
+    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from scformer_jax.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"Config error: {e}", file=sys.stderr)
+        return 2
+    from scformer_jax import parallel, training
+
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                    args.process_id)
+    workdir = args.workdir or str(training.new_workdir())
+    try:
+        summary = training.train_and_evaluate(config, workdir, progress=not args.no_progress)
+    except training.NonFiniteLossError as e:
+        print(f"Training stopped: {e}", file=sys.stderr)
+        return 3
+    if parallel.is_primary():
+        best = summary["best_value"]
+        print(f"Done: {summary['steps']} steps, best {summary['best_metric']} "
+              f"{best if best is None else round(best, 4)} at epoch {summary['best_epoch']}. "
+              f"Run folder: {summary['workdir']} (checkpoints/, metrics.jsonl, tensorboard/, "
+              f"config.yaml). Evaluate: python eval.py --workdir {summary['workdir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
