@@ -327,13 +327,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     ckpts = Checkpoints(workdir / "checkpoints", best_mode=config.train.best_mode,
                         keep_latest=config.train.keep_checkpoints)
     loop = LoopState()
-    restored = ckpts.restore(state)
+    restored = ckpts.restore(_saved_state(state))
     if restored is not None:
         step, host_state, meta = restored
         state = state.replace(step=host_state["step"], params=host_state["params"],
-                              opt_state=jax.tree_util.tree_unflatten(
-                                  jax.tree_util.tree_structure(state.opt_state),
-                                  jax.tree_util.tree_leaves(host_state["opt_state"])))
+                              opt_state=host_state["opt_state"])
         loop = LoopState(**meta["loop"])
         log.info("Resumed from checkpoint step %d (epoch %d)", step, loop.epoch)
         if primary:
@@ -419,9 +417,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                       f"{val.get('val_mse', float('nan')):.4f}, {best_metric} {value:.4f}"
                       f"{' (best)' if loop.best_epoch == epoch + 1 else ''}, "
                       f"{epoch_metrics['epoch_seconds']:.1f}s")
-            host_state = parallel.unreplicate(state_repl)
-            ckpts.save(total_steps, {"step": host_state.step, "params": host_state.params,
-                                     "opt_state": host_state.opt_state},
+            ckpts.save(total_steps, _saved_state(parallel.unreplicate(state_repl)),
                        {"loop": dataclasses.asdict(loop), "epoch_metrics": epoch_metrics,
                         "model_config": dataclasses.asdict(model_config)},
                        metric=value)
@@ -449,6 +445,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     return summary
 
 
+def _saved_state(state: TrainState) -> dict:
+    """What a checkpoint holds of the train state (the optimiser's code is not data)."""
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
 def restore_params(workdir: str | Path, *, which: str = "best"):
     """(model_config, params) of a run folder's best (or latest) checkpoint."""
     workdir = Path(workdir)
@@ -467,8 +468,7 @@ def restore_params(workdir: str | Path, *, which: str = "best"):
     target_params = init_params(model_config, jax.random.PRNGKey(0))
     state, _ = create_train_state(model_config, _default_optim(), 1, jax.random.PRNGKey(0),
                                   params=target_params)
-    restored = ckpts.restore({"step": state.step, "params": state.params,
-                              "opt_state": state.opt_state}, step=step)
+    restored = ckpts.restore(_saved_state(state), step=step)
     ckpts.close()
     if restored is None:
         raise FileNotFoundError(f"No readable checkpoint in {workdir / 'checkpoints'}.")

@@ -1,0 +1,147 @@
+"""train.py end to end on a tiny config: outputs, resume, corrupt checkpoints, NaN handling."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import train as train_cli
+from scformer_jax import training
+from scformer_jax.config import load_config
+
+TINY = "tests/configs/tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(workdir, *overrides):
+    args = ["--config", TINY, "--workdir", str(workdir), "--no-progress"]
+    for o in overrides:
+        args += ["--set", o]
+    return train_cli.main(args)
+
+
+def final_params(workdir, which="latest"):
+    _, params, meta = training.restore_params(workdir, which=which)
+    return params, meta
+
+
+def test_smoke_run_writes_everything(tmp_path, capsys):
+    assert run_train(tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert f"Run folder: {tmp_path / 'run'}" in out
+    run = tmp_path / "run"
+    for name in ("config.yaml", "split.json", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert kinds == {"train", "epoch"}
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all("val_pearson_delta" in r for r in epochs)
+    assert load_config(run / "config.yaml").data.path == "simulated:tiny"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["best_epoch"] in (1, 2)
+    params, meta = final_params(run, "best")
+    assert meta["loop"]["best_epoch"] == summary["best_epoch"]
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_training_lowers_the_loss(tmp_path):
+    assert run_train(tmp_path / "run", "train.epochs=3") == 0
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert epochs[-1]["train_mse"] < epochs[0]["train_mse"]
+    assert epochs[-1]["val_mse"] < epochs[0]["val_mse"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_reaches_same_parameters(tmp_path, monkeypatch):
+    assert run_train(tmp_path / "straight", "train.epochs=3") == 0
+    reference, _ = final_params(tmp_path / "straight")
+
+    # Kill the second run in the middle of its second epoch.
+    from scformer_jax.data import batching
+
+    original = batching.BatchLoader.epoch
+    calls = {"n": 0}
+
+    def dying_epoch(self, epoch_index, start_batch=0):
+        for i, batch in enumerate(original(self, epoch_index, start_batch)):
+            if self.shuffle and epoch_index == 1 and i == 3:
+                raise Interrupt("killed")
+            calls["n"] += 1
+            yield batch
+
+    monkeypatch.setattr(batching.BatchLoader, "epoch", dying_epoch)
+    with pytest.raises(Interrupt):
+        run_train(tmp_path / "resumed", "train.epochs=3")
+    monkeypatch.setattr(batching.BatchLoader, "epoch", original)
+    assert run_train(tmp_path / "resumed", "train.epochs=3") == 0
+    resumed, meta = final_params(tmp_path / "resumed")
+    assert meta["loop"]["epoch"] == 3
+    for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_corrupt_checkpoint_is_skipped_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    assert run_train(run, "train.epochs=1") == 0
+    ckpt_dir = run / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    bogus = ckpt_dir / str(steps[-1] + 1000)
+    (bogus / "state").mkdir(parents=True)
+    (bogus / "state" / "garbage").write_text("not a checkpoint")
+    with pytest.warns(UserWarning, match="Skipping unreadable checkpoint"):
+        assert run_train(run, "train.epochs=2") == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 2
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path, capsys):
+    code = run_train(tmp_path / "run", "optim.lr=1e30", "optim.decay=1.0")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "Non-finite loss" in err and "at step" in err
+
+
+def test_bad_config_key_is_a_clear_error(tmp_path, capsys):
+    assert run_train(tmp_path / "run", "optim.learning_rate=1") == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "Valid keys" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    script = ROOT / "tests" / "multiprocess_step.py"
+    env_single = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    import os
+
+    base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    single = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "single.npz")],
+                            env={**base_env, **env_single}, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = 12000 + os.getpid() % 20000
+    env_multi = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, str(script), "--out", str(tmp_path / f"multi{i}.npz"),
+         "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+         "--process-id", str(i)], env={**base_env, **env_multi}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    a = np.load(tmp_path / "single.npz")
+    for i in range(2):
+        b = np.load(tmp_path / f"multi{i}.npz")
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
