@@ -90,6 +90,9 @@ class PerturbBatch:
       cell_weights: float32 (batch,): 1 for real cells, 0 for the rows that pad a last
         partial batch; every loss ignores rows of weight 0.
       labels: int32 (batch,): class labels for the CLS objective (cell type by default).
+      target_mask: bool (batch, seq_len): True where the token has a target. False at
+        padding and at the extra tokens of perturbed genes that are not measured (they carry
+        flag 1 as input but have no expression to predict).
     """
 
     gene_ids: Any
@@ -98,6 +101,7 @@ class PerturbBatch:
     padding_mask: Any
     cell_weights: Any
     labels: Any
+    target_mask: Any
 
     @property
     def control_values(self):
@@ -111,7 +115,8 @@ class PerturbBatch:
     def loss_mask(self):
         """float (batch, seq_len): 1 where a token is real and its cell counts."""
         xp = jnp if not isinstance(self.padding_mask, np.ndarray) else np
-        return (~self.padding_mask).astype(xp.float32) * self.cell_weights[..., None]
+        scored = xp.logical_and(~self.padding_mask, self.target_mask)
+        return scored.astype(xp.float32) * self.cell_weights[..., None]
 
     def check(self) -> None:
         """Trace-time (or eager) shape check of the whole batch."""
@@ -120,10 +125,11 @@ class PerturbBatch:
         chex.assert_shape(self.target_values, (batch, length))
         chex.assert_shape(self.cell_weights, (batch,))
         chex.assert_shape(self.labels, (batch,))
+        chex.assert_shape(self.target_mask, (batch, length))
 
     @classmethod
     def from_arrays(cls, *, gene_ids, control_values, pert_flags, target_values, padding_mask,
-                    cell_weights=None, labels=None) -> "PerturbBatch":
+                    cell_weights=None, labels=None, target_mask=None) -> "PerturbBatch":
         """Builds a NumPy batch from separate channels (the usual way to make one)."""
         gene_ids = np.asarray(gene_ids, dtype=np.int32)
         control_values = np.asarray(control_values, dtype=np.float32)
@@ -134,13 +140,16 @@ class PerturbBatch:
                 f"pert_flags {pert_flags.shape} must have one shape (batch, seq_len)."
             )
         batch = gene_ids.shape[0]
+        padding_mask = np.asarray(padding_mask, dtype=bool)
         return cls(
             gene_ids=gene_ids,
             inputs=np.stack([control_values, pert_flags.astype(np.float32)], axis=-1),
             target_values=np.asarray(target_values, dtype=np.float32),
-            padding_mask=np.asarray(padding_mask, dtype=bool),
+            padding_mask=padding_mask,
             cell_weights=(np.ones(batch, np.float32) if cell_weights is None
                           else np.asarray(cell_weights, np.float32)),
             labels=(np.zeros(batch, np.int32) if labels is None
                     else np.asarray(labels, np.int32)),
+            target_mask=(~padding_mask if target_mask is None
+                         else np.asarray(target_mask, bool) & ~padding_mask),
         )

@@ -10,3 +10,40 @@ _flag = "--xla_force_host_platform_device_count=2"
 if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ------------------------------------------------------------------ data fixtures (data_*)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_tiny_adata():
+    """The tiny simulated dataset (GEARS-format AnnData, ~300 cells x 40 genes), seed 0.
+
+    Session-scoped: tests must not modify it (copy it first).
+    """
+    from scformer_jax.data.simulate import simulate
+
+    return simulate("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_tiny(data_tiny_adata):
+    """:class:`PerturbData` of ``data_tiny_adata`` (read-only)."""
+    from scformer_jax.data.dataset import PerturbData
+
+    return PerturbData(data_tiny_adata, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def data_tiny_unmeasured():
+    """A tiny simulated :class:`PerturbData` with one perturbed gene that is not measured."""
+    import warnings
+
+    from scformer_jax.data.dataset import PerturbData
+    from scformer_jax.data.simulate import simulate, simulation_config
+
+    adata = simulate(simulation_config("tiny", n_unmeasured_pert_genes=1), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PerturbData(adata, name="tiny-unmeasured")

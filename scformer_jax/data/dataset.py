@@ -1,0 +1,376 @@
+"""A loaded Perturb-seq dataset: sparse expression, gene vocabulary, conditions and DE genes.
+
+:class:`PerturbData` is what the batch loader, the trainer and the evaluation read. It keeps
+X sparse (CSR, float32) and densifies only the rows a batch needs.
+
+The vocabulary follows the original script (``genes + ["<pad>", "<cls>", "<eoc>"]``): token
+``i`` is expression column ``i``; perturbed genes that are not measured come next (each gets
+a token so its perturbation flag reaches the model), then the special tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import anndata
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from scformer_jax.data.gears_io import (
+    CONTROL,
+    DE_KEY,
+    DataFormatError,
+    check_log_values,
+    parse_condition,
+    read_gears,
+    unique_conditions,
+    validate_gears_adata,
+)
+
+PAD_TOKEN = "<pad>"
+CLS_TOKEN = "<cls>"
+EOC_TOKEN = "<eoc>"
+SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
+N_TOP_DE = 20
+
+# Built-in dataset names -> simulation preset.
+BUILTIN_DATASETS = {"simulated": "default", "simulated:default": "default",
+                    "simulated:tiny": "tiny", "simulated:norman": "norman"}
+
+
+class UnknownGeneError(DataFormatError, KeyError):
+    """A condition names a gene that is neither measured nor in the vocabulary."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PerturbData:
+    """A GEARS-format Perturb-seq dataset, ready for batching.
+
+    Attributes:
+      name: a label for logs.
+      X: CSR float32 (n_cells, n_genes), log1p-normalised expression.
+      gene_names: str (n_genes,): ``var['gene_name']``.
+      var_names: str (n_genes,): the var index (GEARS's DE lists name these).
+      cell_conditions: str (n_cells,): ``obs['condition']``.
+      cell_types: str (n_cells,): ``obs['cell_type']``.
+      conditions: distinct conditions, in order of first appearance.
+      condition_cells: condition -> int (n,) cell indices, ascending.
+      control_cells: int (n_control,) indices of the 'ctrl' cells.
+      control_cells_by_type: cell type -> int (n,) indices of its control cells.
+      control_mean: float32 (n_genes,): mean expression of all control cells.
+      condition_genes: condition -> tuple of perturbed gene names (``()`` for ctrl).
+      condition_name_of: condition -> GEARS condition_name (of its first cell).
+      unmeasured_genes: perturbed genes that are not measured, in token order.
+      token_names: the vocabulary: gene names, then unmeasured perturbed genes, then
+        ``<pad>``, ``<cls>``, ``<eoc>``.
+      vocab: token name -> token id (the first column for a duplicated gene name).
+      gene_token_ids: int32 (n_genes,): token id of each expression column (= arange).
+      pad_token_id, cls_token_id, eoc_token_id, n_tokens: ints.
+      de_rank: condition -> int (n_genes,) columns, most differential first (GEARS's
+        ``uns['rank_genes_groups_cov_all']``, keyed there by condition_name).
+      top_de_20: condition -> int (<=20,): the first 20 of ``de_rank``.
+      top_non_dropout_de_20: condition -> int (<=20,) columns (``uns['top_non_dropout_de_20']``).
+      non_zeros_gene_idx, non_dropout_gene_idx: condition -> int columns (from ``uns``).
+      label_key: obs column of the CLS labels; labels: int32 (n_cells,); label_names: list.
+    """
+
+    def __init__(self, adata: anndata.AnnData, *, name: str = "dataset",
+                 label_key: str = "cell_type", min_cells: int = 2,
+                 drop_small_conditions: bool = False, require_de: bool = True,
+                 check_values: bool = True):
+        """Builds the dataset from a GEARS-format AnnData (see :func:`load_dataset`).
+
+        Args:
+          adata: GEARS layout (obs 'condition', 'cell_type', 'condition_name'; var
+            'gene_name'; uns DE entries). Not modified.
+          name: a label for logs.
+          label_key: obs column whose values are the CLS labels.
+          min_cells: the fewest cells a condition may have.
+          drop_small_conditions: drop conditions below `min_cells` (with a warning) instead
+            of raising.
+          require_de: require GEARS's DE entries in ``uns``.
+          check_values: check X for NaN/inf, counts, negative or un-logged values.
+
+        Raises:
+          DataFormatError: naming the missing column/key, malformed condition, small
+            conditions, missing controls or bad values.
+        """
+        if drop_small_conditions and "condition" in adata.obs:
+            counts = adata.obs["condition"].astype(str).value_counts()
+            small = [c for c, n in counts.items() if n < min_cells and c != CONTROL]
+            if small:
+                warnings.warn(f"Dropping {len(small)} condition(s) with fewer than {min_cells} "
+                              f"cells: {small[:10]}{' ...' if len(small) > 10 else ''}.",
+                              stacklevel=2)
+                adata = adata[~adata.obs["condition"].astype(str).isin(small).to_numpy()]
+        validate_gears_adata(adata, require_de=require_de, min_cells=min_cells,
+                             check_values=False)
+        if label_key not in adata.obs.columns:
+            raise DataFormatError(
+                f"Label column {label_key!r} (data.label_key) is not in adata.obs (columns: "
+                f"{list(adata.obs.columns)}); name an existing column, e.g. 'cell_type'.")
+        self.name = name
+        X = adata.X
+        if X is None:
+            raise DataFormatError("adata.X is empty; the expression matrix must be in X.")
+        self.X: sparse.csr_matrix = sparse.csr_matrix(X, dtype=np.float32)
+        if check_values:
+            check_log_values(self.X)
+        self.n_cells, self.n_genes = self.X.shape
+        self.gene_names = adata.var["gene_name"].astype(str).to_numpy()
+        self.var_names = np.asarray(adata.var_names.astype(str))
+        self.cell_conditions = adata.obs["condition"].astype(str).to_numpy()
+        self.cell_types = adata.obs["cell_type"].astype(str).to_numpy()
+        cell_condition_names = adata.obs["condition_name"].astype(str).to_numpy()
+
+        # Conditions and their cells, grouped in one sort.
+        self.conditions = unique_conditions(self.cell_conditions)
+        codes = pd.Index(self.conditions).get_indexer(self.cell_conditions)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(self.conditions) + 1))
+        self.condition_cells = {c: order[bounds[i]:bounds[i + 1]]
+                                for i, c in enumerate(self.conditions)}
+        self.condition_genes = {c: parse_condition(c) for c in self.conditions}
+        self.condition_name_of = {c: str(cell_condition_names[cells[0]])
+                                  for c, cells in self.condition_cells.items()}
+        self.control_cells = self.condition_cells[CONTROL]
+        self.control_cells_by_type = {
+            t: self.control_cells[self.cell_types[self.control_cells] == t]
+            for t in pd.unique(self.cell_types[self.control_cells])}
+        self.control_mean = np.asarray(self.X[self.control_cells].mean(axis=0),
+                                       dtype=np.float32).ravel()
+
+        # Vocabulary.
+        self._column_of: dict[str, int] = {}
+        for column, gene in enumerate(self.gene_names):
+            self._column_of.setdefault(gene, column)
+        perturbed = unique_conditions([g for c in self.conditions
+                                       for g in self.condition_genes[c]])
+        duplicated = sorted(g for g in perturbed
+                            if np.count_nonzero(self.gene_names == g) > 1)
+        if duplicated:
+            warnings.warn(f"Perturbed gene(s) {duplicated[:10]} appear in several columns of "
+                          "var['gene_name']; flags mark the first column.", stacklevel=2)
+        self.unmeasured_genes = [g for g in perturbed if g not in self._column_of]
+        if self.unmeasured_genes:
+            warnings.warn(
+                f"{len(self.unmeasured_genes)} perturbed gene(s) are not among the measured "
+                f"genes: {self.unmeasured_genes[:10]}"
+                f"{' ...' if len(self.unmeasured_genes) > 10 else ''}. Each becomes an extra "
+                "input token with flag 1 and expression 0 (never dropped).", stacklevel=2)
+        self.token_names = (list(self.gene_names) + list(self.unmeasured_genes)
+                            + list(SPECIAL_TOKENS))
+        self.vocab = dict(self._column_of)
+        for i, gene in enumerate(self.unmeasured_genes):
+            self.vocab[gene] = self.n_genes + i
+        base = self.n_genes + len(self.unmeasured_genes)
+        self.pad_token_id, self.cls_token_id, self.eoc_token_id = base, base + 1, base + 2
+        for i, token in enumerate(SPECIAL_TOKENS):
+            self.vocab.setdefault(token, base + i)
+        self.n_tokens = base + len(SPECIAL_TOKENS)
+        self.gene_token_ids = np.arange(self.n_genes, dtype=np.int32)
+
+        self._read_de(adata.uns, require_de)
+
+        # CLS labels.
+        self.label_key = label_key
+        label_values = adata.obs[label_key]
+        if label_values.isna().any():
+            raise DataFormatError(f"obs[{label_key!r}] (the CLS labels) is missing for "
+                                  f"{int(label_values.isna().sum())} cells; fill it.")
+        label_values = label_values.astype(str).to_numpy()
+        self.label_names = sorted(pd.unique(label_values))
+        self.labels = pd.Index(self.label_names).get_indexer(label_values).astype(np.int32)
+
+    # ------------------------------------------------------------------------- DE genes
+
+    def _read_de(self, uns: Mapping[str, Any], require_de: bool) -> None:
+        var_index = pd.Index(self.var_names)
+
+        def columns(values, what: str, key: str) -> np.ndarray:
+            values = np.asarray(values)
+            if values.size == 0:
+                return np.zeros(0, np.int64)
+            if np.issubdtype(values.dtype, np.integer):
+                return values.astype(np.int64)
+            found = var_index.get_indexer(values.astype(str))
+            if (found < 0).any():
+                missing = values.astype(str)[found < 0][:5].tolist()
+                raise DataFormatError(
+                    f"uns[{key!r}][{what!r}] names genes that are not var names: {missing}.")
+            return found.astype(np.int64)
+
+        self.de_rank: dict[str, np.ndarray] = {}
+        self.top_de_20: dict[str, np.ndarray] = {}
+        self.top_non_dropout_de_20: dict[str, np.ndarray] = {}
+        self.non_zeros_gene_idx: dict[str, np.ndarray] = {}
+        self.non_dropout_gene_idx: dict[str, np.ndarray] = {}
+        if DE_KEY not in uns:
+            return
+        tables = {"de": uns.get(DE_KEY, {}),
+                  "nd20": uns.get("top_non_dropout_de_20", {}),
+                  "nz": uns.get("non_zeros_gene_idx", {}),
+                  "ndi": uns.get("non_dropout_gene_idx", {})}
+        missing = []
+        for condition in self.conditions:
+            if condition == CONTROL:
+                continue
+            key = self.condition_name_of[condition]
+            if key not in tables["de"]:
+                missing.append(condition)
+                continue
+            self.de_rank[condition] = columns(tables["de"][key], key, DE_KEY)
+            self.top_de_20[condition] = self.de_rank[condition][:N_TOP_DE]
+            if key in tables["nd20"]:
+                self.top_non_dropout_de_20[condition] = columns(
+                    tables["nd20"][key], key, "top_non_dropout_de_20")
+            if key in tables["nz"]:
+                self.non_zeros_gene_idx[condition] = columns(tables["nz"][key], key,
+                                                             "non_zeros_gene_idx")
+            if key in tables["ndi"]:
+                self.non_dropout_gene_idx[condition] = columns(tables["ndi"][key], key,
+                                                               "non_dropout_gene_idx")
+        if missing:
+            message = (f"{len(missing)} condition(s) have no DE genes in uns[{DE_KEY!r}]: "
+                       f"{missing[:10]}{' ...' if len(missing) > 10 else ''}.")
+            if require_de:
+                raise DataFormatError(message + " Recompute them with `python -m "
+                                      "scformer_jax.data prepare` (or gears_io.prepare), or "
+                                      "load with require_de=False (no DE-gene metrics).")
+            warnings.warn(message, stacklevel=3)
+
+    def de_indices(self, condition: str, n: int = N_TOP_DE, *,
+                   non_dropout: bool = False) -> np.ndarray:
+        """Expression columns of a condition's top-`n` DE genes, most differential first.
+
+        Args:
+          condition: a GEARS condition string (not 'ctrl').
+          n: how many (at most 20 with `non_dropout`, GEARS's stored list).
+          non_dropout: restrict to non-dropout genes (GEARS's ``top_non_dropout_de_20``).
+
+        Raises:
+          KeyError: for a condition without DE genes, naming it.
+        """
+        table = self.top_non_dropout_de_20 if non_dropout else self.de_rank
+        if condition not in table:
+            raise KeyError(f"No DE genes for condition {condition!r} (control cells have none; "
+                           f"other conditions get them from uns[{DE_KEY!r}]).")
+        return table[condition][:n]
+
+    # ------------------------------------------------------------------------- tokens
+
+    def column_of(self, gene: str) -> int:
+        """Expression column of a measured gene, -1 for a perturbed gene not measured."""
+        if gene in self._column_of:
+            return self._column_of[gene]
+        if gene in self.vocab:
+            return -1
+        raise UnknownGeneError(
+            f"Unknown gene {gene!r}: it is neither measured (var['gene_name']) nor a perturbed "
+            f"gene of this dataset, so it has no token. Known perturbed genes: "
+            f"{sorted(set(g for gs in self.condition_genes.values() for g in gs))[:20]}.")
+
+    def perturbed_tokens(self, condition: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and expression columns (-1 if unmeasured) of a condition's genes.
+
+        Works for any well-formed condition whose genes have tokens, including ones not
+        in the data (e.g. a double to predict).
+
+        Returns:
+          token_ids int32 (k,), columns int64 (k,), k = 0, 1 or 2.
+
+        Raises:
+          DataFormatError: malformed condition; UnknownGeneError: a gene without a token.
+        """
+        genes = self.condition_genes.get(condition)
+        if genes is None:
+            genes = parse_condition(condition)
+        columns = np.array([self.column_of(g) for g in genes], dtype=np.int64)
+        tokens = np.array([self.vocab[g] for g in genes], dtype=np.int32)
+        return tokens, columns
+
+    # ------------------------------------------------------------------------- expression
+
+    def dense_rows(self, cell_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 (n, n_genes): expression of the given cells, densified."""
+        return self.X[np.asarray(cell_indices, dtype=np.int64)].toarray()
+
+    def mean_expression(self, cell_indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 (n_genes,): mean expression of the given cells (no dense copy)."""
+        rows = self.X[np.asarray(cell_indices, dtype=np.int64)]
+        return np.asarray(rows.mean(axis=0), dtype=np.float32).ravel()
+
+    def condition_mean(self, condition: str) -> np.ndarray:
+        """float32 (n_genes,): mean expression of a condition's cells."""
+        if condition not in self.condition_cells:
+            raise KeyError(f"Condition {condition!r} is not in the dataset {self.name!r}.")
+        return self.mean_expression(self.condition_cells[condition])
+
+    def cells_of(self, conditions: Sequence[str]) -> np.ndarray:
+        """int (n,) ascending indices of the cells of the given conditions."""
+        unknown = [c for c in conditions if c not in self.condition_cells]
+        if unknown:
+            raise KeyError(f"Condition(s) {unknown[:10]} are not in the dataset {self.name!r} "
+                           f"(it has {len(self.conditions)} conditions, e.g. "
+                           f"{self.conditions[:5]}).")
+        if not len(conditions):
+            return np.zeros(0, np.int64)
+        return np.sort(np.concatenate([self.condition_cells[c] for c in conditions]))
+
+    def __repr__(self) -> str:
+        return (f"PerturbData({self.name!r}: {self.n_cells} cells x {self.n_genes} genes, "
+                f"{len(self.conditions)} conditions, {len(self.control_cells)} control cells, "
+                f"{self.n_tokens} tokens)")
+
+
+def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
+                 label_key: str = "cell_type", seed: int = 0, preset: str | None = None,
+                 simulation: Mapping[str, Any] | None = None, min_cells: int = 2,
+                 drop_small_conditions: bool = False, require_de: bool = True,
+                 check_values: bool = True) -> PerturbData:
+    """Loads a dataset from a GEARS data folder, an ``.h5ad`` file or a built-in name.
+
+    Args:
+      path_or_name: a folder with ``perturb_processed.h5ad``, an ``.h5ad`` file, an AnnData,
+        or a built-in name: ``"simulated"`` (the default simulated dataset),
+        ``"simulated:tiny"`` (tests), ``"simulated:norman"`` (Norman-sized, benchmarks).
+      label_key: obs column of the CLS labels.
+      seed: simulation seed (built-in names only).
+      preset: simulation preset overriding the one in the name (built-in names only).
+      simulation: :class:`~scformer_jax.data.simulate.SimulationConfig` field overrides
+        (built-in names only).
+      min_cells, drop_small_conditions, require_de, check_values: see :class:`PerturbData`.
+
+    Raises:
+      DataFormatError: a path that does not exist and is not a built-in name, or a dataset
+        that fails the checks.
+    """
+    options = dict(label_key=label_key, min_cells=min_cells,
+                   drop_small_conditions=drop_small_conditions, require_de=require_de,
+                   check_values=check_values)
+    if isinstance(path_or_name, anndata.AnnData):
+        return PerturbData(path_or_name, name="anndata", **options)
+    text = str(path_or_name)
+    path = Path(text).expanduser()
+    if path.exists():
+        adata = read_gears(path)
+        return PerturbData(adata, name=path.name if path.is_dir() else path.stem, **options)
+    if text in BUILTIN_DATASETS:
+        from scformer_jax.data.simulate import simulate, simulation_config
+
+        cfg = simulation_config(preset or BUILTIN_DATASETS[text], **dict(simulation or {}))
+        adata = simulate(cfg, seed=seed)
+        return PerturbData(adata, name=f"simulated:{preset or BUILTIN_DATASETS[text]}",
+                           **options)
+    if preset is not None or simulation:
+        raise DataFormatError(f"preset/simulation options apply only to the built-in names "
+                              f"{sorted(BUILTIN_DATASETS)}, not to {text!r}.")
+    raise DataFormatError(
+        f"{text!r} is neither an existing GEARS data folder or .h5ad file nor a built-in "
+        f"dataset name ({', '.join(sorted(BUILTIN_DATASETS))}).")
