@@ -49,16 +49,21 @@ class Checkpoints:
                      reverse=best_mode == "min", n=1),
             cm.LatestN(n=keep_latest),
         ])
+        multi = jax.process_count() > 1
+        # Across hosts each process gets a manager of its own (no cross-process barriers):
+        # process 0 writes host (NumPy) state, the others only read it back on resume.
         multiprocessing = ocp.options.MultiprocessingOptions(
-            primary_host=0, active_processes={0} if primary_only and jax.process_count() > 1
-            else None)
+            primary_host=jax.process_index() if multi else 0,
+            active_processes={jax.process_index()} if multi else None)
+        if multi:
+            self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
             best_fn=lambda m: (metric(m) if metric(m) is not None else
                                (-math.inf if best_mode == "max" else math.inf)),
             best_mode=best_mode,
             multiprocessing_options=multiprocessing,
-            create=True,
+            create=not multi,
         )
         self._writes = not (primary_only and jax.process_index() != 0)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

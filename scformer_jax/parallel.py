@@ -123,9 +123,17 @@ def replicate(tree: Any) -> Any:
     return jax_utils.replicate(tree)
 
 
+def first_replica(x: Any) -> np.ndarray:
+    """This process's first replica of a pmap output, as NumPy (works across hosts, where
+    the other replicas are not addressable)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+    return np.asarray(x[0])
+
+
 def unreplicate(tree: Any) -> Any:
     """The first replica, as host NumPy arrays."""
-    return jax.device_get(jax_utils.unreplicate(tree))
+    return jax.tree_util.tree_map(first_replica, tree)
 
 
 def pmap(fn: Callable, *, donate_argnums=()) -> Callable:

@@ -251,7 +251,7 @@ def validate(p_eval, p_predict, params_repl, loader, dataset, *, max_batches: in
             break
         m, _ = p_eval(params_repl, parallel.shard_batch(host.batch))
         for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[0]) * host.n_real
+            sums[k] = sums.get(k, 0.0) + float(parallel.first_replica(v)) * host.n_real
         n += host.n_real
     out = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
     pred_mean, true_mean = predict_conditions(p_predict, params_repl, loader, dataset.n_genes,
@@ -369,7 +369,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                     state_repl, batch, parallel.replicate(step_rng))
                 # Block on every step: queued collectives can stall on few-core CPU hosts,
                 # and the loss must be checked before the next step anyway.
-                metrics = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
+                metrics = {k: float(parallel.first_replica(v)) for k, v in metrics.items()}
                 total_steps += 1
                 n_steps += 1
                 if not math.isfinite(metrics["loss"]):
@@ -385,9 +385,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 if bar is not None:
                     bar.set_postfix_str(_format_bar(metrics, lr, dt * 1000,
                                                     config.train.batch_size / max(dt, 1e-9)))
-                if total_steps % config.train.log_interval == 0 or total_steps == 1:
-                    writer.write("train", total_steps, {**metrics, "lr": lr, "epoch": epoch + 1,
-                                                        "ms_per_batch": dt * 1000})
+                writer.write("train", total_steps, {**metrics, "lr": lr, "epoch": epoch + 1,
+                                                    "ms_per_batch": dt * 1000})
+                if bar is None and primary and total_steps % config.train.log_interval == 0:
+                    print(f"step {total_steps} (epoch {epoch + 1}): "
+                          + _format_bar(metrics, lr, dt * 1000,
+                                        config.train.batch_size / max(dt, 1e-9)), flush=True)
                 if config.train.max_steps and total_steps >= config.train.max_steps:
                     break
             if bar is not None:
@@ -466,9 +469,14 @@ def restore_params(workdir: str | Path, *, which: str = "best"):
     model_config = ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                   for k, v in meta["model_config"].items()})
     target_params = init_params(model_config, jax.random.PRNGKey(0))
-    state, _ = create_train_state(model_config, _default_optim(), 1, jax.random.PRNGKey(0),
-                                  params=target_params)
-    restored = ckpts.restore(_saved_state(state), step=step)
+    if meta.get("params_only"):
+        # A converted PyTorch checkpoint (scformer_jax.convert): no optimiser state.
+        target = {"step": np.zeros((), np.int32), "params": target_params}
+    else:
+        state, _ = create_train_state(model_config, _default_optim(), 1, jax.random.PRNGKey(0),
+                                      params=target_params)
+        target = _saved_state(state)
+    restored = ckpts.restore(target, step=step)
     ckpts.close()
     if restored is None:
         raise FileNotFoundError(f"No readable checkpoint in {workdir / 'checkpoints'}.")
