@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from scformer_jax import baselines as baselines_lib
+from scformer_jax import convert
 from scformer_jax import metrics as metrics_lib
 from scformer_jax import plots as plots_lib
 from scformer_jax.config import load_config
 from scformer_jax.data.batching import pair_controls
 from scformer_jax.data.dataset import PerturbData, load_dataset
-from scformer_jax.data.splits import read_split_json
+from scformer_jax.data.splits import gears_split, read_split_json
 from scformer_jax.predict import Predictor, normalize_perturbation
 from scformer_jax.training import restore_params
 
@@ -130,14 +131,23 @@ def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Pat
       The ``metrics.json`` content.
     """
     workdir = Path(workdir)
-    for name in ("config.yaml", "split.json"):
-        if not (workdir / name).is_file():
-            raise FileNotFoundError(
-                f"{workdir / name} is missing: --workdir must be a folder written by train.py.")
+    if not (workdir / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{workdir / 'config.yaml'} is missing: --workdir must be a folder written by "
+            "train.py or python -m scformer_jax.convert.")
     config = load_config(workdir / "config.yaml")
-    split = read_split_json(workdir / "split.json")
     model_config, params, _ = restore_params(workdir, which=which)
     dataset = load_dataset(config.data.path, label_key=config.data.label_key)
+    # A converted PyTorch checkpoint has no split.json and may hold another gene vocabulary.
+    if (workdir / "split.json").is_file():
+        split = read_split_json(workdir / "split.json")
+    else:
+        split = gears_split(dataset.conditions, split=config.data.split,
+                            seed=config.data.split_seed,
+                            train_gene_set_size=config.data.train_gene_set_size,
+                            combo_seen2_train_frac=config.data.combo_seen2_train_frac,
+                            split_path=config.data.split_path)
+    model_config, params, _ = convert.adapt_to_dataset(workdir, model_config, params, dataset)
     test = _test_conditions(split, dataset)
     predictor = Predictor(model_config, params, dataset,
                           batch_size=batch_size or config.train.eval_batch_size,

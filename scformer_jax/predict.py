@@ -169,15 +169,19 @@ def predict(model_config: ModelConfig, params: Any, dataset: PerturbData,
 
 
 def load_predictor(workdir: str, *, which: str = "best", batch_size: int = 32) -> Predictor:
-    """A :class:`Predictor` from a run folder written by ``train.py``."""
+    """A :class:`Predictor` from a run folder written by ``train.py`` or a folder written by
+    ``python -m scformer_jax.convert``."""
     from pathlib import Path
 
     from scformer_jax.config import load_config
+    from scformer_jax.convert import adapt_to_dataset
     from scformer_jax.data.dataset import load_dataset
     from scformer_jax.training import restore_params
 
     config = load_config(Path(workdir) / "config.yaml")
     model_config, params, _ = restore_params(workdir, which=which)
     dataset = load_dataset(config.data.path, label_key=config.data.label_key)
+    # A converted PyTorch checkpoint keeps its own gene vocabulary: map it onto the dataset's.
+    model_config, params, _ = adapt_to_dataset(workdir, model_config, params, dataset)
     return Predictor(model_config, params, dataset, batch_size=batch_size,
                      include_zero_gene=config.data.include_zero_gene)
