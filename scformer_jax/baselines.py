@@ -29,37 +29,14 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from scformer_jax.data.conditions import condition_genes
+
 CONTROL = "ctrl"
 
 
 # --------------------------------------------------------------------------------------
 # Inputs.
 # --------------------------------------------------------------------------------------
-
-
-def condition_genes(condition: str) -> tuple[str, ...]:
-    """The perturbed genes of a condition name.
-
-    Args:
-      condition: ``"ctrl"``, ``"A"``, ``"A+ctrl"``, ``"ctrl+A"`` or ``"A+B"``.
-
-    Returns:
-      ``()`` for control, ``("A",)`` for a single, ``("A", "B")`` for a double.
-
-    Raises:
-      ValueError: for empty gene names or more than two genes.
-    """
-    if not isinstance(condition, str):
-        raise ValueError(f"condition {condition!r} is not a string; use names such as "
-                         f"'ctrl', 'A+ctrl' or 'A+B'.")
-    parts = condition.split("+")
-    if any(not p or p != p.strip() for p in parts) or len(parts) > 2:
-        raise ValueError(f"malformed condition {condition!r}: expected 'ctrl', 'A', 'A+ctrl' "
-                         f"or 'A+B' (gene names without spaces, at most two genes).")
-    genes = tuple(p for p in parts if p != CONTROL)
-    if len(genes) == 2 and genes[0] == genes[1]:
-        raise ValueError(f"malformed condition {condition!r}: it names the same gene twice.")
-    return genes
 
 
 def _profile(x: Any, what: str, n_genes: int | None = None) -> np.ndarray:

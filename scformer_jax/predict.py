@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from scformer_jax.config import ModelConfig
+from scformer_jax.data.conditions import condition_genes
 from scformer_jax.data.batching import HostBatch, assemble_batch, bucket_sizes
 from scformer_jax.data.dataset import PerturbData
 from scformer_jax.model import TransformerGenerator
@@ -40,11 +41,12 @@ def normalize_perturbation(text: str, dataset: PerturbData) -> str:
     text = str(text).strip()
     if text == CONTROL:
         return CONTROL
-    genes = [g for g in text.split("+") if g and g != CONTROL]
-    if not genes or len(genes) > 2 or "" in text.split("+"):
+    try:
+        genes = list(condition_genes(text))
+    except ValueError as e:
         raise UnknownPerturbationError(
-            f"Perturbation {text!r} is malformed: write one gene ('A' or 'A+ctrl'), two genes "
-            "('A+B') or 'ctrl'.")
+            f"Perturbation {text!r} is malformed ({e}): write one gene ('A' or 'A+ctrl'), two "
+            "genes ('A+B') or 'ctrl'.") from None
     known = [name for name in dataset.vocab if not name.startswith("<")]
     for gene in genes:
         if gene not in dataset.vocab or gene.startswith("<"):

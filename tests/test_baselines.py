@@ -153,7 +153,7 @@ def test_bad_inputs_raise_clear_errors():
         cells = RNG.uniform(0, 1, (20, N_GENES))
         cells[0, 0] = np.nan
         baselines.fit_linear_baseline(train, ctrl, GENES, train_expression=cells)
-    with pytest.raises(ValueError, match="malformed condition"):
+    with pytest.raises(ValueError, match="Malformed condition"):
         baselines.fit_control_baseline(ctrl).predict(["A+B+C"])
     with pytest.raises(ValueError, match="list of conditions"):
         baselines.fit_control_baseline(ctrl).predict("G0+ctrl")

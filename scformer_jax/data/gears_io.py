@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-CONTROL = "ctrl"
+from scformer_jax.data.conditions import CONTROL, DataFormatError, parse_condition
+
 PROCESSED_FILE = "perturb_processed.h5ad"
 DE_KEY = "rank_genes_groups_cov_all"
 UNS_KEYS = (DE_KEY, "top_non_dropout_de_20", "non_zeros_gene_idx", "non_dropout_gene_idx")
@@ -48,50 +49,7 @@ _PREPARE_HINT = (
 )
 
 
-class DataFormatError(ValueError):
-    """Input data that cannot be used as given; the message names the problem and the fix."""
-
-
 # ----------------------------------------------------------------------------- conditions
-
-
-def parse_condition(condition: str) -> tuple[str, ...]:
-    """The perturbed genes of a GEARS condition string.
-
-    Args:
-      condition: ``"ctrl"``, ``"A+ctrl"``, ``"ctrl+A"`` or ``"A+B"``.
-
-    Returns:
-      The gene names, without ``ctrl``: ``()``, ``("A",)`` or ``("A", "B")``.
-
-    Raises:
-      DataFormatError: for anything else (empty parts, three genes, ``"A"`` without
-        ``+ctrl``, ``"ctrl+ctrl"``, a gene twice, white space).
-    """
-    if not isinstance(condition, str):
-        raise DataFormatError(
-            f"Condition {condition!r} is not a string; obs['condition'] must hold strings such "
-            "as 'ctrl', 'A+ctrl' or 'A+B'.")
-    if condition == CONTROL:
-        return ()
-    parts = condition.split("+")
-    problem = None
-    if len(parts) != 2:
-        problem = ("it has one gene and no '+ctrl'" if len(parts) == 1 else
-                   f"it names {len(parts)} parts; GEARS conditions have one or two genes")
-    elif any(p == "" for p in parts):
-        problem = "it has an empty gene name"
-    elif any(p != p.strip() or " " in p for p in parts):
-        problem = "a gene name contains white space"
-    elif parts == [CONTROL, CONTROL]:
-        problem = "'ctrl+ctrl' is not a condition; control cells are 'ctrl'"
-    elif parts[0] == parts[1]:
-        problem = "it names the same gene twice"
-    if problem is not None:
-        raise DataFormatError(
-            f"Malformed condition {condition!r}: {problem}. Expected 'ctrl', 'A+ctrl' (single "
-            "perturbation of gene A) or 'A+B' (double).")
-    return tuple(p for p in parts if p != CONTROL)
 
 
 def condition_dose(condition: str) -> str:

@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from scformer_jax.data.conditions import parse_condition
+
 CONTROL = "ctrl"
 SPLIT_TYPES = ("simulation", "simulation_single", "single", "combo_seen0", "combo_seen1",
                "combo_seen2", "no_test", "custom")
@@ -81,45 +83,6 @@ def _format_names(names: Sequence[str]) -> str:
     if len(names) > _MAX_LISTED:
         shown += f", ... ({len(names) - _MAX_LISTED} more)"
     return shown
-
-
-def parse_condition(condition: str) -> tuple[str, ...]:
-    """Returns the perturbed genes of a GEARS condition name.
-
-    Args:
-      condition: ``"ctrl"``, ``"A+ctrl"``, ``"ctrl+A"`` or ``"A+B"``.
-
-    Returns:
-      The gene names: ``()`` for control, ``("A",)`` for a single, ``("A", "B")`` for a double.
-
-    Raises:
-      ValueError: if the name is not one of these forms. Gene names containing ``"ctrl"`` are
-        refused because GEARS detects singles by the substring ``"ctrl"`` and would treat such a
-        double as a single.
-    """
-    if not isinstance(condition, str):
-        raise ValueError(f"condition {condition!r} is not a string; conditions are GEARS names "
-                         "such as 'ctrl', 'A+ctrl' or 'A+B'")
-    if condition == CONTROL:
-        return ()
-    parts = condition.split("+")
-    fix = "use GEARS names: 'ctrl', 'GENE+ctrl' for a single, 'GENE1+GENE2' for a double"
-    if len(parts) != 2:
-        raise ValueError(f"condition {condition!r} has {len(parts) - 1} '+' signs, expected "
-                         f"exactly one; {fix}")
-    for part in parts:
-        if not part or part != part.strip():
-            raise ValueError(f"condition {condition!r} has an empty or space-padded gene name; "
-                             f"{fix}")
-        if CONTROL in part and part != CONTROL:
-            raise ValueError(
-                f"condition {condition!r}: gene name {part!r} contains 'ctrl', which GEARS "
-                "takes as the control marker; rename the gene in obs['condition']")
-    genes = tuple(part for part in parts if part != CONTROL)
-    if not genes:
-        raise ValueError(f"condition {condition!r} perturbs no gene; write control cells as "
-                         f"'{CONTROL}'")
-    return genes
 
 
 def _unique_conditions(conditions: Iterable[Any]) -> list[str]:
