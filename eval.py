@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from scformer_jax import evaluation
+    from scformer_jax.data.gears_io import write_h5ad_atomic
     from scformer_jax.predict import UnknownPerturbationError, load_predictor
 
     try:
@@ -47,9 +48,9 @@ def main(argv=None) -> int:
         if args.predict:
             predictor = load_predictor(args.workdir, which=args.checkpoint)
             result = predictor.predict(args.predict, pool_size=args.pool_size, seed=args.seed)
-            result.mean.write_h5ad(out / "predict.h5ad")
-            result.cells.write_h5ad(out / "predict_cells.h5ad")
-    except (FileNotFoundError, ValueError, UnknownPerturbationError) as e:
+            write_h5ad_atomic(result.mean, out / "predict.h5ad")
+            write_h5ad_atomic(result.cells, out / "predict_cells.h5ad")
+    except (FileNotFoundError, ValueError, KeyError, UnknownPerturbationError) as e:
         print(f"eval.py: {e}", file=sys.stderr)
         return 2
     print((out / "report.md").read_text())

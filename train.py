@@ -38,16 +38,31 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
         return 2
+    import jax
+
     from scformer_jax import parallel, training
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id)
+    if args.workdir is None and jax.process_count() > 1:
+        # Each process would pick its own timestamped folder.
+        print("Config error: with several processes, give every process the same --workdir.",
+              file=sys.stderr)
+        return 2
     workdir = args.workdir or str(training.new_workdir())
     try:
         summary = training.train_and_evaluate(config, workdir, progress=not args.no_progress)
     except training.NonFiniteLossError as e:
         print(f"Training stopped: {e}", file=sys.stderr)
         return 3
+    except ConfigError as e:
+        print(f"Config error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        # Bad data or sizes (DataFormatError, split too small, batch vs devices): the message
+        # names the problem; nothing was written for a new run folder.
+        print(f"Cannot train: {e}", file=sys.stderr)
+        return 2
     if parallel.is_primary():
         best = summary["best_value"]
         print(f"Done: {summary['steps']} steps, best {summary['best_metric']} "

@@ -19,6 +19,9 @@ import yaml
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 MVC_DECODER_STYLES = ("inner product", "inner product, detach", "concat query", "sum query")
 INCLUDE_ZERO_GENE = ("all", "batch-wise", "row-wise", "nonzero")
+# Validation metrics computed every epoch (train.best_metric picks one, with or without val_).
+VALIDATION_METRICS = ("mse", "mre", "pearson", "pearson_delta", "pearson_de",
+                      "pearson_de_delta", "mse_de")
 
 
 class ConfigError(ValueError):
@@ -200,7 +203,8 @@ class TrainConfig:
     epochs: int = 6
     early_stop: int = 5  # epochs without improvement of `best_metric` before stopping
     best_metric: str = "val_pearson_delta"
-    best_mode: str = "max"
+    # "max" or "min"; None: "min" for mse/mre, "max" for the pearson metrics.
+    best_mode: str | None = None
     log_interval: int = 100
     seed: int = 42
     # Stop after this many steps in total (0: no limit); for smoke tests and benchmarks.
@@ -219,7 +223,17 @@ class TrainConfig:
         _check_range("train.early_stop", self.early_stop, 0)
         _check_range("train.max_steps", self.max_steps, 0)
         _check_range("train.max_val_batches", self.max_val_batches, 0)
+        metric = self.best_metric.removeprefix("val_")
+        _check_choice("train.best_metric", metric, VALIDATION_METRICS)
+        natural = "min" if metric.startswith(("mse", "mre")) else "max"
+        if self.best_mode is None:
+            object.__setattr__(self, "best_mode", natural)
         _check_choice("train.best_mode", self.best_mode, ("min", "max"))
+        if self.best_mode != natural:
+            raise ConfigError(
+                f"train.best_mode {self.best_mode!r} would keep the worst checkpoint by "
+                f"{self.best_metric!r} (lower is better for mse/mre, higher for pearson); set "
+                f"train.best_mode: {natural} or leave it out.")
 
 
 @dataclasses.dataclass(frozen=True)

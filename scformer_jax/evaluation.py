@@ -68,6 +68,21 @@ def model_profiles(predictor: Predictor, dataset: PerturbData, conditions: Seque
     return out
 
 
+def _first_occurrence_names(gene_names) -> list[str]:
+    """Gene names made unique for the baselines: a perturbed gene maps to its first column,
+    as in the dataset's vocabulary; later duplicates get a suffix (e.g. Replogle's symbols)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in map(str, gene_names):
+        if name in seen:
+            seen[name] += 1
+            out.append(f"{name}#dup{seen[name]}")
+        else:
+            seen[name] = 0
+            out.append(name)
+    return out
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -166,7 +181,7 @@ def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Pat
                                          max_cells=max_cells_per_condition)}
     train_profiles = {c: dataset.condition_mean(c) for c in split["train"] if c != CONTROL}
     fitted = baselines_lib.fit_baselines(train_profiles, ctrl_mean,
-                                         list(dataset.gene_names.astype(str)))
+                                         _first_occurrence_names(dataset.gene_names))
     for name, baseline in fitted.items():
         predictions[name] = baseline.predict(test)
 

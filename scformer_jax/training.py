@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -22,9 +23,10 @@ from flax.training import train_state
 from scformer_jax import parallel
 from scformer_jax.batch import PerturbBatch
 from scformer_jax.checkpoints import Checkpoints
-from scformer_jax.config import Config, ModelConfig, save_config
+from scformer_jax.config import (VALIDATION_METRICS, Config, ConfigError, ModelConfig,
+                                 save_config)
 from scformer_jax.model import TransformerGenerator, init_params
-from scformer_jax.objectives import loss_terms, objective_value, predict_expression
+from scformer_jax.objectives import loss_terms, objective_value
 
 log = logging.getLogger(__name__)
 
@@ -82,34 +84,27 @@ def train_step(state: TrainState, batch: PerturbBatch, rng, *, model: Transforme
 
 def eval_step(params, batch: PerturbBatch, *, model: TransformerGenerator, objective,
               axis_name: str | None = parallel.AXIS):
-    """Eval-mode loss terms and predictions of every input token."""
+    """Eval-mode (numerator, denominator) of MSE and MRE, summed over devices, and the
+    predicted expression of every input token (0 at padding)."""
     terms, out = loss_terms(model, params, batch, jax.random.PRNGKey(0), objective,
                             deterministic=True, axis_name=axis_name)
-    _, metrics = objective_value({k: v for k, v in terms.items() if k in ("mse", "mre")},
-                                 dataclasses.replace(objective, cls=False, cce=False,
-                                                     mvc=False, ecs=False),
-                                 axis_name=axis_name)
+    sums = {}
+    for name in ("mse", "mre"):
+        num, den = terms[name]
+        if axis_name is not None:
+            num, den = jax.lax.psum(num, axis_name), jax.lax.psum(den, axis_name)
+        sums[name] = (num, den)
     pred = jnp.where(batch.padding_mask, 0.0, out["mlm_output"])
-    return metrics, pred
+    return sums, pred
 
 
 def make_p_train_step(model, objective):
-    import functools
-
     return parallel.pmap(functools.partial(train_step, model=model, objective=objective),
                          donate_argnums=(0,))
 
 
 def make_p_eval_step(model, objective):
-    import functools
-
     return parallel.pmap(functools.partial(eval_step, model=model, objective=objective))
-
-
-def make_p_predict(model):
-    import functools
-
-    return parallel.pmap(functools.partial(predict_expression, model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +157,7 @@ class LoopState:
     """Where the loop is; saved with every checkpoint (JSON)."""
 
     epoch: int = 0  # the next epoch to run
+    batch_in_epoch: int = 0  # batches of `epoch` already done (a max_steps stop mid-epoch)
     best_value: float | None = None
     best_epoch: int = -1
     epochs_without_improvement: int = 0
@@ -207,62 +203,42 @@ def _loader(data_lib, dataset, conditions, config: Config, *, train: bool, batch
         frozen_pairing=not config.data.redraw_pairing if train else True)
 
 
-def predict_conditions(p_predict, params_repl, loader, n_genes: int,
-                       max_batches: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Mean predicted and true full-gene profiles per condition over a loader's cells.
-
-    Genes that are not input tokens of a cell (zero in its control in the non-`all` modes)
-    are predicted to stay at their control value, 0.
-    """
-    pred_sum: dict[str, np.ndarray] = {}
-    true_sum: dict[str, np.ndarray] = {}
-    count: dict[str, int] = {}
-    for i, host in enumerate(loader.epoch(0)):
-        if max_batches and i >= max_batches:
-            break
-        pred = parallel.gather_rows(p_predict(params_repl, parallel.shard_batch(host.batch)))
-        target = np.asarray(host.batch.target_values)
-        for row in range(host.n_real):
-            cond = host.conditions[row]
-            idx = host.gene_index[row]
-            keep = idx >= 0
-            p = np.zeros(n_genes, np.float64)
-            t = np.zeros(n_genes, np.float64)
-            p[idx[keep]] = pred[row][keep]
-            t[idx[keep]] = target[row][keep]
-            if cond not in pred_sum:
-                pred_sum[cond], true_sum[cond], count[cond] = p, t, 1
-            else:
-                pred_sum[cond] += p
-                true_sum[cond] += t
-                count[cond] += 1
-    return ({c: pred_sum[c] / count[c] for c in pred_sum},
-            {c: true_sum[c] / count[c] for c in true_sum})
-
-
-def validate(p_eval, p_predict, params_repl, loader, dataset, *, max_batches: int = 0):
-    """Validation loss (eval-mode MSE over the val cells) and GEARS's pearson_delta."""
+def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0):
+    """Validation loss (eval-mode MSE/MRE over every scored token of the val cells) and
+    GEARS's metrics on mean profiles per condition, computed as ``eval.py`` does: genes that
+    are not input tokens of a cell keep its control value, and the truth is the whole cell."""
     from scformer_jax import metrics as metrics_lib
 
-    sums: dict[str, float] = {}
-    n = 0
+    num = {"mse": 0.0, "mre": 0.0}
+    den = {"mse": 0.0, "mre": 0.0}
+    pred_sum: dict[str, np.ndarray] = {}
+    cells: dict[str, list[int]] = {}
     for i, host in enumerate(loader.epoch(0)):
         if max_batches and i >= max_batches:
             break
-        m, _ = p_eval(params_repl, parallel.shard_batch(host.batch))
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(parallel.first_replica(v)) * host.n_real
-        n += host.n_real
-    out = {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
-    pred_mean, true_mean = predict_conditions(p_predict, params_repl, loader, dataset.n_genes,
-                                              max_batches)
-    perturbed = [c for c in true_mean if c != "ctrl"]
+        sums, pred = p_eval(params_repl, parallel.shard_batch(host.batch))
+        for name, (n, d) in sums.items():
+            num[name] += float(parallel.first_replica(n))
+            den[name] += float(parallel.first_replica(d))
+        pred = parallel.gather_rows(pred)
+        full = dataset.dense_rows(host.control_indices[:host.n_real]).astype(np.float64)
+        for row in range(host.n_real):
+            idx = host.gene_index[row]
+            keep = idx >= 0
+            full[row, idx[keep]] = pred[row][keep]
+            cond = host.conditions[row]
+            pred_sum[cond] = pred_sum.get(cond, 0.0) + full[row]
+            cells.setdefault(cond, []).append(int(host.cell_indices[row]))
+    out = {f"val_{k}": num[k] / den[k] if den[k] else 0.0 for k in num}
+    perturbed = [c for c in pred_sum if c != "ctrl"]
     if perturbed:
         result = metrics_lib.evaluate_profiles(
-            {c: pred_mean[c] for c in perturbed}, {c: true_mean[c] for c in perturbed},
-            dataset.control_mean, {c: dataset.de_indices(c) for c in perturbed})
-        for key in ("pearson", "pearson_delta", "pearson_de", "pearson_de_delta", "mse_de"):
-            if key in result.overall:
+            {c: pred_sum[c] / len(cells[c]) for c in perturbed},
+            {c: dataset.mean_expression(np.asarray(cells[c])) for c in perturbed},
+            dataset.control_mean, {c: dataset.de_rank[c] for c in perturbed})
+        for key in VALIDATION_METRICS:
+            # val_mse / val_mre stay the token-level losses above.
+            if key in result.overall and key not in ("mse", "mre"):
                 out[f"val_{key}"] = result.overall[key]
     return out
 
@@ -281,6 +257,42 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return bar, bar
 
 
+# Keys that may change when a run is resumed: how long it runs and how it logs. Anything else
+# would make the resumed run a different run than its checkpoints.
+RESUMABLE_CHANGES = {("train", k) for k in ("epochs", "early_stop", "max_steps", "log_interval",
+                                            "max_val_batches", "keep_checkpoints")}
+
+
+def check_resume_config(config: Config, workdir: Path) -> None:
+    """Refuses to resume a run folder with a config that differs in what shapes the run."""
+    saved_path = workdir / "config.yaml"
+    if not saved_path.is_file() or not (workdir / "checkpoints").is_dir():
+        return
+    from scformer_jax.config import config_to_dict, load_config
+
+    saved, new = config_to_dict(load_config(saved_path)), config_to_dict(config)
+    changed = [f"{section}.{key}: {saved[section][key]!r} -> {new[section][key]!r}"
+               for section in new for key in new[section]
+               if new[section][key] != saved[section][key]
+               and (section, key) not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"{workdir} holds a run with another config; resuming it with these changes would "
+            f"mix two runs: {'; '.join(changed)}. Use a new --workdir, or set those keys back "
+            f"(only {sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES)} may change on resume).")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drops records past the checkpoint being resumed from (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     """Trains with `config`, writing checkpoints, metrics and the config into `workdir`.
 
@@ -291,14 +303,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
     workdir = Path(workdir)
     primary = parallel.is_primary()
-    if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_config(config, workdir / "config.yaml")
+    check_resume_config(config, workdir)
+    # Everything that can fail on bad input (data, split, sizes) runs before the run folder
+    # is written, so a failed start leaves nothing behind.
     dataset, split = build_data(config)
-    if primary:
-        from scformer_jax.data.splits import write_split_json
-
-        write_split_json(split, workdir / "split.json")
     if not split.get("val"):
         raise ValueError(
             f"The {config.data.split!r} split of {config.data.path!r} has no validation "
@@ -312,6 +320,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     val_loader = _loader(data_lib, dataset, split["val"], config, train=False,
                          batch_size=config.train.eval_batch_size)
     steps_per_epoch = len(train_loader)
+    if primary:
+        from scformer_jax.data.splits import write_split_json
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(config, workdir / "config.yaml")
+        write_split_json(split, workdir / "split.json")
 
     rng = jax.random.PRNGKey(config.train.seed)
     init_rng, step_rng_base = jax.random.split(rng)
@@ -335,12 +349,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         loop = LoopState(**meta["loop"])
         log.info("Resumed from checkpoint step %d (epoch %d)", step, loop.epoch)
         if primary:
+            _truncate_metrics(workdir / "metrics.jsonl", int(step))
             print(f"Resuming from {ckpts.directory} step {step}, epoch {loop.epoch + 1}")
 
     model = TransformerGenerator(model_config)
     p_train_step = make_p_train_step(model, config.objective)
     p_eval = make_p_eval_step(model, config.objective)
-    p_predict = make_p_predict(model)
     state_repl = parallel.replicate(state)
     writer = MetricsWriter(workdir, enabled=primary)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
@@ -357,11 +371,14 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     try:
         for epoch in range(loop.epoch, config.train.epochs):
             t_epoch = time.time()
-            batches = (parallel.shard_batch(h.batch) for h in train_loader.epoch(epoch))
+            start_batch, loop.batch_in_epoch = loop.batch_in_epoch, 0
+            batches = (parallel.shard_batch(h.batch)
+                       for h in train_loader.epoch(epoch, start_batch=start_batch))
             it, bar = _progress(parallel.prefetch(batches), steps_per_epoch,
                                 f"epoch {epoch + 1}/{config.train.epochs}", progress and primary)
             sums: dict[str, float] = {}
             n_steps = 0
+            stopped_mid_epoch = False
             t_last = time.time()
             for batch in it:
                 step_rng = jax.random.fold_in(step_rng_base, total_steps)
@@ -392,11 +409,23 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                           + _format_bar(metrics, lr, dt * 1000,
                                         config.train.batch_size / max(dt, 1e-9)), flush=True)
                 if config.train.max_steps and total_steps >= config.train.max_steps:
+                    stopped_mid_epoch = start_batch + n_steps < steps_per_epoch
                     break
             if bar is not None:
                 bar.close()
+            if stopped_mid_epoch:
+                # Save where the epoch stopped: a resume with a larger max_steps goes on with
+                # the next batch of this epoch, as an uninterrupted run would.
+                loop.epoch, loop.batch_in_epoch = epoch, start_batch + n_steps
+                ckpts.save(total_steps, _saved_state(parallel.unreplicate(state_repl)),
+                           {"loop": dataclasses.asdict(loop), "epoch_metrics": {},
+                            "model_config": dataclasses.asdict(model_config)}, metric=None)
+                if primary:
+                    print(f"Stopped at train.max_steps={config.train.max_steps}, in epoch "
+                          f"{epoch + 1} after batch {loop.batch_in_epoch}/{steps_per_epoch}.")
+                break
             params_repl = state_repl.params
-            val = validate(p_eval, p_predict, params_repl, val_loader, dataset,
+            val = validate(p_eval, params_repl, val_loader, dataset,
                            max_batches=config.train.max_val_batches)
             last_val = val
             epoch_metrics = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
@@ -456,7 +485,12 @@ def _saved_state(state: TrainState) -> dict:
 def restore_params(workdir: str | Path, *, which: str = "best"):
     """(model_config, params) of a run folder's best (or latest) checkpoint."""
     workdir = Path(workdir)
-    ckpts = Checkpoints(workdir / "checkpoints")
+    best_mode = "max"
+    if (workdir / "config.yaml").is_file():
+        from scformer_jax.config import load_config
+
+        best_mode = load_config(workdir / "config.yaml").train.best_mode
+    ckpts = Checkpoints(workdir / "checkpoints", best_mode=best_mode)
     step = ckpts.best_step() if which == "best" else None
     steps = ckpts.steps()
     if not steps:

@@ -46,7 +46,9 @@ def test_smoke_run_writes_everything(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and summary["best_epoch"] in (1, 2)
     params, meta = final_params(run, "best")
-    assert meta["loop"]["best_epoch"] == summary["best_epoch"]
+    # The best checkpoint is the one saved at the best epoch, with the best value.
+    assert meta["loop"]["epoch"] == summary["best_epoch"]
+    assert meta["epoch_metrics"]["val_pearson_delta"] == summary["best_value"]
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
 
 
@@ -145,3 +147,36 @@ def test_two_processes_equal_one_process(tmp_path):
         assert sorted(a.files) == sorted(b.files)
         for key in a.files:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_resume_with_another_config_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_train(run, "train.epochs=1") == 0
+    before = (run / "config.yaml").read_text()
+    assert run_train(run, "train.epochs=2", "model.embsize=32") == 2
+    err = capsys.readouterr().err
+    assert "model.embsize: 16 -> 32" in err and "new --workdir" in err
+    assert (run / "config.yaml").read_text() == before
+    assert run_train(run, "train.epochs=2") == 0  # more epochs may be asked for
+
+
+def test_max_steps_mid_epoch_then_resume_equals_straight_run(tmp_path):
+    assert run_train(tmp_path / "straight", "train.epochs=2") == 0
+    reference, _ = final_params(tmp_path / "straight")
+    assert run_train(tmp_path / "split", "train.epochs=2", "train.max_steps=7") == 0
+    _, meta = final_params(tmp_path / "split")
+    assert meta["loop"]["epoch"] == 0 and meta["loop"]["batch_in_epoch"] == 7
+    assert run_train(tmp_path / "split", "train.epochs=2") == 0
+    resumed, _ = final_params(tmp_path / "split")
+    for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split/metrics.jsonl").open()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_bad_data_path_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_train(run, "data.path=/nonexistent/data.h5ad") == 2
+    assert "Cannot train" in capsys.readouterr().err
+    assert not run.exists()

@@ -10,8 +10,12 @@ always keeping the perturbed genes:
 
 * ``"all"``: every measured gene (one length for the whole run),
 * ``"batch-wise"``: genes non-zero in any control input of the batch (shared by its rows),
-* ``"row-wise"``: per row, genes non-zero in the control input or in the target,
-* ``"nonzero"``: per row, genes non-zero in the control input (the original's ``False``).
+* ``"row-wise"``: per row, genes non-zero in the control input (the original's
+  ``pred_perturb`` row-wise branch),
+* ``"nonzero"``: the same as ``"row-wise"`` (the original's ``include_zero_gene=False``).
+
+Token selection never looks at the target cell: a gene chosen because the perturbed cell
+expresses it would tell the model the answer, and at prediction time there is no target.
 
 Every mode adds the perturbed genes of the rows (as extra tokens with expression 0 when
 they are not measured). Above ``max_seq_len`` the other genes are sampled by gene id. The
@@ -191,8 +195,6 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
         per_row = []
         for i in range(n):
             mask = control_values[i] != 0
-            if include_zero_gene == "row-wise":
-                mask |= target_values[i] != 0
             extra = np.unique(row_extra[i]).astype(np.int64)
             columns = _select(np.flatnonzero(mask), np.unique(row_cols[i]).astype(np.int64),
                               len(extra), max_seq_len, rng, f"Row {i} ({conditions[i]!r})")
