@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from scformer_jax.predict import UnknownPerturbationError, load_predictor
 
     try:
-        summary = evaluation.evaluate_run(args.workdir, which=args.checkpoint, out_dir=args.out,
+        evaluation.evaluate_run(args.workdir, which=args.checkpoint, out_dir=args.out,
                                           plot_perturbations=args.plot, n_plots=args.n_plots,
                                           seed=args.seed)
         out = Path(args.out) if args.out else Path(args.workdir) / "eval"

@@ -24,8 +24,6 @@ twice the forward) and the achieved FLOP/s against the CPU's peak.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import os
 import platform

@@ -395,6 +395,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def save_config(config: Config, path: str | Path) -> None:
     """Writes the resolved config as YAML (atomically)."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    from scformer_jax.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

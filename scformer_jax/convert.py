@@ -70,9 +70,18 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from scformer_jax.config import (CELL_EMB_STYLES, MVC_DECODER_STYLES, Config, ConfigError,
-                                 ModelConfig, apply_overrides, config_from_dict, config_to_dict,
-                                 load_config)
+from scformer_jax.config import (
+    CELL_EMB_STYLES,
+    MVC_DECODER_STYLES,
+    Config,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+from scformer_jax.io import write_text_atomic
 
 CHECKPOINT_FILE = "best_model.pt"
 ARGS_FILE = "args.json"
@@ -815,12 +824,6 @@ def adapt_to_dataset(workdir: str | os.PathLike, model_config: ModelConfig, para
 # Writing a converted folder
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def convert_checkpoint(torch_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                        config: Config | None = None, prefixes: Sequence[str] = (),
                        data: str | None = None, overwrite: bool = False) -> ConversionReport:
@@ -907,10 +910,10 @@ def convert_checkpoint(torch_dir: str | os.PathLike, out_dir: str | os.PathLike,
             ckpts.close()
         import yaml
 
-        _write_text(staging / CONFIG_FILE,
+        write_text_atomic(staging / CONFIG_FILE,
                     yaml.safe_dump(config_to_dict(run_config), sort_keys=False))
-        _write_text(staging / VOCAB_FILE, json.dumps(source.vocab, indent=1))
-        _write_text(staging / REPORT_FILE, json.dumps(report.to_dict(), indent=2, default=str))
+        write_text_atomic(staging / VOCAB_FILE, json.dumps(source.vocab, indent=1))
+        write_text_atomic(staging / REPORT_FILE, json.dumps(report.to_dict(), indent=2, default=str))
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "folder")

@@ -31,6 +31,7 @@ from scformer_jax.config import load_config
 from scformer_jax.data.batching import pair_controls
 from scformer_jax.data.dataset import PerturbData, load_dataset
 from scformer_jax.data.splits import gears_split, read_split_json
+from scformer_jax.io import write_text_atomic
 from scformer_jax.predict import Predictor, normalize_perturbation
 from scformer_jax.training import restore_params
 
@@ -81,12 +82,6 @@ def _first_occurrence_names(gene_names) -> list[str]:
             seen[name] = 0
             out.append(name)
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _fmt(value: Any) -> str:
@@ -201,7 +196,7 @@ def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Pat
             "model": results[MODEL].to_dict(),
             "baselines": {name: r.to_dict() for name, r in results.items() if name != MODEL},
         }
-        _atomic_write_text(staging / "metrics.json", json.dumps(summary, indent=2,
+        write_text_atomic(staging / "metrics.json", json.dumps(summary, indent=2,
                                                                  allow_nan=False, default=float))
         tables = []
         for name, result in results.items():
@@ -255,7 +250,7 @@ def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Pat
                                                workdir / "metrics.jsonl")
             except ValueError as e:  # too few records to draw a curve
                 notes.append(f"training curves not drawn: {e}")
-        _atomic_write_text(staging / "report.md", _report(results, workdir, sizes, notes))
+        write_text_atomic(staging / "report.md", _report(results, workdir, sizes, notes))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from scformer_jax.config import ModelConfig
-from scformer_jax.data.conditions import condition_genes
 from scformer_jax.data.batching import HostBatch, assemble_batch, bucket_sizes
+from scformer_jax.data.conditions import condition_genes
 from scformer_jax.data.dataset import PerturbData
 from scformer_jax.model import TransformerGenerator
 from scformer_jax.objectives import predict_expression

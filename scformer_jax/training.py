@@ -23,8 +23,14 @@ from flax.training import train_state
 from scformer_jax import parallel
 from scformer_jax.batch import PerturbBatch
 from scformer_jax.checkpoints import Checkpoints
-from scformer_jax.config import (VALIDATION_METRICS, Config, ConfigError, ModelConfig,
-                                 save_config)
+from scformer_jax.config import (
+    VALIDATION_METRICS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    save_config,
+)
+from scformer_jax.io import write_text_atomic
 from scformer_jax.model import TransformerGenerator, init_params
 from scformer_jax.objectives import loss_terms, objective_value
 
@@ -288,9 +294,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
@@ -471,9 +475,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                "best_value": loop.best_value, "stopped_early": stopped_early,
                "last_validation": last_val}
     if primary:
-        tmp = workdir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(workdir / "summary.json")
+        write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

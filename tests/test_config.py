@@ -4,8 +4,13 @@ import dataclasses
 
 import pytest
 
-from scformer_jax.config import (Config, ConfigError, config_from_dict, load_config,
-                                 save_config)
+from scformer_jax.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    save_config,
+)
 
 CONFIGS = ["default", "norman", "adamson", "scgpt"]
 

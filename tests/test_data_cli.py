@@ -1,8 +1,8 @@
 """`python -m scformer_jax.data simulate|prepare|split`: outputs and errors (nothing written)."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 

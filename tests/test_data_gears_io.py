@@ -10,8 +10,13 @@ import pytest
 from scipy import sparse
 
 from scformer_jax.data.dataset import load_dataset
-from scformer_jax.data.gears_io import (DataFormatError, parse_condition, prepare,
-                                        validate_gears_adata, write_h5ad_atomic)
+from scformer_jax.data.gears_io import (
+    DataFormatError,
+    parse_condition,
+    prepare,
+    validate_gears_adata,
+    write_h5ad_atomic,
+)
 
 N_GENES = 12
 LABELS = ["NT"] * 30 + ["G1"] * 10 + ["G2"] * 10 + ["G1_G2"] * 10 + ["G7"] * 8

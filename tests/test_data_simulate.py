@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 
 from scformer_jax.data.gears_io import UNS_KEYS, rank_genes_vs_control
-from scformer_jax.data.simulate import (PRESETS, SimulationConfig, simulate,
-                                        simulation_config, simulation_truth)
+from scformer_jax.data.simulate import (
+    PRESETS,
+    SimulationConfig,
+    simulate,
+    simulation_config,
+    simulation_truth,
+)
 
 
 def _means(adata):

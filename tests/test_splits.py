@@ -13,8 +13,13 @@ import pickle
 import numpy as np
 import pytest
 
-from scformer_jax.data.splits import (SUBGROUP_NAMES, gears_split, parse_condition,
-                                      read_split_json, write_split_json)
+from scformer_jax.data.splits import (
+    SUBGROUP_NAMES,
+    gears_split,
+    parse_condition,
+    read_split_json,
+    write_split_json,
+)
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data", "gears_splits")
 with open(os.path.join(DATA_DIR, "expected_splits.json"), encoding="utf-8") as _f:

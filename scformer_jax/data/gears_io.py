@@ -21,7 +21,6 @@ GEARS (snap-stanford/GEARS, package cell-gears) stores a processed dataset as
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -32,6 +31,7 @@ import pandas as pd
 from scipy import sparse
 
 from scformer_jax.data.conditions import CONTROL, DataFormatError, parse_condition
+from scformer_jax.io import atomic_path
 
 PROCESSED_FILE = "perturb_processed.h5ad"
 DE_KEY = "rank_genes_groups_cov_all"
@@ -581,18 +581,9 @@ def write_h5ad_atomic(adata: anndata.AnnData, path: str | os.PathLike) -> Path:
 
     A failure leaves no partial file behind.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.h5ad", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def unique_conditions(conditions: Sequence[str]) -> list[str]:
