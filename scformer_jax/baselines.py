@@ -30,6 +30,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from scformer_jax.data.conditions import condition_genes
+from scformer_jax.metrics import as_profile
 
 CONTROL = "ctrl"
 
@@ -37,22 +38,6 @@ CONTROL = "ctrl"
 # --------------------------------------------------------------------------------------
 # Inputs.
 # --------------------------------------------------------------------------------------
-
-
-def _profile(x: Any, what: str, n_genes: int | None = None) -> np.ndarray:
-    arr = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
-    if arr.ndim == 2 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 1:
-        raise ValueError(f"{what} must be a mean profile of shape (n_genes,), got shape "
-                         f"{arr.shape}; average the cells of the condition first.")
-    if n_genes is not None and arr.shape[0] != n_genes:
-        raise ValueError(f"{what} has {arr.shape[0]} genes but ctrl_mean has {n_genes}; "
-                         f"every profile must use the same gene columns.")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} contains {int(np.sum(~np.isfinite(arr)))} NaN/inf values; "
-                         f"baselines need finite mean profiles (check the expression data).")
-    return arr
 
 
 def _training_changes(train_profiles: Mapping[str, Any], ctrl: np.ndarray
@@ -65,7 +50,7 @@ def _training_changes(train_profiles: Mapping[str, Any], ctrl: np.ndarray
         genes = condition_genes(cond)
         if not genes:
             continue  # the control condition carries no perturbation effect
-        change = _profile(profile, f"train_profiles[{cond!r}]", ctrl.shape[0]) - ctrl
+        change = as_profile(profile, f"train_profiles[{cond!r}]", ctrl.shape[0]) - ctrl
         # "A+B" and "B+A" are the same perturbation.
         changes.setdefault(tuple(sorted(genes)), []).append(change)
     if not changes:
@@ -111,7 +96,7 @@ def fit_control_baseline(ctrl_mean: Any) -> ControlBaseline:
     Args:
       ctrl_mean: (n_genes,) mean expression of the control cells.
     """
-    return ControlBaseline(ctrl_mean=_profile(ctrl_mean, "ctrl_mean"))
+    return ControlBaseline(ctrl_mean=as_profile(ctrl_mean, "ctrl_mean"))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -141,7 +126,7 @@ def fit_mean_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any) -> Mean
       train_profiles: training condition -> (n_genes,) mean profile (``"ctrl"`` ignored).
       ctrl_mean: (n_genes,) mean expression of the control cells.
     """
-    ctrl = _profile(ctrl_mean, "ctrl_mean")
+    ctrl = as_profile(ctrl_mean, "ctrl_mean")
     changes = _training_changes(train_profiles, ctrl)
     per_pert = [np.mean(v, axis=0) for v in changes.values()]
     return MeanBaseline(ctrl_mean=ctrl, mean_profile=ctrl + np.mean(per_pert, axis=0))
@@ -210,7 +195,7 @@ def fit_additive_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any, *,
     """
     if unseen_gene not in ("mean", "zero"):
         raise ValueError(f"unseen_gene must be 'mean' or 'zero', got {unseen_gene!r}.")
-    ctrl = _profile(ctrl_mean, "ctrl_mean")
+    ctrl = as_profile(ctrl_mean, "ctrl_mean")
     changes = _training_changes(train_profiles, ctrl)
     singles = {genes[0]: np.mean(v, axis=0) for genes, v in changes.items() if len(genes) == 1}
     if unseen_gene == "zero":
@@ -407,7 +392,7 @@ def fit_linear_baseline(
                          f"{unmeasured_genes!r}.")
     if not (ridge_penalty >= 0 and np.isfinite(ridge_penalty)):
         raise ValueError(f"ridge_penalty must be a finite number >= 0, got {ridge_penalty!r}.")
-    ctrl = _profile(ctrl_mean, "ctrl_mean")
+    ctrl = as_profile(ctrl_mean, "ctrl_mean")
     n_genes = ctrl.shape[0]
     gene_names = tuple(str(g) for g in gene_names)
     if len(gene_names) != n_genes:
@@ -420,7 +405,7 @@ def fit_linear_baseline(
     conds, profiles = [], []
     for cond, profile in train_profiles.items():
         genes = condition_genes(cond)
-        profiles.append(_profile(profile, f"train_profiles[{cond!r}]", n_genes))
+        profiles.append(as_profile(profile, f"train_profiles[{cond!r}]", n_genes))
         conds.append(cond)
         if unmeasured_genes == "raise":
             _pert_embedding(cond, np.zeros((n_genes, 1)), position, "raise")

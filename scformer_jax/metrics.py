@@ -272,10 +272,10 @@ def perturbation_metrics(pred_mean: Any, true_mean: Any, ctrl_mean: Any, de_idx:
     Returns:
       metric name -> value; NaN where a top-``k`` metric has fewer than ``k`` DE genes.
     """
-    ctrl = _as_profile(ctrl_mean, "ctrl_mean")
+    ctrl = as_profile(ctrl_mean, "ctrl_mean")
     n_genes = ctrl.shape[0]
-    pred = _as_profile(pred_mean, "pred_mean", n_genes)
-    true = _as_profile(true_mean, "true_mean", n_genes)
+    pred = as_profile(pred_mean, "pred_mean", n_genes)
+    true = as_profile(true_mean, "true_mean", n_genes)
     de = _as_index(de_idx, "de_idx", n_genes)
     nd = None if non_dropout_de_idx is None else _as_index(non_dropout_de_idx,
                                                            "non_dropout_de_idx", n_genes)
@@ -318,7 +318,8 @@ class EvalResult:
         }
 
 
-def _as_profile(x: Any, what: str, n_genes: int | None = None) -> np.ndarray:
+def as_profile(x: Any, what: str, n_genes: int | None = None) -> np.ndarray:
+    """A finite float64 (n_genes,) profile from a dense or sparse row; clear errors."""
     if sp.issparse(x):
         x = x.toarray()
     arr = np.asarray(x, dtype=np.float64)
@@ -332,8 +333,8 @@ def _as_profile(x: Any, what: str, n_genes: int | None = None) -> np.ndarray:
                          f"profiles must use the same gene columns in the same order.")
     if not np.all(np.isfinite(arr)):
         bad = int(np.sum(~np.isfinite(arr)))
-        raise ValueError(f"{what} contains {bad} NaN/inf values; metrics need finite "
-                         f"profiles (check the model output or the input data).")
+        raise ValueError(f"{what} contains {bad} NaN/inf values; metrics and baselines need "
+                         f"finite profiles (check the model output or the input data).")
     return arr
 
 
@@ -403,7 +404,7 @@ def evaluate_profiles(
     """
     if not true_mean:
         raise ValueError("evaluate_profiles: true_mean is empty; nothing to evaluate.")
-    ctrl = _as_profile(ctrl_mean, "ctrl_mean")
+    ctrl = as_profile(ctrl_mean, "ctrl_mean")
     n_genes = ctrl.shape[0]
     conditions = list(true_mean)
     missing = [c for c in conditions if c not in pred_mean]
@@ -424,8 +425,8 @@ def evaluate_profiles(
     rows = []
     notes: list[str] = []
     for cond in conditions:
-        pred = _as_profile(pred_mean[cond], f"pred_mean[{cond!r}]", n_genes)
-        true = _as_profile(true_mean[cond], f"true_mean[{cond!r}]", n_genes)
+        pred = as_profile(pred_mean[cond], f"pred_mean[{cond!r}]", n_genes)
+        true = as_profile(true_mean[cond], f"true_mean[{cond!r}]", n_genes)
         de = _as_index(de_idx[cond], f"de_idx[{cond!r}]", n_genes)
         nd = (None if non_dropout_de_idx is None else
               _as_index(non_dropout_de_idx[cond], f"non_dropout_de_idx[{cond!r}]", n_genes))
@@ -542,8 +543,8 @@ def top_non_dropout_de(de_idx: Any, pert_mean: Any, ctrl_mean: Any, n: int = N_D
     Returns:
       (<= n,) int64 indices in rank order.
     """
-    ctrl = _as_profile(ctrl_mean, "ctrl_mean")
-    pert = _as_profile(pert_mean, "pert_mean", ctrl.shape[0])
+    ctrl = as_profile(ctrl_mean, "ctrl_mean")
+    pert = as_profile(pert_mean, "pert_mean", ctrl.shape[0])
     idx = _as_index(de_idx, "de_idx", ctrl.shape[0])
     non_dropout = (pert != 0) | (ctrl == 0)
     return idx[non_dropout[idx]][:n]
