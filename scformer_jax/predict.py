@@ -64,6 +64,27 @@ def normalize_perturbation(text: str, dataset: PerturbData) -> str:
     return f"{a}+{b}"
 
 
+def full_profiles(control_rows: np.ndarray, token_pred: np.ndarray,
+                  gene_index: np.ndarray) -> np.ndarray:
+    """Per-token predictions -> whole-gene profiles.
+
+    Args:
+      control_rows: (n, n_genes) expression of each row's control cell.
+      token_pred: (>= n, seq_len) predicted expression of each input token.
+      gene_index: (>= n, seq_len) expression column of each token, -1 for padding and
+        unmeasured genes.
+
+    Returns:
+      float64 (n, n_genes): the control rows with the predicted genes written in; genes that
+      are not input tokens keep their control value (0 for those the non-`all` modes leave out).
+    """
+    out = np.array(control_rows, dtype=np.float64)
+    for row in range(out.shape[0]):
+        keep = gene_index[row] >= 0
+        out[row, gene_index[row][keep]] = token_pred[row][keep]
+    return out
+
+
 class Predictor:
     """A trained model bound to a dataset's vocabulary, predicting full gene profiles."""
 
@@ -80,15 +101,8 @@ class Predictor:
         self._predict = jax.jit(lambda p, b: predict_expression(model, p, b))
 
     def _run(self, host: HostBatch, control_rows: np.ndarray) -> np.ndarray:
-        """Full (n_real, n_genes) predictions; genes that are not input tokens keep their
-        control value (0 for the genes the non-`all` modes leave out)."""
         pred = np.asarray(self._predict(self.params, host.batch))
-        out = control_rows.astype(np.float32).copy()
-        for row in range(host.n_real):
-            idx = host.gene_index[row]
-            keep = idx >= 0
-            out[row, idx[keep]] = pred[row][keep]
-        return out
+        return full_profiles(control_rows, pred, host.gene_index).astype(np.float32)
 
     def predict_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
         """(n, n_genes) predicted profiles of `control_cells` under `condition`."""

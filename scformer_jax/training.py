@@ -28,6 +28,7 @@ from scformer_jax.config import (
     Config,
     ConfigError,
     ModelConfig,
+    ObjectiveConfig,
     save_config,
 )
 from scformer_jax.io import write_text_atomic
@@ -88,11 +89,12 @@ def train_step(state: TrainState, batch: PerturbBatch, rng, *, model: Transforme
     return state.apply_gradients(grads=grads), metrics
 
 
-def eval_step(params, batch: PerturbBatch, *, model: TransformerGenerator, objective,
+def eval_step(params, batch: PerturbBatch, *, model: TransformerGenerator,
               axis_name: str | None = parallel.AXIS):
     """Eval-mode (numerator, denominator) of MSE and MRE, summed over devices, and the
     predicted expression of every input token (0 at padding)."""
-    terms, out = loss_terms(model, params, batch, jax.random.PRNGKey(0), objective,
+    # The default objective has only the expression MSE: no second CCE pass, no extra heads.
+    terms, out = loss_terms(model, params, batch, jax.random.PRNGKey(0), ObjectiveConfig(),
                             deterministic=True, axis_name=axis_name)
     sums = {}
     for name in ("mse", "mre"):
@@ -109,8 +111,8 @@ def make_p_train_step(model, objective):
                          donate_argnums=(0,))
 
 
-def make_p_eval_step(model, objective):
-    return parallel.pmap(functools.partial(eval_step, model=model, objective=objective))
+def make_p_eval_step(model):
+    return parallel.pmap(functools.partial(eval_step, model=model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +216,7 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0):
     GEARS's metrics on mean profiles per condition, computed as ``eval.py`` does: genes that
     are not input tokens of a cell keep its control value, and the truth is the whole cell."""
     from scformer_jax import metrics as metrics_lib
+    from scformer_jax.predict import full_profiles
 
     num = {"mse": 0.0, "mre": 0.0}
     den = {"mse": 0.0, "mre": 0.0}
@@ -226,12 +229,9 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0):
         for name, (n, d) in sums.items():
             num[name] += float(parallel.first_replica(n))
             den[name] += float(parallel.first_replica(d))
-        pred = parallel.gather_rows(pred)
-        full = dataset.dense_rows(host.control_indices[:host.n_real]).astype(np.float64)
+        full = full_profiles(dataset.dense_rows(host.control_indices[:host.n_real]),
+                             parallel.gather_rows(pred), host.gene_index)
         for row in range(host.n_real):
-            idx = host.gene_index[row]
-            keep = idx >= 0
-            full[row, idx[keep]] = pred[row][keep]
             cond = host.conditions[row]
             pred_sum[cond] = pred_sum.get(cond, 0.0) + full[row]
             cells.setdefault(cond, []).append(int(host.cell_indices[row]))
@@ -358,7 +358,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
     model = TransformerGenerator(model_config)
     p_train_step = make_p_train_step(model, config.objective)
-    p_eval = make_p_eval_step(model, config.objective)
+    p_eval = make_p_eval_step(model)
     state_repl = parallel.replicate(state)
     writer = MetricsWriter(workdir, enabled=primary)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
