@@ -171,7 +171,9 @@ def run(args) -> dict:
         ntoken=n_genes + 2, pad_token_id=0, cls_token_id=1, embsize=args.embsize,
         d_hid=args.d_hid, nlayers=args.nlayers, nhead=args.nheads, dropout=args.dropout,
         attention=args.attention, remat=args.remat, dtype=args.dtype,
-        **({} if args.block_size is None else {"attention_block_size": args.block_size}))
+        **({} if args.block_size is None else {"attention_block_size": args.block_size}),
+        **({} if args.eval_block_size is None
+           else {"attention_eval_block_size": args.eval_block_size}))
     tokens = args.seq_len + (1 if config.uses_cls_token else 0)
     impl = resolve_implementation(config.attention, tokens,
                                   attention_dropout=config.attn_dropout_rate)
@@ -256,9 +258,11 @@ def run(args) -> dict:
         "device": getattr(device, "device_kind", str(device)), "python": platform.python_version(),
     }
     if impl == "chunked":
-        rows, block = chunk_layout(args.batch * args.nheads, tokens, config.attention_block_size)
-        result["chunk_tile"] = {"rows": rows, "queries": block,
-                                "block_size": config.attention_block_size}
+        # Training tiles with attention_block_size, deterministic passes with the eval one.
+        block_size = (config.attention_block_size if train
+                      else config.attention_eval_block_size)
+        rows, block = chunk_layout(args.batch * args.nheads, tokens, block_size)
+        result["chunk_tile"] = {"rows": rows, "queries": block, "block_size": block_size}
     if train:
         result["loss"] = float(metrics["loss"])
     return result
@@ -285,6 +289,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="auto, full, chunked, xla or cudnn (model.attention)")
     parser.add_argument("--block-size", type=int, default=None,
                         help="model.attention_block_size (default: the config's default)")
+    parser.add_argument("--eval-block-size", type=int, default=None,
+                        help="model.attention_eval_block_size, used by --mode eval (default: "
+                             "the config's default)")
     parser.add_argument("--remat", action="store_true", help="model.remat")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--pad-frac", type=float, default=0.0,

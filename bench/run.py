@@ -46,9 +46,9 @@ QUICK_CASES = FULL_CASES[:2]
 # Eval runs the reference twice: as the original evaluates (model.eval() under no_grad, so
 # torch's default "fast path" with nested tensors) and with that fast path off, where torch
 # uses its fused scaled_dot_product_attention kernel (much faster on this CPU).
-# model.attention_block_size of our runs: queries per tile of the chunked kernel (256 was
-# the fastest setting measured on the 2-core CPU; see scformer_jax/attention.py).
-BLOCK_SIZE = 256
+# Our runs use the config's defaults, as train.py and eval.py do: the chunked kernel's tiles
+# are model.attention_block_size queries in training and model.attention_eval_block_size in
+# eval passes (see scformer_jax/config.py).
 EVAL_REFERENCES = (("", ["--fastpath", "on"]), (" vs torch SDPA", ["--fastpath", "off"]))
 
 
@@ -99,8 +99,7 @@ def run_cases(cases, *, batch: int, with_torch: bool, timeout: float, log) -> li
                 ref = run_script("torch_bench.py", common + extra, timeout=timeout, log=log)
                 log(f"  reference{suffix}: {_brief(ref)}")
             refs.append((suffix, ref))
-        ours_args = common + ["--block-size", str(BLOCK_SIZE)] + (
-            ["--extra-batches", "1"] if seq_len > 2048 else [])
+        ours_args = common + (["--extra-batches", "1"] if seq_len > 2048 else [])
         ours = run_script("jax_bench.py", ours_args, timeout=timeout, log=log)
         log(f"  ours:      {_brief(ours)}")
         for suffix, ref in refs:

@@ -263,10 +263,12 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return bar, bar
 
 
-# Keys that may change when a run is resumed: how long it runs and how it logs. Anything else
-# would make the resumed run a different run than its checkpoints.
-RESUMABLE_CHANGES = {("train", k) for k in ("epochs", "early_stop", "max_steps", "log_interval",
-                                            "max_val_batches", "keep_checkpoints")}
+# Keys that may change when a run is resumed: how long it runs, how it logs and how the
+# attention kernel tiles its work. Anything else would make the resumed run a different run
+# than its checkpoints.
+RESUMABLE_CHANGES = ({("train", k) for k in ("epochs", "early_stop", "max_steps", "log_interval",
+                                             "max_val_batches", "keep_checkpoints")}
+                     | {("model", "attention_block_size"), ("model", "attention_eval_block_size")})
 
 
 def check_resume_config(config: Config, workdir: Path) -> None:

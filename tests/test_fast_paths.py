@@ -201,6 +201,37 @@ def test_model_fast_paths_match_plain(variant, dropout):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
+def test_eval_passes_tile_with_the_eval_block_size(monkeypatch):
+    """Deterministic passes use model.attention_eval_block_size, training passes
+    model.attention_block_size, and both give the plain kernel's output."""
+    seen = []
+    real = attn.attention
+
+    def spy(*args, block_size, dropout_rate=0.0, **kwargs):
+        seen.append((block_size, dropout_rate))
+        return real(*args, block_size=block_size, dropout_rate=dropout_rate, **kwargs)
+
+    monkeypatch.setattr(attn, "attention", spy)
+    fast = ModelConfig(**TINY, attention="chunked", attention_block_size=4,
+                       attention_eval_block_size=8, dropout=0.1)
+    plain = ModelConfig(**TINY, attention="full", dropout=0.1)
+    params = init_params(plain, jax.random.PRNGKey(0))
+    gene_ids, inputs, padding, _ = make_inputs()
+    seen.clear()
+    got = TransformerGenerator(fast).apply({"params": params}, gene_ids, inputs, padding,
+                                           deterministic=True)["mlm_output"]
+    assert seen == [(8, 0.0)] * fast.nlayers
+    # 22 tokens (with <cls>) in tiles of at most 8 queries: three query blocks, the last padded.
+    assert attn.chunk_layout(6, 22, 8)[1] == 8
+    want = TransformerGenerator(plain).apply({"params": params}, gene_ids, inputs, padding,
+                                             deterministic=True)["mlm_output"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    seen.clear()
+    TransformerGenerator(fast).apply({"params": params}, gene_ids, inputs, padding,
+                                     deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert seen == [(4, 0.1)] * fast.nlayers
+
+
 def test_model_dropout_rate_scale_and_eval_identity():
     from scformer_jax.model import Dropout
 
