@@ -254,9 +254,9 @@ def main(argv=None) -> int:
           f"(other processes on the machine slow both sides).")
     print(summary_line(rows))
     if args.json is not None:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"cases": rows, "data": data}, indent=2))
-        tmp.replace(args.json)
+        from scformer_jax.io import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps({"cases": rows, "data": data}, indent=2))
     return 0
 
 
