@@ -187,13 +187,13 @@ def _broken(data_prepared, fn):
 
 @pytest.mark.parametrize("column", ["condition", "cell_type", "condition_name"])
 def test_missing_obs_column(data_prepared, column):
-    broken = _broken(data_prepared, lambda a: a.obs.drop(columns=[column], inplace=True))
+    broken = _broken(data_prepared, lambda a: setattr(a, "obs", a.obs.drop(columns=[column])))
     with pytest.raises(DataFormatError, match=f"'{column}'.*prepare"):
         validate_gears_adata(broken)
 
 
 def test_missing_gene_name(data_prepared):
-    broken = _broken(data_prepared, lambda a: a.var.drop(columns=["gene_name"], inplace=True))
+    broken = _broken(data_prepared, lambda a: setattr(a, "var", a.var.drop(columns=["gene_name"])))
     with pytest.raises(DataFormatError, match="gene_name"):
         load_dataset(broken)
 
