@@ -19,7 +19,10 @@ def parse_args(argv=None):
                              "folder is resumed from its newest checkpoint.")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.KEY=VALUE", help="Override a config key (repeatable).")
-    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="No progress bar: a log line every train.log_interval steps "
+                             "instead. The default when stderr is not a terminal (cluster job "
+                             "logs, redirected output), where a bar would fill the log.")
     multi = parser.add_argument_group(
         "multi-process (leave out on Slurm/MPI/TPU pods: detected automatically)")
     multi.add_argument("--coordinator-address", default=None, help="host:port of process 0.")
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
         return 2
     workdir = args.workdir or str(training.new_workdir())
     try:
-        summary = training.train_and_evaluate(config, workdir, progress=not args.no_progress)
+        summary = training.train_and_evaluate(
+            config, workdir, progress=not args.no_progress and sys.stderr.isatty())
     except training.NonFiniteLossError as e:
         print(f"Training stopped: {e}", file=sys.stderr)
         return 3

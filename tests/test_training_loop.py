@@ -180,3 +180,20 @@ def test_bad_data_path_writes_nothing(tmp_path, capsys):
     assert run_train(run, "data.path=/nonexistent/data.h5ad") == 2
     assert "Cannot train" in capsys.readouterr().err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("tty,flag,want", [(True, [], True), (False, [], False),
+                                           (True, ["--no-progress"], False)])
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty, flag, want):
+    """Cluster job logs (stderr not a terminal) get log lines, not a redrawn bar."""
+    seen = {}
+
+    def fake_train(config, workdir, *, progress):
+        seen["progress"] = progress
+        return {"workdir": str(workdir), "steps": 0, "best_metric": "val_mse",
+                "best_value": None, "best_epoch": None}
+
+    monkeypatch.setattr(training, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    assert train_cli.main(["--config", TINY, "--workdir", str(tmp_path / "run")] + flag) == 0
+    assert seen["progress"] is want
