@@ -7,10 +7,20 @@
 #   bash bench/gpu.sh --cpu-smoke     # tiny sizes on the CPU: checks the script itself
 #
 # When jax has no GPU backend, installs the CUDA 12 build of the installed jax version
-# (pip install "jax[cuda12]==<version>"). PYTHON selects the interpreter (default: python).
+# (pip install "jax[cuda12]==<version>"). PYTHON selects the interpreter (default: the first
+# of python, python3 that imports jax; GPU images often have only python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for candidate in python python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import jax' >/dev/null 2>&1; then
+      PY="$candidate"
+      break
+    fi
+  done
+  PY="${PY:-python3}"
+fi
 
 for arg in "$@"; do
   if [ "$arg" = "--cpu-smoke" ]; then
