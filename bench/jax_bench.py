@@ -258,9 +258,7 @@ def run(args) -> dict:
         "device": getattr(device, "device_kind", str(device)), "python": platform.python_version(),
     }
     if impl == "chunked":
-        # Training tiles with attention_block_size, deterministic passes with the eval one.
-        block_size = (config.attention_block_size if train
-                      else config.attention_eval_block_size)
+        block_size = config.attention_block_size_for(deterministic=not train)
         rows, block = chunk_layout(args.batch * args.nheads, tokens, block_size)
         result["chunk_tile"] = {"rows": rows, "queries": block, "block_size": block_size}
     if train:

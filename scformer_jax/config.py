@@ -108,6 +108,10 @@ class ModelConfig:
     def attn_dropout_rate(self) -> float:
         return self.dropout if self.attention_dropout is None else self.attention_dropout
 
+    def attention_block_size_for(self, deterministic: bool) -> int:
+        """Queries per tile of the chunked attention in a deterministic (eval) or training pass."""
+        return self.attention_eval_block_size if deterministic else self.attention_block_size
+
     @property
     def uses_cls_token(self) -> bool:
         return self.cell_emb_style == "cls" and self.prepend_cls_token

@@ -110,7 +110,6 @@ class SelfAttention(nn.Module):
     dropout: float
     implementation: str
     block_size: int
-    eval_block_size: int
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -126,8 +125,7 @@ class SelfAttention(nn.Module):
         rate = 0.0 if deterministic else self.dropout
         dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
         out = attn_lib.attention(q, k, v, key_padding_mask, implementation=self.implementation,
-                                 block_size=self.eval_block_size if deterministic
-                                 else self.block_size, dropout_rate=rate,
+                                 block_size=self.block_size, dropout_rate=rate,
                                  dropout_rng=dropout_rng)
         out = out.reshape(batch, length, self.d_model)
         return nn.Dense(self.d_model, name="out_proj", dtype=self.dtype,
@@ -146,8 +144,7 @@ class EncoderLayer(nn.Module):
         dtype = jnp.dtype(c.dtype)
         drop = functools.partial(Dropout(c.dropout), deterministic=deterministic)
         h = SelfAttention(c.embsize, c.nhead, c.attn_dropout_rate, self.implementation,
-                          c.attention_block_size, c.attention_eval_block_size, dtype,
-                          name="self_attn")(
+                          c.attention_block_size_for(deterministic), dtype, name="self_attn")(
             x, key_padding_mask, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x + drop(h))
         h = nn.Dense(c.d_hid, name="linear1", dtype=dtype,

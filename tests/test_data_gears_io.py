@@ -207,22 +207,23 @@ def test_missing_de_keys(data_prepared):
     assert data.n_cells == len(LABELS)
 
 
-def test_malformed_condition_in_gears_file(data_prepared):
+def _renamed_condition(data_prepared, old, new):
+    """A copy of the prepared data with condition `old` relabelled `new`."""
     def rename(a):
         conds = a.obs["condition"].astype(str).to_numpy().copy()
-        conds[conds == "G7+ctrl"] = "G7+G8+G9"
+        conds[conds == old] = new
         a.obs["condition"] = conds
+    return _broken(data_prepared, rename)
+
+
+def test_malformed_condition_in_gears_file(data_prepared):
     with pytest.raises(DataFormatError, match="'G7\\+G8\\+G9'"):
-        load_dataset(_broken(data_prepared, rename))
+        load_dataset(_renamed_condition(data_prepared, "G7+ctrl", "G7+G8+G9"))
 
 
 def test_no_control_cells_in_gears_file(data_prepared):
-    def rename(a):
-        conds = a.obs["condition"].astype(str).to_numpy().copy()
-        conds[conds == "ctrl"] = "G1+ctrl"
-        a.obs["condition"] = conds
     with pytest.raises(DataFormatError, match="No control cells"):
-        load_dataset(_broken(data_prepared, rename))
+        load_dataset(_renamed_condition(data_prepared, "ctrl", "G1+ctrl"))
 
 
 def test_small_conditions_in_gears_file(data_prepared):
