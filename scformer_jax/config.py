@@ -19,6 +19,8 @@ import yaml
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 MVC_DECODER_STYLES = ("inner product", "inner product, detach", "concat query", "sum query")
 INCLUDE_ZERO_GENE = ("all", "batch-wise", "row-wise", "nonzero")
+GENE_EMBEDDING_INITS = ("random", "data")
+TRAIN_TARGETS = ("cell", "condition_mean")
 # Validation metrics computed every epoch (train.best_metric picks one, with or without val_).
 VALIDATION_METRICS = ("mse", "mre", "pearson", "pearson_delta", "pearson_de",
                       "pearson_de_delta", "mse_de")
@@ -78,6 +80,18 @@ class ModelConfig:
     remat: bool = False
     # Matmul dtype; parameters, LayerNorm, softmax statistics and losses stay float32.
     dtype: str = "float32"
+    # True: the expression decoder predicts the change over each token's control input
+    # (output = control value + decoder), so an untrained model starts at "no change".
+    predict_change: bool = False
+    # How the gene embedding table starts: "random" (uniform, as the original) or "data":
+    # principal components of the training data's gene-gene structure (control-cell
+    # co-expression and training perturbation profiles), so that genes never perturbed in
+    # training start next to the genes they co-vary with (scformer_jax.gene_features).
+    gene_embedding_init: str = "random"
+    # True: a multi-gene perturbation is predicted as the sum of its singles' changes
+    # (measured in training where the single was trained on, else the model's own single
+    # prediction) plus the model's output, which learns the interaction (scformer_jax.prior).
+    additive_prior: bool = False
 
     def __post_init__(self):
         for name in ("embsize", "d_hid", "nlayers", "nhead", "nlayers_cls", "n_cls",
@@ -95,6 +109,7 @@ class ModelConfig:
 
         _check_choice("model.attention", self.attention, IMPLEMENTATIONS)
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("model.gene_embedding_init", self.gene_embedding_init, GENE_EMBEDDING_INITS)
         if self.attention in ("xla", "cudnn") and self.attn_dropout_rate > 0:
             raise ConfigError(
                 f"model.attention {self.attention!r} has no attention-weight dropout but the "
@@ -176,9 +191,14 @@ class DataConfig:
     redraw_pairing: bool = True
     # Data-loader seed (pairing, shuffling, gene sampling); None: train.seed.
     seed: int | None = None
+    # Training target of each cell: "cell" (the perturbed cell's own expression, as GEARS
+    # and the original) or "condition_mean" (the mean over the condition's training cells:
+    # the same optimum under MSE, without the cell-to-cell noise of one random cell).
+    train_target: str = "cell"
 
     def __post_init__(self):
         _check_choice("data.include_zero_gene", self.include_zero_gene, INCLUDE_ZERO_GENE)
+        _check_choice("data.train_target", self.train_target, TRAIN_TARGETS)
         _check_range("data.max_seq_len", self.max_seq_len, 2)
         _check_range("data.train_gene_set_size", self.train_gene_set_size, 0.0, 1.0, low_open=True)
         _check_range("data.combo_seen2_train_frac", self.combo_seen2_train_frac, 0.0, 1.0)

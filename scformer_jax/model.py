@@ -254,7 +254,10 @@ class TransformerGenerator(nn.Module):
             x, gene_embs = x[:, 1:], gene_embs[:, 1:]
         decoder = nn.Dense(1, kernel_init=_uniform(0.1), bias_init=nn.initializers.zeros,
                            name="decoder")
-        out = {"mlm_output": decoder(x)[..., 0], "cell_emb": cell_emb}
+        mlm_output = decoder(x)[..., 0]
+        if c.predict_change:
+            mlm_output = mlm_output + (values[:, 1:] if c.uses_cls_token else values)
+        out = {"mlm_output": mlm_output, "cell_emb": cell_emb}
         if compute_cls:
             out["cls_output"] = ClsDecoder(c.embsize, c.n_cls, c.nlayers_cls,
                                            name="cls_decoder")(cell_emb)

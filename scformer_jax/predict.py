@@ -22,6 +22,7 @@ from scformer_jax.data.conditions import condition_genes
 from scformer_jax.data.dataset import PerturbData
 from scformer_jax.model import TransformerGenerator
 from scformer_jax.objectives import predict_expression
+from scformer_jax.prior import AdditivePrior, fit_additive_prior
 
 CONTROL = "ctrl"
 
@@ -89,7 +90,14 @@ class Predictor:
     """A trained model bound to a dataset's vocabulary, predicting full gene profiles."""
 
     def __init__(self, model_config: ModelConfig, params: Any, dataset: PerturbData, *,
-                 batch_size: int = 32, include_zero_gene: str = "all"):
+                 batch_size: int = 32, include_zero_gene: str = "all",
+                 prior: AdditivePrior | None = None):
+        if model_config.additive_prior and prior is None:
+            raise ValueError(
+                "This model predicts multi-gene perturbations over an additive prior "
+                "(model.additive_prior): pass prior=fit_additive_prior(dataset, "
+                "split['train']) with the run's training split.")
+        self.prior = prior if model_config.additive_prior else None
         self.model_config = model_config
         self.params = params
         self.dataset = dataset
@@ -106,6 +114,25 @@ class Predictor:
 
     def predict_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
         """(n, n_genes) predicted profiles of `control_cells` under `condition`."""
+        return self._model_cells(condition, control_cells) + self.prior_part(condition,
+                                                                              control_cells)
+
+    def prior_part(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
+        """(n, n_genes) what the additive prior adds to the model's output for `condition`
+        on each control cell (zeros without the prior, and for singles and the control)."""
+        n_genes = self.dataset.n_genes
+        out = np.zeros((len(control_cells), n_genes), np.float32)
+        if self.prior is None:
+            return out
+        offset, missing = self.prior.parts(condition, n_genes)
+        out += offset
+        if missing:
+            controls = self.dataset.dense_rows(np.asarray(control_cells, np.int64))
+            for gene in missing:
+                out += self._model_cells(f"{gene}+ctrl", control_cells) - controls
+        return out
+
+    def _model_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
         results = []
         for start in range(0, len(control_cells), self.batch_size):
             chunk = np.asarray(control_cells[start:start + self.batch_size], dtype=np.int64)
@@ -177,10 +204,10 @@ class Prediction:
 def predict(model_config: ModelConfig, params: Any, dataset: PerturbData,
             perturbations: Sequence[str], *, pool_size: int = 300, seed: int = 0,
             batch_size: int = 32, include_zero_gene: str = "all",
-            return_cells: bool = True) -> Prediction:
+            return_cells: bool = True, prior: AdditivePrior | None = None) -> Prediction:
     """Functional form of :meth:`Predictor.predict`."""
     return Predictor(model_config, params, dataset, batch_size=batch_size,
-                     include_zero_gene=include_zero_gene).predict(
+                     include_zero_gene=include_zero_gene, prior=prior).predict(
         perturbations, pool_size=pool_size, seed=seed, return_cells=return_cells)
 
 
@@ -192,6 +219,7 @@ def load_predictor(workdir: str, *, which: str = "best", batch_size: int = 32) -
     from scformer_jax.config import load_config
     from scformer_jax.convert import adapt_to_dataset
     from scformer_jax.data.dataset import load_dataset
+    from scformer_jax.data.splits import read_split_json
     from scformer_jax.training import restore_params
 
     config = load_config(Path(workdir) / "config.yaml")
@@ -199,5 +227,9 @@ def load_predictor(workdir: str, *, which: str = "best", batch_size: int = 32) -
     dataset = load_dataset(config.data.path, label_key=config.data.label_key)
     # A converted PyTorch checkpoint keeps its own gene vocabulary: map it onto the dataset's.
     model_config, params, _ = adapt_to_dataset(workdir, model_config, params, dataset)
+    prior = None
+    if model_config.additive_prior:
+        prior = fit_additive_prior(dataset,
+                                   read_split_json(Path(workdir) / "split.json")["train"])
     return Predictor(model_config, params, dataset, batch_size=batch_size,
-                     include_zero_gene=config.data.include_zero_gene)
+                     include_zero_gene=config.data.include_zero_gene, prior=prior)

@@ -34,6 +34,7 @@ from scformer_jax.config import (
 from scformer_jax.io import write_text_atomic
 from scformer_jax.model import TransformerGenerator, init_params
 from scformer_jax.objectives import loss_terms, objective_value
+from scformer_jax.prior import fit_additive_prior
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,8 @@ def model_config_for(config: Config, dataset) -> ModelConfig:
         n_cls=max(1, len(labels)) if labels is not None else config.model.n_cls)
 
 
-def _loader(data_lib, dataset, conditions, config: Config, *, train: bool, batch_size: int):
+def _loader(data_lib, dataset, conditions, config: Config, *, train: bool, batch_size: int,
+            prior=None):
     seed = config.data.seed if config.data.seed is not None else config.train.seed
     # Evaluation scores every gene of a cell, as the original's pred_perturb: no sampling.
     max_len = config.data.max_seq_len if train else None
@@ -208,13 +210,20 @@ def _loader(data_lib, dataset, conditions, config: Config, *, train: bool, batch
         dataset, conditions, batch_size=batch_size,
         include_zero_gene=config.data.include_zero_gene, max_seq_len=max_len, seed=seed,
         shuffle=train, pad_value=config.model.pad_value, pert_pad_id=config.model.pert_pad_id,
-        frozen_pairing=not config.data.redraw_pairing if train else True)
+        frozen_pairing=not config.data.redraw_pairing if train else True,
+        target=config.data.train_target if train else "cell",
+        target_offsets=None if prior is None else prior.offsets(conditions, dataset.n_genes))
 
 
-def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0):
+def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, predictor=None):
     """Validation loss (eval-mode MSE/MRE over every scored token of the val cells) and
     GEARS's metrics on mean profiles per condition, computed as ``eval.py`` does: genes that
-    are not input tokens of a cell keep its control value, and the truth is the whole cell."""
+    are not input tokens of a cell keep its control value, and the truth is the whole cell.
+
+    ``predictor``: a :class:`~scformer_jax.predict.Predictor` holding the additive prior
+    (``model.additive_prior``); its :meth:`prior_part` is added to the model's output, as in
+    prediction. The loss then scores the model's own output (for multi-gene conditions: the
+    change beyond the measured singles' sum)."""
     from scformer_jax import metrics as metrics_lib
     from scformer_jax.predict import full_profiles
 
@@ -231,6 +240,11 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0):
             den[name] += float(parallel.first_replica(d))
         full = full_profiles(dataset.dense_rows(host.control_indices[:host.n_real]),
                              parallel.gather_rows(pred), host.gene_index)
+        if predictor is not None:
+            conds = np.asarray(host.conditions[:host.n_real])
+            for cond in set(conds.tolist()):
+                rows = np.flatnonzero(conds == cond)
+                full[rows] += predictor.prior_part(cond, host.control_indices[rows])
         for row in range(host.n_real):
             cond = host.conditions[row]
             pred_sum[cond] = pred_sum.get(cond, 0.0) + full[row]
@@ -321,10 +335,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     model_config = model_config_for(config, dataset)
     per_device = parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
+    prior = (fit_additive_prior(dataset, split["train"]) if model_config.additive_prior
+             else None)
     train_loader = _loader(data_lib, dataset, split["train"], config, train=True,
-                           batch_size=config.train.batch_size)
+                           batch_size=config.train.batch_size, prior=prior)
     val_loader = _loader(data_lib, dataset, split["val"], config, train=False,
-                         batch_size=config.train.eval_batch_size)
+                         batch_size=config.train.eval_batch_size, prior=prior)
     steps_per_epoch = len(train_loader)
     if primary:
         from scformer_jax.data.splits import write_split_json
@@ -342,6 +358,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         params = convert.load_pretrained_params(
             config.train.load_model, model_config, init_rng,
             prefixes=config.train.load_param_prefixes, dataset=dataset)
+    elif model_config.gene_embedding_init == "data":
+        from scformer_jax.gene_features import init_gene_embedding_from_data
+
+        params = init_gene_embedding_from_data(init_params(model_config, init_rng), dataset,
+                                               split["train"], seed=config.train.seed)
     state, schedule = create_train_state(model_config, config.optim, steps_per_epoch, init_rng,
                                          params=params)
     ckpts = Checkpoints(workdir / "checkpoints", best_mode=config.train.best_mode,
@@ -359,6 +380,14 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
             print(f"Resuming from {ckpts.directory} step {step}, epoch {loop.epoch + 1}")
 
     model = TransformerGenerator(model_config)
+    prior_predictor = None
+    if prior is not None:
+        from scformer_jax.predict import Predictor
+
+        # Validation predicts the unmeasured parts of the prior as eval does.
+        prior_predictor = Predictor(model_config, state.params, dataset,
+                                    batch_size=config.train.eval_batch_size,
+                                    include_zero_gene=config.data.include_zero_gene, prior=prior)
     p_train_step = make_p_train_step(model, config.objective)
     p_eval = make_p_eval_step(model)
     state_repl = parallel.replicate(state)
@@ -431,8 +460,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                           f"{epoch + 1} after batch {loop.batch_in_epoch}/{steps_per_epoch}.")
                 break
             params_repl = state_repl.params
+            if prior_predictor is not None:
+                prior_predictor.params = parallel.unreplicate(params_repl)
             val = validate(p_eval, params_repl, val_loader, dataset,
-                           max_batches=config.train.max_val_batches)
+                           max_batches=config.train.max_val_batches, predictor=prior_predictor)
             last_val = val
             epoch_metrics = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
             epoch_metrics.update(val)

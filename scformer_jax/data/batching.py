@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from scformer_jax.batch import DEFAULT_PERT_PAD_ID, PerturbBatch
+from scformer_jax.config import TRAIN_TARGETS
 from scformer_jax.data.dataset import PerturbData
 from scformer_jax.data.gears_io import CONTROL, DataFormatError
 
@@ -132,7 +133,9 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
                    conditions: Sequence[str] | None = None, include_zero_gene: str = "all",
                    max_seq_len: int | None = None, bucket_sizes: Sequence[int] | None = None,
                    batch_size: int | None = None, rng: np.random.Generator | None = None,
-                   pad_value: float = 0.0, pert_pad_id: int = DEFAULT_PERT_PAD_ID) -> HostBatch:
+                   pad_value: float = 0.0, pert_pad_id: int = DEFAULT_PERT_PAD_ID,
+                   target_profiles: Mapping[str, np.ndarray] | None = None,
+                   target_offsets: Mapping[str, np.ndarray] | None = None) -> HostBatch:
     """Builds one fixed-shape batch from (target, control) cell pairs.
 
     Args:
@@ -150,6 +153,11 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
       rng: draws the gene sample above max_seq_len.
       pad_value: expression value at padding positions.
       pert_pad_id: flag value at padding positions.
+      target_profiles: condition -> float32 (n_genes,) profile that replaces the target
+        cells' own expression as the target of every row of that condition (e.g. the
+        condition's mean: a denoised target). None: each target cell's expression.
+      target_offsets: condition -> float32 (n_genes,) subtracted from the targets of that
+        condition's rows (the measured part of :mod:`scformer_jax.prior`'s additive prior).
 
     Returns:
       A :class:`HostBatch`.
@@ -173,7 +181,17 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
     rng = np.random.default_rng(0) if rng is None else rng
 
     control_values = data.dense_rows(controls)  # (n, n_genes)
-    target_values = data.dense_rows(targets)  # (n, n_genes)
+    if target_profiles is None:
+        target_values = data.dense_rows(targets)  # (n, n_genes)
+    else:
+        missing = sorted(set(conditions) - set(target_profiles))
+        if missing:
+            raise ValueError(f"target_profiles has no profile for condition(s) {missing[:5]}.")
+        target_values = np.stack([np.asarray(target_profiles[c], np.float32)
+                                  for c in conditions])
+    if target_offsets is not None:
+        target_values = target_values - np.stack(
+            [np.asarray(target_offsets[c], np.float32) for c in conditions])
     n_genes = data.n_genes
     pert = {}
     for c in set(conditions):
@@ -275,6 +293,10 @@ class BatchLoader:
         epoch as GEARS does.
       length_buckets: number of evenly spaced length buckets (mode ``"all"`` uses one), or
         the explicit bucket sizes.
+      target: ``"cell"`` (each target cell's expression) or ``"condition_mean"`` (the mean
+        expression of the target's condition over all of its cells the loader serves).
+      target_offsets: condition -> (n_genes,) taken off that condition's targets (see
+        :func:`assemble_batch`); None: nothing.
 
     Attributes:
       cell_indices: int64 (n_cells,) the cells served, ascending.
@@ -285,7 +307,8 @@ class BatchLoader:
                  include_zero_gene: str = "all", max_seq_len: int | None = None,
                  seed: int = 0, shuffle: bool = True, pad_value: float = 0.0,
                  pert_pad_id: int = DEFAULT_PERT_PAD_ID, frozen_pairing: bool = False,
-                 length_buckets: int | Sequence[int] = 4):
+                 length_buckets: int | Sequence[int] = 4, target: str = "cell",
+                 target_offsets: Mapping[str, np.ndarray] | None = None):
         if include_zero_gene not in INCLUDE_ZERO_GENE_MODES:
             raise ValueError(f"include_zero_gene {include_zero_gene!r} is not one of "
                              f"{list(INCLUDE_ZERO_GENE_MODES)}.")
@@ -299,6 +322,8 @@ class BatchLoader:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
         if pert_pad_id in (0, 1):
             raise ValueError(f"pert_pad_id must differ from the flags 0 and 1, got {pert_pad_id}.")
+        if target not in TRAIN_TARGETS:
+            raise ValueError(f"target {target!r} is not one of {list(TRAIN_TARGETS)}.")
         unknown = [c for c in conditions if c not in data.condition_cells]
         if unknown:
             raise ValueError(f"Condition(s) {unknown[:10]} are not in the dataset {data.name!r} "
@@ -316,6 +341,12 @@ class BatchLoader:
         self.pad_value = float(pad_value)
         self.pert_pad_id = int(pert_pad_id)
         self.frozen_pairing = frozen_pairing
+        self.target = target
+        # Means over the cells served (a split holds whole conditions: all of their cells).
+        self.target_profiles = (None if target == "cell" else
+                                {c: data.mean_expression(data.cells_of([c]))
+                                 for c in self.conditions})
+        self.target_offsets = target_offsets
 
         # The longest possible row, to size the buckets.
         pert_genes = sorted({g for c in self.conditions for g in data.condition_genes[c]})
@@ -377,7 +408,8 @@ class BatchLoader:
                 include_zero_gene=self.include_zero_gene, max_seq_len=self.max_seq_len,
                 bucket_sizes=self.bucket_sizes, batch_size=self.batch_size,
                 rng=np.random.default_rng([self.seed, _STREAM_GENES, int(epoch_index), b]),
-                pad_value=self.pad_value, pert_pad_id=self.pert_pad_id)
+                pad_value=self.pad_value, pert_pad_id=self.pert_pad_id,
+                target_profiles=self.target_profiles, target_offsets=self.target_offsets)
 
     def __repr__(self) -> str:
         return (f"BatchLoader({len(self.conditions)} conditions, {self.n_cells} cells, "

@@ -39,7 +39,8 @@ N_TOP_DE = 20
 
 # Built-in dataset names -> simulation preset.
 BUILTIN_DATASETS = {"simulated": "default", "simulated:default": "default",
-                    "simulated:tiny": "tiny", "simulated:norman": "norman"}
+                    "simulated:tiny": "tiny", "simulated:screen": "screen",
+                    "simulated:norman": "norman"}
 
 
 class UnknownGeneError(DataFormatError, KeyError):
@@ -339,7 +340,8 @@ def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
     Args:
       path_or_name: a folder with ``perturb_processed.h5ad``, an ``.h5ad`` file, an AnnData,
         or a built-in name: ``"simulated"`` (the default simulated dataset),
-        ``"simulated:tiny"`` (tests), ``"simulated:norman"`` (Norman-sized, benchmarks).
+        ``"simulated:tiny"`` (tests), ``"simulated:screen"`` (a single-gene knock-out
+        screen whose perturbed genes are mostly not measured), ``"simulated:norman"`` (Norman-sized, benchmarks).
       label_key: obs column of the CLS labels.
       seed: simulation seed (built-in names only).
       preset: simulation preset overriding the one in the name (built-in names only).

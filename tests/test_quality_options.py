@@ -1,0 +1,185 @@
+"""The prediction-quality options: each changes what it should and nothing else."""
+
+import copy
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from scformer_jax import ModelConfig, TransformerGenerator, init_params
+from scformer_jax.config import ConfigError, load_config
+from scformer_jax.data.batching import BatchLoader
+from scformer_jax.data.splits import gears_split
+from scformer_jax.gene_features import data_gene_embedding, init_gene_embedding_from_data
+
+from tests.test_model import TINY, make_inputs
+
+
+def test_predict_change_adds_the_control_input_to_the_decoder_output():
+    base = ModelConfig(**TINY)
+    params = init_params(base, jax.random.PRNGKey(0))
+    gene_ids, inputs, padding = make_inputs()
+    for prepend in (True, False):
+        plain = dataclasses.replace(base, prepend_cls_token=prepend)
+        change = dataclasses.replace(plain, predict_change=True)
+        out_plain = TransformerGenerator(plain).apply({"params": params}, gene_ids, inputs,
+                                                      padding)["mlm_output"]
+        out_change = TransformerGenerator(change).apply({"params": params}, gene_ids, inputs,
+                                                        padding)["mlm_output"]
+        np.testing.assert_allclose(np.asarray(out_change) - np.asarray(out_plain),
+                                   inputs[..., 0], atol=1e-5)
+
+
+def test_condition_mean_target_replaces_each_cell_by_its_condition_mean(data_tiny):
+    conditions = [c for c in data_tiny.conditions][:6]
+    cell = BatchLoader(data_tiny, conditions, batch_size=16, seed=3)
+    mean = BatchLoader(data_tiny, conditions, batch_size=16, seed=3, target="condition_mean")
+    X = data_tiny.X.toarray()
+    for host_cell, host_mean in zip(cell.epoch(0), mean.epoch(0)):
+        # Same cells, pairs, tokens and inputs: only the target differs.
+        np.testing.assert_array_equal(host_cell.cell_indices, host_mean.cell_indices)
+        np.testing.assert_array_equal(host_cell.batch.inputs, host_mean.batch.inputs)
+        for r in range(host_mean.n_real):
+            cond = host_mean.conditions[r]
+            truth = X[data_tiny.condition_cells[cond]].mean(axis=0)
+            real = host_mean.gene_index[r] >= 0
+            np.testing.assert_allclose(host_mean.batch.target_values[r, real],
+                                       truth[host_mean.gene_index[r, real]], rtol=1e-5,
+                                       atol=1e-6)
+        assert not np.allclose(host_cell.batch.target_values, host_mean.batch.target_values)
+    with pytest.raises(ValueError, match="target"):
+        BatchLoader(data_tiny, conditions, batch_size=16, target="mean")
+
+
+def test_data_gene_embedding_reads_only_the_training_data(data_tiny):
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    features = data_gene_embedding(data_tiny, split["train"], 8)
+    assert features.shape == (data_tiny.n_genes, 8) and np.all(np.isfinite(features))
+    np.testing.assert_allclose(np.sqrt(np.mean(features[:, :4] ** 2)), 1.0, rtol=1e-5)
+    # Control half: the gene loadings of the control cells' standardised PCA, so their
+    # inner products are the control correlations (up to the components kept).
+    ctrl = data_tiny.dense_rows(data_tiny.control_cells).astype(np.float64)
+    keep = ctrl.std(0) > 0
+    corr = np.corrcoef(ctrl[:, keep].T)
+    full = data_gene_embedding(data_tiny, split["train"], 2 * data_tiny.n_genes)
+    half = full[:, :data_tiny.n_genes][keep]
+    scale = np.sqrt(np.mean(np.diag(corr))) / np.sqrt(np.mean(np.diag(half @ half.T)))
+    np.testing.assert_allclose((half * scale) @ (half * scale).T, corr, atol=1e-4)
+    # Changing a test perturbation's cells does not change the features.
+    test_cells = data_tiny.condition_cells[split["test"][0]]
+    X = data_tiny.X.tolil(copy=True)
+    X[test_cells] = 0.0
+    other = copy.copy(data_tiny)
+    other.X = X.tocsr()
+    np.testing.assert_allclose(data_gene_embedding(other, split["train"], 8), features)
+
+
+def test_init_from_data_sets_only_the_measured_gene_rows(data_tiny):
+    config = ModelConfig(**{**TINY, "ntoken": data_tiny.n_tokens,
+                            "pad_token_id": data_tiny.pad_token_id,
+                            "cls_token_id": data_tiny.cls_token_id})
+    params = init_params(config, jax.random.PRNGKey(0))
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    new = init_gene_embedding_from_data(params, data_tiny, split["train"])
+    old_table = np.asarray(params["encoder"]["embedding"])
+    new_table = np.asarray(new["encoder"]["embedding"])
+    genes = data_tiny.gene_token_ids
+    others = np.setdiff1d(np.arange(data_tiny.n_tokens), genes)
+    np.testing.assert_array_equal(new_table[others], old_table[others])
+    assert not np.allclose(new_table[genes], old_table[genes])
+    np.testing.assert_allclose(np.sqrt(np.mean(new_table[genes] ** 2)), 0.1 / np.sqrt(3),
+                               rtol=1e-4)
+    # Everything but the gene embedding is untouched.
+    flat_old = jax.tree_util.tree_leaves_with_path(params)
+    flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
+    for path, leaf in flat_old:
+        if "encoder" != getattr(path[0], "key", None):
+            np.testing.assert_array_equal(np.asarray(flat_new[path]), np.asarray(leaf))
+
+
+def test_config_keys_are_checked():
+    with pytest.raises(ConfigError, match="gene_embedding_init"):
+        load_config(None, ["model.gene_embedding_init=pca"])
+    with pytest.raises(ConfigError, match="train_target"):
+        load_config(None, ["data.train_target=bulk"])
+
+
+def _tiny_model_config(data, **kw):
+    return ModelConfig(**{**TINY, "ntoken": data.n_tokens, "pad_token_id": data.pad_token_id,
+                          "cls_token_id": data.cls_token_id, **kw})
+
+
+def test_additive_prior_sums_the_measured_training_singles(data_tiny):
+    from scformer_jax.prior import fit_additive_prior
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    prior = fit_additive_prior(data_tiny, split["train"])
+    ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
+    train_singles = {c.split("+")[0]: c for c in split["train"]
+                     if c != "ctrl" and c.endswith("+ctrl")}
+    assert set(prior.changes) == set(train_singles)
+    for gene, cond in train_singles.items():
+        truth = data_tiny.X[data_tiny.condition_cells[cond]].toarray().mean(axis=0) - ctrl
+        np.testing.assert_allclose(prior.changes[gene], truth, atol=1e-5)
+    seen = sorted(train_singles)
+    offset, missing = prior.parts(f"{seen[0]}+{seen[1]}", data_tiny.n_genes)
+    np.testing.assert_allclose(offset, prior.changes[seen[0]] + prior.changes[seen[1]])
+    assert missing == ()
+    unseen = next(g for c in split["test"] for g in data_tiny.condition_genes[c]
+                  if g not in prior.changes)
+    offset, missing = prior.parts(f"{seen[0]}+{unseen}", data_tiny.n_genes)
+    np.testing.assert_allclose(offset, prior.changes[seen[0]])
+    assert missing == (unseen,)
+    # Singles and the control are the model's alone.
+    for cond in (f"{seen[0]}+ctrl", f"{unseen}+ctrl", "ctrl"):
+        offset, missing = prior.parts(cond, data_tiny.n_genes)
+        assert not offset.any() and missing == ()
+
+
+def test_training_targets_of_doubles_lose_the_measured_part(data_tiny):
+    from scformer_jax.prior import fit_additive_prior
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    prior = fit_additive_prior(data_tiny, split["train"])
+    conditions = split["train"]
+    plain = BatchLoader(data_tiny, conditions, batch_size=16, seed=0)
+    shifted = BatchLoader(data_tiny, conditions, batch_size=16, seed=0,
+                          target_offsets=prior.offsets(conditions, data_tiny.n_genes))
+    doubles = 0
+    for a, b in zip(plain.epoch(0), shifted.epoch(0)):
+        for r in range(a.n_real):
+            cond = a.conditions[r]
+            real = a.gene_index[r] >= 0
+            expected = a.batch.target_values[r, real] - prior.parts(
+                cond, data_tiny.n_genes)[0][a.gene_index[r, real]]
+            np.testing.assert_allclose(b.batch.target_values[r, real], expected, atol=1e-6)
+            doubles += len(data_tiny.condition_genes[cond]) == 2
+    assert doubles > 0
+
+
+def test_predictor_composes_doubles_from_prior_and_model(data_tiny):
+    from scformer_jax.predict import Predictor
+    from scformer_jax.prior import fit_additive_prior
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    prior = fit_additive_prior(data_tiny, split["train"])
+    config = _tiny_model_config(data_tiny, additive_prior=True, predict_change=True)
+    params = init_params(config, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="additive_prior"):
+        Predictor(config, params, data_tiny)
+    with_prior = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
+    plain = Predictor(dataclasses.replace(config, additive_prior=False), params, data_tiny,
+                      batch_size=8)
+    controls = data_tiny.control_cells[:5]
+    x = data_tiny.X[controls].toarray()
+    seen = sorted(prior.changes)
+    unseen = next(g for c in split["test"] for g in data_tiny.condition_genes[c]
+                  if g not in prior.changes)
+    double = f"{seen[0]}+{unseen}"
+    expected = (plain.predict_cells(double, controls) + prior.changes[seen[0]]
+                + plain.predict_cells(f"{unseen}+ctrl", controls) - x)
+    np.testing.assert_allclose(with_prior.predict_cells(double, controls), expected, atol=1e-5)
+    single = f"{seen[1]}+ctrl"
+    np.testing.assert_allclose(with_prior.predict_cells(single, controls),
+                               plain.predict_cells(single, controls), atol=1e-6)
