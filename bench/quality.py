@@ -186,28 +186,37 @@ def main(argv=None) -> int:
                         help="an override for every run, e.g. train.epochs=2 (smoke tests)")
     args = parser.parse_args(argv)
 
+    # Every run first (the main table of every dataset before the ablations, so that a cut
+    # short benchmark has the main results), then the tables from the stored metrics.
+    plan = []  # (dataset, seed, variant name, config path, extra overrides)
+    for d_index, dataset in enumerate(args.datasets):
+        for seed in args.seeds:
+            plan += [(dataset, seed, name, CONFIGS[name], []) for name in args.configs]
+    if args.ablations:
+        plan += [(args.datasets[0], seed, f"recommended, {k}", CONFIGS["recommended"], v)
+                 for seed in args.seeds for k, v in ABLATIONS.items()]
+    metrics_of = {}
+    for dataset, seed, name, config_path, extra in plan:
+        slug = name.replace(", ", "-").replace(" ", "_")
+        workdir = args.out / "runs" / dataset / slug / f"seed{seed}"
+        overrides = [f"data.path={dataset_path(dataset, args.out)}", f"data.split_seed={seed}",
+                     *extra, *args.overrides]
+        metrics_of[(dataset, seed, name)] = run_one(config_path, overrides, workdir, args.fresh)
+
     results = []
     closing = []
-    for d_index, dataset in enumerate(args.datasets):
-        path = dataset_path(dataset, args.out)
-        variants = {name: (CONFIGS[name], []) for name in args.configs}
-        if args.ablations and d_index == 0:
-            variants.update({f"recommended, {k}": (CONFIGS["recommended"], v)
-                             for k, v in ABLATIONS.items()})
+    for dataset in args.datasets:
+        variants = [n for d, _, n, _, _ in plan if d == dataset]
+        variants = list(dict.fromkeys(variants))
         runs: dict[str, list[dict]] = {}
         for seed in args.seeds:
-            for name, (config_path, extra) in variants.items():
-                slug = name.replace(", ", "-").replace(" ", "_")
-                workdir = args.out / "runs" / dataset / slug / f"seed{seed}"
-                overrides = [f"data.path={path}", f"data.split_seed={seed}", *extra,
-                             *args.overrides]
-                metrics = run_one(config_path, overrides, workdir, args.fresh)
-                runs.setdefault(name, []).append(metrics)
+            for name in variants:
+                runs.setdefault(name, []).append(metrics_of[(dataset, seed, name)])
+            # Every run of a seed shares its split: any run's baselines are the baselines.
             for b in BASELINES:
-                runs.setdefault(b, []).append(metrics)  # the same split: any run's baselines
+                runs.setdefault(b, []).append(metrics_of[(dataset, seed, variants[0])])
         table = summarize(runs)
-        rows = list(variants) + list(BASELINES)
-        text = format_table(dataset, table, rows, len(args.seeds))
+        text = format_table(dataset, table, variants + list(BASELINES), len(args.seeds))
         print(text, flush=True)
         results.append(text)
         if "recommended" in variants:

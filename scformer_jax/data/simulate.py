@@ -106,10 +106,10 @@ PRESETS: dict[str, SimulationConfig] = {
     # The default built-in dataset: ~3.8k cells x 150 genes; trains in minutes on 2 cores.
     "default": SimulationConfig(),
     # A CRISPR knock-out screen as many real ones: single perturbations only, a panel of 300
-    # measured genes, most perturbed genes outside the panel, ~3.8k cells. Its test
+    # measured genes, most perturbed genes outside the panel, ~2.6k cells. Its test
     # perturbations are unseen singles whose gene is mostly not measured.
     "screen": SimulationConfig(n_genes=300, n_pert_genes=100, n_unmeasured_pert_genes=80,
-                               n_combos=0, cells_per_condition=28, n_control_cells=800,
+                               n_combos=0, cells_per_condition=20, n_control_cells=600,
                                activation_fraction=0.0),
     # Benchmarks only: the size of GEARS's Norman 2019 data (~91k cells x 5045 genes,
     # 105 perturbed genes, 131 doubles, ~7.4k control cells).
