@@ -183,3 +183,37 @@ def test_predictor_composes_doubles_from_prior_and_model(data_tiny):
     single = f"{seen[1]}+ctrl"
     np.testing.assert_allclose(with_prior.predict_cells(single, controls),
                                plain.predict_cells(single, controls), atol=1e-6)
+
+
+def test_randomized_components_match_the_exact_ones():
+    from scformer_jax import gene_features
+
+    rng = np.random.default_rng(0)
+    # A matrix with a clear spectrum: 6 strong directions plus noise.
+    matrix = (rng.standard_normal((300, 6)) * [40, 30, 20, 15, 10, 8]) @ rng.standard_normal(
+        (6, 2000)) + 0.1 * rng.standard_normal((300, 2000))
+    assert min(matrix.shape) <= gene_features.EXACT_SVD_MAX
+    exact = gene_features._top_components(matrix.T, 4)  # (2000, 300): smaller side 300
+    old = gene_features.EXACT_SVD_MAX
+    try:
+        gene_features.EXACT_SVD_MAX = 100
+        randomized = gene_features._top_components(matrix.T, 4)
+    finally:
+        gene_features.EXACT_SVD_MAX = old
+    # Components are defined up to sign.
+    for j in range(4):
+        a, b = exact[:, j], randomized[:, j]
+        np.testing.assert_allclose(abs(a @ b) / (a @ a), 1.0, atol=1e-6)
+
+
+def test_screen_preset_is_a_singles_screen_of_mostly_unmeasured_genes():
+    from scformer_jax.data.simulate import simulate, simulation_config
+
+    adata = simulate(simulation_config("screen", cells_per_condition=6, n_control_cells=60),
+                     seed=0)
+    conditions = set(adata.obs["condition"].astype(str))
+    assert adata.n_vars == 300
+    assert all(c == "ctrl" or c.endswith("+ctrl") for c in conditions)
+    genes = {c.split("+")[0] for c in conditions if c != "ctrl"}
+    measured = set(adata.var["gene_name"].astype(str))
+    assert len(genes) == 100 and len(genes - measured) == 80
