@@ -6,7 +6,10 @@
 
 The model is scored as GEARS scores it: every test cell is predicted from its paired control
 cell, predictions are averaged per perturbation and compared with the mean of the true
-perturbed cells (:mod:`scformer_jax.metrics`). Baselines get the same split and metrics.
+perturbed cells (:mod:`scformer_jax.metrics`). Baselines and the ``technical_duplicate``
+ceiling (half of each perturbation's cells predicting the other half) get the same split and
+metrics, GEARS's and the calibrated ones (:data:`metrics.CALIBRATED_METRICS`).
+:func:`evaluate_runs` and :func:`summarize_runs` give the mean ± sd over several runs.
 """
 
 from __future__ import annotations

@@ -29,6 +29,49 @@ genes in rank order):
   fractions ``frac_correct_direction_top20_non_dropout``,
   ``frac_opposite_direction_top20_non_dropout`` and ``frac_0/1_direction_top20_non_dropout``
   (one change zero, the other not).
+* With ``non_zero_idx`` and ``non_dropout_idx`` (GEARS's ``non_zeros_gene_idx`` and
+  ``non_dropout_gene_idx``): ``frac_{correct,opposite,0/1}_direction_{non_zero,non_dropout}``,
+  the same three fractions over those gene sets (GEARS's ``non_dropout_analysis``).
+
+Calibrated metrics (:data:`CALIBRATED_METRICS`; computed when ``pert_ref`` is given):
+
+* ``pearson_delta_pert``, ``pearson_de_delta_pert``: ``pearson_delta`` and
+  ``pearson_de_delta`` with the change taken over ``pert_ref``, the mean of all perturbed
+  training cells (Systema's reference) instead of the control mean. Systematic differences
+  between perturbed and control cells cancel, so predicting the average perturbed profile
+  scores about 0 instead of high.
+* ``wmse_delta``, ``r2_w_delta``: MSE and R^2 of the change over control, gene ``g``
+  weighted by ``w_g = (|t_g| / max |t|)^2`` (:func:`de_weights`), ``t`` the Welch t of the
+  perturbation's cells against control (the statistic GEARS ranks DE genes by). R^2 is
+  ``1 - SSE_w / SST_w``: 0 is as good as predicting the weighted mean change everywhere.
+* ``de_overlap_top{k}`` (k in 20, 100): share of the observed top-``k`` DE genes among the
+  ``k`` largest predicted changes (:func:`top_k_overlap`).
+* ``de_sign_agreement``: over the observed top-20 DE genes with a non-zero true change, the
+  fraction whose predicted change has the same sign (:func:`sign_agreement`).
+* ``discrimination_l1``: ``1 - r/n``, ``r`` the number of evaluated conditions whose true
+  profile is closer (L1, the perturbed genes left out) to the prediction than the
+  condition's own (:func:`discrimination_scores`); 1 best, about 0.5 for a prediction that
+  ignores the perturbation.
+* ``energy_distance``: energy distance between predicted and observed cells
+  (:func:`energy_distance`, unbiased form).
+
+Differences from cell-eval (Arc Institute; ``tests/test_cell_eval.py`` checks every shared
+definition against it within 1e-6):
+
+a. ``energy_distance`` leaves out the self-pairs in the within-set means (U-statistic) by
+   default, so that methods scored on different numbers of cells (the technical duplicate
+   scores half-sets) compare fairly; cell-eval includes them (``unbiased=False`` here).
+   cell-eval's ``edistance`` metric is the Pearson, over perturbations, of each set's
+   distance to control; here the distance itself, predicted to observed cells, is reported.
+b. ``discrimination_l1``: cell-eval takes the position in ``argsort`` of the distances (ties
+   in arbitrary order); ties count half here. It leaves out the column named like the
+   perturbation; here the columns of the condition's measured perturbed genes.
+c. ``de_overlap_top{k}`` and ``de_sign_agreement``: cell-eval ranks and signs genes by DE
+   tests run on predicted cells (FDR-filtered, by |log2 fold change|); here by the
+   predicted mean change, since baselines predict means only, and the observed DE genes are
+   the data's ranking (``de_idx``). A predicted change of exactly 0 is never a predicted DE
+   gene nor a sign match; genes with no true change are left out of the sign agreement
+   (cell-eval compares ``sign`` values, so 0 vs 0 would match).
 
 Documented behaviour and differences from GEARS:
 
@@ -300,33 +343,48 @@ def sign_agreement(pred_change: Any, true_change: Any) -> float:
     return float(np.mean(np.sign(p[keep]) == np.sign(t[keep])))
 
 
-def _pairwise_euclidean_mean(a: np.ndarray, b: np.ndarray) -> float:
-    sq = (np.einsum("ij,ij->i", a, a)[:, None] + np.einsum("ij,ij->i", b, b)[None, :]
-          - 2.0 * a @ b.T)
-    return float(np.sqrt(np.maximum(sq, 0.0)).mean())
+def _pairwise_euclidean_mean(a: np.ndarray, b: np.ndarray | None = None, *,
+                             unbiased: bool = False) -> float:
+    """Mean Euclidean distance over the pairs of rows of ``a`` and ``b``; ``b=None``: of
+    ``a`` with itself (the zero diagonal exact, and left out when ``unbiased``)."""
+    other = a if b is None else b
+    sq = (np.einsum("ij,ij->i", a, a)[:, None] + np.einsum("ij,ij->i", other, other)[None, :]
+          - 2.0 * a @ other.T)
+    if b is None:
+        np.fill_diagonal(sq, 0.0)
+    total = np.sqrt(np.maximum(sq, 0.0)).sum()
+    if b is None and unbiased:
+        n = a.shape[0]
+        return float(total / (n * (n - 1))) if n > 1 else 0.0
+    return float(total / sq.size)
 
 
-def energy_distance(x: Any, y: Any) -> float:
+def energy_distance(x: Any, y: Any, *, unbiased: bool = True) -> float:
     """Energy distance between two sets of cells, with Euclidean distances.
 
-    ``2 E|X - Y| - E|X - X'| - E|Y - Y'|``, each expectation the mean over all pairs of
-    the two sets (pairs of a cell with itself included, as ``cell-eval`` computes it).
-    0 for identical sets; larger is further apart.
+    ``2 E|X - Y| - E|X - X'| - E|Y - Y'|``. With ``unbiased`` (default) the within-set
+    means leave out the pairs of a cell with itself (U-statistics), so the value does not
+    grow as the sets get smaller and sets of different sizes compare fairly; its expected
+    value is 0 for two samples of one distribution, and a single sample can be slightly
+    negative. ``unbiased=False`` averages over all pairs, the zero self-pairs included, as
+    ``cell-eval`` does (never negative).
 
     Args:
       x: (n, n_genes) cells.
       y: (m, n_genes) cells.
+      unbiased: leave out self-pairs (see above).
 
     Returns:
-      The distance (float).
+      The distance (float); smaller is closer.
     """
     a = np.asarray(x, np.float64)
     b = np.asarray(y, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
         raise ValueError(f"energy_distance needs two non-empty (cells, genes) arrays with the "
                          f"same genes, got shapes {a.shape} and {b.shape}.")
-    return (2.0 * _pairwise_euclidean_mean(a, b) - _pairwise_euclidean_mean(a, a)
-            - _pairwise_euclidean_mean(b, b))
+    return (2.0 * _pairwise_euclidean_mean(a, b)
+            - _pairwise_euclidean_mean(a, unbiased=unbiased)
+            - _pairwise_euclidean_mean(b, unbiased=unbiased))
 
 
 def discrimination_scores(pred_mean: Mapping[str, Any], true_mean: Mapping[str, Any], *,
