@@ -87,6 +87,8 @@ def model_predictions(predictor: Predictor, dataset: PerturbData, conditions: Se
       n_genes) predicted cells (a seeded sample, for the energy distance).
     """
     rng = np.random.default_rng(seed)
+    # A separate stream for the kept cells leaves the pairing (and the means) unchanged.
+    keep_rng = np.random.default_rng([seed, 1])
     means, kept = {}, {}
     for condition in conditions:
         cells = dataset.condition_cells[condition]
@@ -96,7 +98,7 @@ def model_predictions(predictor: Predictor, dataset: PerturbData, conditions: Se
         predicted = predictor.predict_cells(condition, controls)
         means[condition] = predicted.mean(axis=0)
         if keep_cells:
-            kept[condition] = _sample_rows(predicted, keep_cells, rng)
+            kept[condition] = _sample_rows(predicted, keep_cells, keep_rng)
     return means, kept
 
 
@@ -122,6 +124,7 @@ class Reference:
       de_weights: condition -> (n_genes,) weights from the Welch t of its cells vs control.
       exclude_idx: condition -> columns of its measured perturbed genes.
       halves: condition -> (first, second) cell indices of the technical duplicate split.
+      seed: the seed everything above was drawn with.
     """
 
     ctrl_mean: np.ndarray
@@ -137,6 +140,7 @@ class Reference:
     de_weights: dict[str, np.ndarray]
     exclude_idx: dict[str, np.ndarray]
     halves: dict[str, tuple[np.ndarray, np.ndarray]]
+    seed: int = 0
 
 
 def build_reference(dataset: PerturbData, train_conditions: Sequence[str],
@@ -194,7 +198,7 @@ def build_reference(dataset: PerturbData, train_conditions: Sequence[str],
         non_dropout_de_idx=per_condition(dataset.top_non_dropout_de_20),
         non_zero_idx=per_condition(dataset.non_zeros_gene_idx),
         non_dropout_idx=per_condition(dataset.non_dropout_gene_idx),
-        de_weights=weights, exclude_idx=exclude, halves=halves)
+        de_weights=weights, exclude_idx=exclude, halves=halves, seed=seed)
 
 
 def score(ref: Reference, pred_mean: Mapping[str, np.ndarray],
@@ -231,7 +235,7 @@ def technical_duplicate(ref: Reference, dataset: PerturbData,
     how well a perfect model could do under the sampling noise of the data (with half the
     cells on each side, a conservative ceiling).
     """
-    rng = np.random.default_rng(len(ref.halves))
+    rng = np.random.default_rng([ref.seed, 2])
     pred_mean, pred_cells, true_mean, true_cells = {}, {}, {}, {}
     for c, (first, second) in ref.halves.items():
         pred_mean[c] = np.asarray(dataset.mean_expression(first), np.float64)

@@ -11,6 +11,7 @@ import pytest
 import eval as eval_cli
 import train as train_cli
 from scformer_jax import evaluation
+from scformer_jax import metrics as metrics_lib
 from scformer_jax.metrics import CALIBRATED_METRIC_NAMES
 from scformer_jax.predict import UnknownPerturbationError, load_predictor
 
@@ -160,3 +161,37 @@ def test_predict_unknown_gene_lists_close_matches(trained_run):
 def test_eval_on_missing_run_is_a_clear_error(tmp_path, capsys):
     assert eval_cli.main(["--workdir", str(tmp_path)]) == 2
     assert "written by train.py" in capsys.readouterr().err
+
+
+def test_reference_and_technical_duplicate(data_tiny):
+    from scformer_jax.data.splits import gears_split
+
+    data = data_tiny
+    split = gears_split(data.conditions, split="simulation", seed=1)
+    test = [c for c in split["test"] if c != "ctrl"]
+    ref = evaluation.build_reference(data, split["train"], test, seed=3)
+    train_cells = np.concatenate([data.condition_cells[c] for c in split["train"]
+                                  if c != "ctrl"])
+    np.testing.assert_allclose(ref.pert_ref, data.X[train_cells].toarray().mean(0), rtol=1e-5)
+    for c in test:
+        first, second = ref.halves[c]
+        assert not set(first) & set(second)
+        assert sorted(np.concatenate([first, second])) == sorted(data.condition_cells[c])
+        assert abs(len(first) - len(second)) <= 1
+        # The most differential gene of the data's ranking weighs (about) the most.
+        assert ref.de_weights[c][data.de_rank[c][0]] > 0.99
+        assert ref.de_weights[c].max() == 1.0
+    again = evaluation.build_reference(data, split["train"], test, seed=3)
+    other = evaluation.build_reference(data, split["train"], test, seed=4)
+    assert all(np.array_equal(again.halves[c][0], ref.halves[c][0]) for c in test)
+    assert not all(np.array_equal(other.halves[c][0], ref.halves[c][0]) for c in test)
+    ceiling = evaluation.technical_duplicate(ref, data)
+    control = evaluation.score(ref, {c: ref.ctrl_mean for c in test})
+    assert ceiling.overall["pearson_delta_pert"] > 0.5
+    assert ceiling.overall["energy_distance"] < control.overall["energy_distance"]
+    # Mean-only predictions get paired control cells shifted by the predicted change.
+    c = test[0]
+    shifted = evaluation.score(ref, {t: ref.true_mean[t] for t in test})
+    assert shifted.per_perturbation.loc[c, "energy_distance"] == pytest.approx(
+        metrics_lib.energy_distance(ref.control_cells[c] + ref.true_mean[c] - ref.ctrl_mean,
+                                    ref.true_cells[c]))
