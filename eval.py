@@ -4,7 +4,11 @@
 Scores the best checkpoint on the run's test split with GEARS's metrics, beside the control,
 training-mean, additive and linear baselines, and writes ``runs/NAME/eval/`` (metrics.json,
 per_perturbation.csv, predictions.h5ad, plots/, report.md). ``--predict A+B C`` also writes
-predictions for any perturbations, seen or not. The work is in
+predictions for any perturbations, seen or not.
+
+Several runs (e.g. one per split seed): ``python eval.py --workdir runs/s1 --workdir runs/s2
+--summary-out runs/summary`` evaluates each into its own ``eval/`` and writes the mean ± sd
+of every metric to ``summary.md`` and ``summary.csv``. The work is in
 :mod:`scformer_jax.evaluation` and :mod:`scformer_jax.predict`.
 """
 
@@ -18,7 +22,11 @@ from pathlib import Path
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="Run folder written by train.py.")
+    parser.add_argument("--workdir", required=True, action="append",
+                        help="Run folder written by train.py; repeat it to evaluate several "
+                             "runs and summarise them (mean ± sd).")
+    parser.add_argument("--summary-out", default="eval_summary",
+                        help="With several --workdir: folder of summary.md / summary.csv.")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     parser.add_argument("--out", default=None, help="Output folder (default WORKDIR/eval).")
     parser.add_argument("--plot", nargs="*", default=[], metavar="PERTURBATION",
@@ -40,13 +48,31 @@ def main(argv=None) -> int:
     from scformer_jax.data.gears_io import write_h5ad_atomic
     from scformer_jax.predict import UnknownPerturbationError, load_predictor
 
+    if len(args.workdir) > 1:
+        if args.out or args.predict:
+            print("eval.py: --out and --predict take one --workdir; with several, each run "
+                  "is written to its own WORKDIR/eval and the summary to --summary-out.",
+                  file=sys.stderr)
+            return 2
+        try:
+            evaluation.evaluate_runs(args.workdir, args.summary_out, which=args.checkpoint,
+                                     plot_perturbations=args.plot, n_plots=args.n_plots,
+                                     seed=args.seed)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"eval.py: {e}", file=sys.stderr)
+            return 2
+        summary = Path(args.summary_out)
+        print((summary / "summary.md").read_text())
+        print(f"Summary written to {summary}")
+        return 0
+    workdir = args.workdir[0]
     try:
-        evaluation.evaluate_run(args.workdir, which=args.checkpoint, out_dir=args.out,
-                                          plot_perturbations=args.plot, n_plots=args.n_plots,
-                                          seed=args.seed)
-        out = Path(args.out) if args.out else Path(args.workdir) / "eval"
+        evaluation.evaluate_run(workdir, which=args.checkpoint, out_dir=args.out,
+                                plot_perturbations=args.plot, n_plots=args.n_plots,
+                                seed=args.seed)
+        out = Path(args.out) if args.out else Path(workdir) / "eval"
         if args.predict:
-            predictor = load_predictor(args.workdir, which=args.checkpoint)
+            predictor = load_predictor(workdir, which=args.checkpoint)
             result = predictor.predict(args.predict, pool_size=args.pool_size, seed=args.seed)
             write_h5ad_atomic(result.mean, out / "predict.h5ad")
             write_h5ad_atomic(result.cells, out / "predict_cells.h5ad")

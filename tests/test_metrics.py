@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from scipy.stats import pearsonr
 
 from scformer_jax import metrics
+from tests.parity import require
 
 RNG = np.random.default_rng(0)
 
@@ -241,15 +242,176 @@ def test_evaluate_gears_results_matches_evaluate_profiles():
 
 
 # --------------------------------------------------------------------------------------
-# Optional: against GEARS itself (cell-gears, needs torch and torch_geometric).
+# Calibrated metrics.
+# --------------------------------------------------------------------------------------
+
+
+def test_average_perturbed_profile_scores_high_against_control_and_zero_against_pert_ref():
+    # Every perturbation shares a large systematic shift over control plus a small effect
+    # of its own; predicting the average perturbed profile knows nothing about the effect.
+    n_genes, rng = 300, np.random.default_rng(1)
+    ctrl = rng.uniform(0.5, 2.0, n_genes)
+    shift = rng.normal(0.0, 1.0, n_genes)
+    effects = {f"G{i}+ctrl": rng.normal(0.0, 0.3, n_genes) for i in range(60)}
+    profiles = {c: ctrl + shift + e for c, e in effects.items()}
+    train, test = list(profiles)[:40], list(profiles)[40:]
+    n_cells = {c: int(rng.integers(20, 200)) for c in train}
+    pert_ref = sum(n_cells[c] * profiles[c] for c in train) / sum(n_cells.values())
+    average = np.mean([profiles[c] for c in train], axis=0)
+    pred = {c: average for c in test}
+    true = {c: profiles[c] for c in test}
+    de = {c: np.argsort(-np.abs(true[c] - ctrl)) for c in test}
+    res = metrics.evaluate_profiles(pred, true, ctrl, de, pert_ref=pert_ref)
+    assert res.overall["pearson_delta"] > 0.9
+    assert abs(res.overall["pearson_delta_pert"]) < 0.1
+    # The true effect itself is recovered under both references.
+    exact = metrics.evaluate_profiles(true, true, ctrl, de, pert_ref=pert_ref)
+    assert exact.overall["pearson_delta_pert"] == pytest.approx(1.0)
+    # Per perturbation the value is Pearson of the changes over the reference.
+    c = test[0]
+    assert res.per_perturbation.loc[c, "pearson_delta_pert"] == pytest.approx(
+        pearsonr(average - pert_ref, true[c] - pert_ref)[0])
+    top = de[c][:20]
+    assert res.per_perturbation.loc[c, "pearson_de_delta_pert"] == pytest.approx(
+        pearsonr(average[top] - pert_ref[top], true[c][top] - pert_ref[top])[0])
+
+
+def test_weighted_change_metrics_against_numpy():
+    n = 50
+    ctrl = RNG.uniform(0, 2, n)
+    true = ctrl + RNG.normal(0, 1, n)
+    pred = ctrl + 0.7 * (true - ctrl) + RNG.normal(0, 0.3, n)
+    t = RNG.normal(0, 5, n)
+    w = (np.abs(t) / np.abs(t).max()) ** 2
+    np.testing.assert_allclose(metrics.de_weights(t), w)
+    assert metrics.de_weights(np.zeros(4)).tolist() == [0, 0, 0, 0]
+    m = metrics.perturbation_metrics(pred, true, ctrl, np.argsort(-np.abs(t)),
+                                     pert_ref=ctrl, de_weights=w)
+    dp, dt = pred - ctrl, true - ctrl
+    assert m["wmse_delta"] == pytest.approx(np.sum(w * (dp - dt) ** 2) / np.sum(w))
+    mean_w = np.sum(w * dt) / np.sum(w)
+    assert m["r2_w_delta"] == pytest.approx(
+        1 - np.sum(w * (dp - dt) ** 2) / np.sum(w * (dt - mean_w) ** 2))
+    perfect = metrics.perturbation_metrics(true, true, ctrl, np.arange(n), pert_ref=ctrl,
+                                           de_weights=w)
+    assert perfect["r2_w_delta"] == 1.0 and perfect["wmse_delta"] == 0.0
+    assert np.isnan(metrics.weighted_mse(dp, dt, np.zeros(n)))
+    # Welch's t as scanpy's t-test computes it, from cells.
+    a, b = RNG.normal(1, 1, (12, n)), RNG.normal(0, 2, (30, n))
+    expected = (a.mean(0) - b.mean(0)) / np.sqrt(a.var(0, ddof=1) / 12 + b.var(0, ddof=1) / 30)
+    np.testing.assert_allclose(metrics.welch_t(a.mean(0), a.var(0, ddof=1), 12, b.mean(0),
+                                               b.var(0, ddof=1), 30), expected)
+
+
+def test_de_overlap_and_sign_agreement():
+    change = np.array([0.0, 3.0, -2.0, 0.5, -0.1, 1.0])
+    de = np.array([1, 2, 5, 0, 3, 4])
+    assert metrics.top_k_overlap(change, de, 2) == 1.0            # {1, 2} both ways
+    assert metrics.top_k_overlap(change, de, 3) == 1.0            # {1, 2, 5}
+    assert metrics.top_k_overlap(change, np.array([4, 1]), 1) == 0.0   # top-1 is gene 1
+    # A prediction of no change names no DE gene; too few DE genes give NaN.
+    assert metrics.top_k_overlap(np.zeros(6), de, 3) == 0.0
+    assert np.isnan(metrics.top_k_overlap(change, de[:2], 3))
+    true = np.array([1.0, -1.0, 0.0, 2.0])
+    pred = np.array([2.0, 1.0, 5.0, 0.0])
+    # Gene 2 has no true change (left out); gene 3's predicted 0 does not agree.
+    assert metrics.sign_agreement(pred, true) == pytest.approx(1 / 3)
+    assert np.isnan(metrics.sign_agreement(pred, np.zeros(4)))
+
+
+def test_energy_distance_against_scipy():
+    from scipy.spatial.distance import cdist
+    x, y = RNG.normal(0, 1, (7, 5)), RNG.normal(1, 1, (9, 5))
+    expected = 2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean()
+    assert metrics.energy_distance(x, y, unbiased=False) == pytest.approx(expected, abs=1e-9)
+    assert metrics.energy_distance(x, x, unbiased=False) == pytest.approx(0.0, abs=1e-6)
+    # Unbiased: within-set means over distinct pairs only.
+    within = [cdist(z, z).sum() / (len(z) * (len(z) - 1)) for z in (x, y)]
+    assert metrics.energy_distance(x, y) == pytest.approx(
+        2 * cdist(x, y).mean() - within[0] - within[1], abs=1e-9)
+    # Two samples of one distribution: about 0 unbiased, biased upwards by small sets.
+    big = RNG.normal(0, 1, (400, 5))
+    assert abs(metrics.energy_distance(big[:200], big[200:])) < 0.05
+    assert metrics.energy_distance(big[:10], big[10:20], unbiased=False) > 0.2
+    assert metrics.energy_distance(x, x + 5) > metrics.energy_distance(x, x + 1) > 0
+    with pytest.raises(ValueError, match="same genes"):
+        metrics.energy_distance(x, y[:, :4])
+
+
+def test_discrimination_scores():
+    truth = {f"P{i}": RNG.normal(0, 1, 40) for i in range(8)}
+    perfect = metrics.discrimination_scores(truth, truth)
+    assert all(v == 1.0 for v in perfect.values())
+    # A prediction closest to another perturbation's profile ranks its own lower.
+    shifted = {c: truth[f"P{(i + 1) % 8}"] for i, c in enumerate(truth)}
+    scores = metrics.discrimination_scores(shifted, truth)
+    for c, v in scores.items():
+        dist = [np.abs(truth[o] - shifted[c]).sum() for o in truth]
+        rank = sum(d < np.abs(truth[c] - shifted[c]).sum() for d in dist)
+        assert v == pytest.approx(1 - rank / 8)
+        assert v < 1.0
+    # One prediction for everything ranks each truth by its distance to it: mean 0.5 + 1/2n.
+    same = {c: np.zeros(40) for c in truth}
+    assert np.mean(list(metrics.discrimination_scores(same, truth).values())) == pytest.approx(
+        0.5 + 1 / 16)
+    # Excluded columns do not count: a prediction right only on them is not discriminated.
+    pred = {c: np.zeros(40) for c in truth}
+    pred["P0"][:5] = 100.0
+    truth0 = {c: np.zeros(40) + 0.01 * i for i, c in enumerate(truth)}
+    truth0["P0"] = np.zeros(40) + 0.05
+    truth0["P0"][:5] = 100.0
+    assert metrics.discrimination_scores(pred, truth0)["P0"] == 1.0
+    excluded = metrics.discrimination_scores(pred, truth0, exclude_idx={"P0": np.arange(5)})
+    assert excluded["P0"] < 0.5
+
+
+def test_gene_set_direction_fractions():
+    pred, true, ctrl, de = hand_case()
+    nz = np.flatnonzero(true != 0)
+    ndg = np.flatnonzero((true != 0) | (ctrl == 0))
+    m = metrics.perturbation_metrics(pred, true, ctrl, de, non_zero_idx=nz,
+                                     non_dropout_idx=ndg)
+    for subset, idx in (("non_zero", nz), ("non_dropout", ndg)):
+        diff = np.abs(np.sign(pred[idx] - ctrl[idx]) - np.sign(true[idx] - ctrl[idx]))
+        assert m[f"frac_correct_direction_{subset}"] == pytest.approx(np.mean(diff == 0))
+        assert m[f"frac_opposite_direction_{subset}"] == pytest.approx(np.mean(diff == 2))
+        assert m[f"frac_0/1_direction_{subset}"] == pytest.approx(np.mean(diff == 1))
+    with pytest.raises(ValueError, match="both or neither"):
+        metrics.perturbation_metrics(pred, true, ctrl, de, non_zero_idx=nz)
+
+
+def test_evaluate_profiles_calibrated_columns_and_energy_distance():
+    pred, true, ctrl, de = make_set()
+    weights = {c: np.ones(ctrl.size) for c in true}
+    cells_t = {c: true[c] + RNG.normal(0, 0.1, (6, ctrl.size)) for c in true}
+    cells_p = {c: pred[c] + RNG.normal(0, 0.1, (5, ctrl.size)) for c in list(true)[:3]}
+    res = metrics.evaluate_profiles(pred, true, ctrl, de, pert_ref=ctrl + 0.1,
+                                    de_weights=weights, pred_cells=cells_p,
+                                    true_cells=cells_t)
+    table = res.per_perturbation
+    assert set(metrics.CALIBRATED_METRIC_NAMES) <= set(table.columns)
+    c = list(true)[0]
+    assert table.loc[c, "energy_distance"] == pytest.approx(
+        metrics.energy_distance(cells_p[c], cells_t[c]))
+    assert np.isnan(table.loc["C+D", "energy_distance"])       # no predicted cells
+    # Uniform weights: the weighted MSE of the change is the plain MSE.
+    assert table.loc[c, "wmse_delta"] == pytest.approx(table.loc[c, "mse"])
+    with pytest.raises(ValueError, match="no DE weights"):
+        metrics.evaluate_profiles(pred, true, ctrl, de, pert_ref=ctrl, de_weights={})
+    plain = metrics.evaluate_profiles(pred, true, ctrl, de)
+    assert not set(metrics.CALIBRATED_METRIC_NAMES) & set(plain.per_perturbation.columns)
+
+
+# --------------------------------------------------------------------------------------
+# Against GEARS itself (cell-gears 0.1.2, needs torch and torch_geometric; required in CI).
 # --------------------------------------------------------------------------------------
 
 
 def test_against_gears_functions():
-    pytest.importorskip("torch")
-    pytest.importorskip("torch_geometric")
-    inference = pytest.importorskip("gears.inference")
-    anndata = pytest.importorskip("anndata")
+    require("torch")
+    require("torch_geometric")
+    inference = require("gears.inference")
+    import anndata
 
     n_genes, n_cells = 210, 6
     gene_ids = np.array([f"ENSG{i:05d}" for i in range(n_genes)])
@@ -305,7 +467,11 @@ def test_against_gears_functions():
         "pred_de": np.array([p[gears_de[c]] for p, c in zip(pred_cells, cats)]),
         "truth_de": np.array([t[gears_de[c]] for t, c in zip(truth_cells, cats)]),
     }
-    ours = metrics.evaluate_gears_results(test_res, ctrl_mean, de_idx, nd_idx).per_perturbation
+    nz_idx = {c: uns_nz[f"K562_{c}_1+1"] for c in conds}
+    ndg_idx = {c: uns_ndg[f"K562_{c}_1+1"] for c in conds}
+    ours = metrics.evaluate_gears_results(test_res, ctrl_mean, de_idx, nd_idx,
+                                          non_zero_idx=nz_idx,
+                                          non_dropout_idx=ndg_idx).per_perturbation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, gears_basic = inference.compute_metrics(test_res)
@@ -319,7 +485,7 @@ def test_against_gears_functions():
             gname = metrics.GEARS_METRIC_NAMES.get(name, name)
             if name in differs_by_design or gname not in gears:
                 continue
-            assert ours.loc[c, name] == pytest.approx(float(gears[gname]), abs=1e-5), (c, name)
+            assert ours.loc[c, name] == pytest.approx(float(gears[gname]), abs=1e-6), (c, name)
             compared += 1
         assert compared == len(metrics.METRIC_NAMES) - len(differs_by_design)
         # Ours pairs each DE gene with its own control value (see the module docstring).
