@@ -43,10 +43,11 @@ if str(ROOT) not in sys.path:
 CONFIGS = {"seed": ROOT / "configs" / "scformer.yaml",
            "recommended": ROOT / "configs" / "default.yaml"}
 BASELINES = ("control", "train_mean", "additive", "linear")
+CEILING = "technical_duplicate"  # half of each test perturbation's cells predicting the other
 SUBGROUPS = ("overall", "unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 # (metric, higher is better)
-METRICS = (("pearson_delta", True), ("pearson_de_delta", True), ("mse_de", False),
-           ("pearson_de", True))
+METRICS = (("pearson_delta", True), ("pearson_de_delta", True), ("pearson_delta_pert", True),
+           ("mse_de", False), ("discrimination_l1", True))
 # Metrics that the win count and the closing line use.
 WIN_METRICS = ("pearson_delta", "pearson_de_delta")
 # The recommended config's options and the seed's value of each (the ablation runs).
@@ -98,34 +99,26 @@ def run_one(config_path: Path, overrides: list[str], workdir: Path, fresh: bool)
     return json.loads(metrics_path.read_text())
 
 
-def _value(metrics: dict, method: str, subgroup: str, metric: str) -> float | None:
-    block = metrics["model"] if method == "model" else metrics["baselines"][method]
-    table = block["overall"] if subgroup == "overall" else block["per_subgroup"].get(subgroup)
-    if not table or table.get(metric) is None:
-        return None
-    value = float(table[metric])
-    return value if math.isfinite(value) else None
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, sd
-
-
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    """runs: row name -> metrics.json of each seed. Returns
-    {(row, subgroup, metric): (mean, sd, n)} over the seeds where the value exists."""
+    """runs: variant name -> the metrics.json of each seed. Returns
+    {(row, subgroup, metric): (mean, sd, n)}: one row per variant (its model) and, from the
+    first variant's runs (every variant of a seed shares the split), one per baseline and
+    the technical-duplicate ceiling."""
+    from scformer_jax.evaluation import summarize_runs
+
     table = {}
-    for row, per_seed in runs.items():
-        method = "model" if row not in BASELINES else row
-        for subgroup in SUBGROUPS:
-            for metric, _ in METRICS:
-                values = [v for m in per_seed
-                          if (v := _value(m, method, subgroup, metric)) is not None]
-                if values:
-                    table[(row, subgroup, metric)] = (*mean_sd(values), len(values))
+    wanted = [m for m, _ in METRICS]
+    for i, (variant, per_seed) in enumerate(runs.items()):
+        frame = summarize_runs(per_seed, metrics=wanted)
+        for rec in frame.itertuples(index=False):
+            if rec.method == "model":
+                row = variant
+            elif i == 0 and rec.method in BASELINES + (CEILING,):
+                row = rec.method
+            else:
+                continue
+            sd = 0.0 if math.isnan(rec.sd) else rec.sd
+            table[(row, rec.group, rec.metric)] = (rec.mean, sd, rec.n_runs)
     return table
 
 
@@ -208,15 +201,11 @@ def main(argv=None) -> int:
     for dataset in args.datasets:
         variants = [n for d, _, n, _, _ in plan if d == dataset]
         variants = list(dict.fromkeys(variants))
-        runs: dict[str, list[dict]] = {}
-        for seed in args.seeds:
-            for name in variants:
-                runs.setdefault(name, []).append(metrics_of[(dataset, seed, name)])
-            # Every run of a seed shares its split: any run's baselines are the baselines.
-            for b in BASELINES:
-                runs.setdefault(b, []).append(metrics_of[(dataset, seed, variants[0])])
+        runs = {name: [metrics_of[(dataset, seed, name)] for seed in args.seeds]
+                for name in variants}
         table = summarize(runs)
-        text = format_table(dataset, table, variants + list(BASELINES), len(args.seeds))
+        text = format_table(dataset, table, variants + list(BASELINES) + [CEILING],
+                            len(args.seeds))
         print(text, flush=True)
         results.append(text)
         if "recommended" in variants:
