@@ -173,6 +173,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ablations", action="store_true",
                         help="also train the recommended config without each of its options "
                              "(first dataset only)")
+    parser.add_argument("--ablations-only", action="store_true",
+                        help="train only the ablation runs (e.g. in a second process beside "
+                             "one that trains the main table into the same --out)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that exist")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -182,10 +185,12 @@ def main(argv=None) -> int:
     # Every run first (the main table of every dataset before the ablations, so that a cut
     # short benchmark has the main results), then the tables from the stored metrics.
     plan = []  # (dataset, seed, variant name, config path, extra overrides)
-    for d_index, dataset in enumerate(args.datasets):
+    for dataset in args.datasets:
         for seed in args.seeds:
             plan += [(dataset, seed, name, CONFIGS[name], []) for name in args.configs]
-    if args.ablations:
+    if args.ablations_only:
+        plan = []
+    if args.ablations or args.ablations_only:
         plan += [(args.datasets[0], seed, f"recommended, {k}", CONFIGS["recommended"], v)
                  for seed in args.seeds for k, v in ABLATIONS.items()]
     metrics_of = {}
@@ -208,6 +213,8 @@ def main(argv=None) -> int:
                             len(args.seeds))
         print(text, flush=True)
         results.append(text)
+        if not variants:
+            continue
         if "recommended" in variants:
             won, total, lost = wins(table)
             closing.append(f"{won}/{total} on {dataset}")
