@@ -52,7 +52,7 @@ METRICS = (("pearson_delta", True), ("pearson_de_delta", True), ("pearson_delta_
 WIN_METRICS = ("pearson_delta", "pearson_de_delta")
 # The recommended config's options and the seed's value of each (the ablation runs).
 ABLATIONS = {
-    "no predict_change": ["model.predict_change=false"],
+    "output_baseline none": ["model.output_baseline=none"],
     "no condition_mean target": ["data.train_target=cell"],
     "random gene embedding": ["model.gene_embedding_init=random"],
 }

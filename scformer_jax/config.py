@@ -20,6 +20,7 @@ CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 MVC_DECODER_STYLES = ("inner product", "inner product, detach", "concat query", "sum query")
 INCLUDE_ZERO_GENE = ("all", "batch-wise", "row-wise", "nonzero")
 GENE_EMBEDDING_INITS = ("random", "data")
+OUTPUT_BASELINES = ("none", "control_input", "gene_mean")
 TRAIN_TARGETS = ("cell", "condition_mean")
 # Validation metrics computed every epoch (train.best_metric picks one, with or without val_).
 VALIDATION_METRICS = ("mse", "mre", "pearson", "pearson_delta", "pearson_de",
@@ -80,9 +81,13 @@ class ModelConfig:
     remat: bool = False
     # Matmul dtype; parameters, LayerNorm, softmax statistics and losses stay float32.
     dtype: str = "float32"
-    # True: the expression decoder predicts the change over each token's control input
-    # (output = control value + decoder), so an untrained model starts at "no change".
-    predict_change: bool = False
+    # What the expression decoder's output is added to: "none" (the decoder predicts the
+    # expression, as the original), "control_input" (each token's control value: the decoder
+    # predicts the change over the paired cell) or "gene_mean" (a learned per-gene baseline,
+    # the parameter `gene_baseline`, that training starts at the control cells' mean: the
+    # decoder predicts the change over the control mean and need not undo the paired cell's
+    # noise).
+    output_baseline: str = "none"
     # How the gene embedding table starts: "random" (uniform, as the original) or "data":
     # principal components of the training data's gene-gene structure (control-cell
     # co-expression and training perturbation profiles), so that genes never perturbed in
@@ -110,6 +115,7 @@ class ModelConfig:
         _check_choice("model.attention", self.attention, IMPLEMENTATIONS)
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("model.gene_embedding_init", self.gene_embedding_init, GENE_EMBEDDING_INITS)
+        _check_choice("model.output_baseline", self.output_baseline, OUTPUT_BASELINES)
         if self.attention in ("xla", "cudnn") and self.attn_dropout_rate > 0:
             raise ConfigError(
                 f"model.attention {self.attention!r} has no attention-weight dropout but the "

@@ -105,6 +105,21 @@ def data_gene_embedding(dataset, train_conditions: Sequence[str], dim: int, *,
         np.float32)
 
 
+def init_from_data(params: Any, model_config, dataset, train_conditions: Sequence[str], *,
+                   seed: int = 0, embedding: bool = True) -> Any:
+    """``params`` with the data-initialised parts the config asks for: the gene embedding
+    (``gene_embedding_init: data``, unless ``embedding`` is False, e.g. when it comes from a
+    pretrained checkpoint) and the per-gene output baseline (``output_baseline:
+    gene_mean``: the control cells' mean expression of each measured gene, 0 elsewhere)."""
+    if embedding and model_config.gene_embedding_init == "data":
+        params = init_gene_embedding_from_data(params, dataset, train_conditions, seed=seed)
+    if model_config.output_baseline == "gene_mean":
+        baseline = np.zeros(np.shape(params["gene_baseline"]), np.float32)
+        baseline[np.asarray(dataset.gene_token_ids, np.int64)] = dataset.control_mean
+        params = dict(params, gene_baseline=baseline)
+    return params
+
+
 def init_gene_embedding_from_data(params: Any, dataset, train_conditions: Sequence[str], *,
                                   scale: float = 0.1, seed: int = 0) -> Any:
     """``params`` with the measured genes' rows of the gene embedding (``encoder``) replaced

@@ -255,8 +255,13 @@ class TransformerGenerator(nn.Module):
         decoder = nn.Dense(1, kernel_init=_uniform(0.1), bias_init=nn.initializers.zeros,
                            name="decoder")
         mlm_output = decoder(x)[..., 0]
-        if c.predict_change:
+        if c.output_baseline == "control_input":
             mlm_output = mlm_output + (values[:, 1:] if c.uses_cls_token else values)
+        elif c.output_baseline == "gene_mean":
+            # Initialised to zeros; training sets the measured genes' rows to the control mean.
+            baseline = self.param("gene_baseline", nn.initializers.zeros, (c.ntoken,))
+            ids = gene_ids[:, 1:] if c.uses_cls_token else gene_ids
+            mlm_output = mlm_output + jnp.take(baseline, ids)
         out = {"mlm_output": mlm_output, "cell_emb": cell_emb}
         if compute_cls:
             out["cls_output"] = ClsDecoder(c.embsize, c.n_cls, c.nlayers_cls,

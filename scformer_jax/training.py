@@ -31,6 +31,7 @@ from scformer_jax.config import (
     ObjectiveConfig,
     save_config,
 )
+from scformer_jax.gene_features import init_from_data
 from scformer_jax.io import write_text_atomic
 from scformer_jax.model import TransformerGenerator, init_params
 from scformer_jax.objectives import loss_terms, objective_value
@@ -358,11 +359,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
         params = convert.load_pretrained_params(
             config.train.load_model, model_config, init_rng,
             prefixes=config.train.load_param_prefixes, dataset=dataset)
-    elif model_config.gene_embedding_init == "data":
-        from scformer_jax.gene_features import init_gene_embedding_from_data
-
-        params = init_gene_embedding_from_data(init_params(model_config, init_rng), dataset,
-                                               split["train"], seed=config.train.seed)
+    params = init_from_data(params if params is not None else init_params(model_config, init_rng),
+                            model_config, dataset, split["train"], seed=config.train.seed,
+                            embedding=not config.train.load_model)
     state, schedule = create_train_state(model_config, config.optim, steps_per_epoch, init_rng,
                                          params=params)
     ckpts = Checkpoints(workdir / "checkpoints", best_mode=config.train.best_mode,

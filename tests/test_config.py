@@ -12,7 +12,7 @@ from scformer_jax.config import (
     save_config,
 )
 
-CONFIGS = ["default", "norman", "adamson", "scgpt"]
+CONFIGS = ["default", "scformer", "norman", "adamson", "scgpt"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -24,16 +24,31 @@ def test_shipped_configs_load(name):
         assert config.train.batch_size == 64 and config.train.early_stop == 10
 
 
-def test_default_yaml_matches_seed_settings():
-    c = load_config("configs/default.yaml")
+def test_scformer_yaml_matches_seed_settings():
+    c = load_config("configs/scformer.yaml")
     assert (c.model.embsize, c.model.d_hid, c.model.nlayers, c.model.nhead) == (64, 64, 4, 4)
     assert c.model.dropout == 0.2 and c.optim.lr == 1e-4 and c.train.batch_size == 32
     assert c.objective.cce_weight == 10 and c.objective.ecs_weight == 10
     assert c.objective.ecs_threshold == 0.85 and c.data.max_seq_len == 1536
+    assert c.train.epochs == 6 and c.data.train_target == "cell"
+    assert c.model.output_baseline == "none" and not c.model.additive_prior
+    assert c.model.gene_embedding_init == "random"
 
 
-def test_every_key_of_default_yaml_is_commented():
-    lines = [line for line in open("configs/default.yaml") if line.startswith("  ")]
+def test_default_yaml_is_the_seed_model_with_the_recommended_training():
+    seed, rec = load_config("configs/scformer.yaml"), load_config("configs/default.yaml")
+    changed = {f"{section}.{key}"
+               for section in ("model", "objective", "data", "optim", "train")
+               for key, value in dataclasses.asdict(getattr(rec, section)).items()
+               if value != dataclasses.asdict(getattr(seed, section))[key]}
+    assert changed == {"model.output_baseline", "model.gene_embedding_init",
+                       "model.additive_prior", "data.train_target", "optim.lr",
+                       "train.epochs"}
+
+
+@pytest.mark.parametrize("name", ["default", "scformer"])
+def test_every_key_of_the_main_configs_is_commented(name):
+    lines = [line for line in open(f"configs/{name}.yaml") if line.startswith("  ")]
     assert lines and all("#" in line for line in lines)
 
 

@@ -16,19 +16,24 @@ from scformer_jax.gene_features import data_gene_embedding, init_gene_embedding_
 from tests.test_model import TINY, make_inputs
 
 
-def test_predict_change_adds_the_control_input_to_the_decoder_output():
+def test_output_baselines_add_the_control_input_or_the_gene_baseline():
     base = ModelConfig(**TINY)
-    params = init_params(base, jax.random.PRNGKey(0))
     gene_ids, inputs, padding = make_inputs()
     for prepend in (True, False):
         plain = dataclasses.replace(base, prepend_cls_token=prepend)
-        change = dataclasses.replace(plain, predict_change=True)
-        out_plain = TransformerGenerator(plain).apply({"params": params}, gene_ids, inputs,
-                                                      padding)["mlm_output"]
-        out_change = TransformerGenerator(change).apply({"params": params}, gene_ids, inputs,
-                                                        padding)["mlm_output"]
-        np.testing.assert_allclose(np.asarray(out_change) - np.asarray(out_plain),
+        params = init_params(dataclasses.replace(plain, output_baseline="gene_mean"),
+                             jax.random.PRNGKey(0))
+        baseline = np.random.default_rng(1).normal(size=base.ntoken).astype(np.float32)
+        params = dict(params, gene_baseline=baseline)
+        outputs = {}
+        for mode in ("none", "control_input", "gene_mean"):
+            config = dataclasses.replace(plain, output_baseline=mode)
+            outputs[mode] = np.asarray(TransformerGenerator(config).apply(
+                {"params": params}, gene_ids, inputs, padding)["mlm_output"])
+        np.testing.assert_allclose(outputs["control_input"] - outputs["none"],
                                    inputs[..., 0], atol=1e-5)
+        np.testing.assert_allclose(outputs["gene_mean"] - outputs["none"],
+                                   baseline[gene_ids], atol=1e-5)
 
 
 def test_condition_mean_target_replaces_each_cell_by_its_condition_mean(data_tiny):
@@ -164,7 +169,7 @@ def test_predictor_composes_doubles_from_prior_and_model(data_tiny):
 
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
     prior = fit_additive_prior(data_tiny, split["train"])
-    config = _tiny_model_config(data_tiny, additive_prior=True, predict_change=True)
+    config = _tiny_model_config(data_tiny, additive_prior=True, output_baseline="control_input")
     params = init_params(config, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="additive_prior"):
         Predictor(config, params, data_tiny)
@@ -217,3 +222,29 @@ def test_screen_preset_is_a_singles_screen_of_mostly_unmeasured_genes():
     genes = {c.split("+")[0] for c in conditions if c != "ctrl"}
     measured = set(adata.var["gene_name"].astype(str))
     assert len(genes) == 100 and len(genes - measured) == 80
+
+
+def test_init_from_data_starts_the_gene_baseline_at_the_control_mean(data_tiny):
+    from scformer_jax.gene_features import init_from_data
+
+    config = _tiny_model_config(data_tiny, output_baseline="gene_mean")
+    params = init_params(config, jax.random.PRNGKey(0))
+    assert not np.asarray(params["gene_baseline"]).any()
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    new = init_from_data(params, config, data_tiny, split["train"])
+    baseline = np.asarray(new["gene_baseline"])
+    ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
+    np.testing.assert_allclose(baseline[data_tiny.gene_token_ids], ctrl, atol=1e-5)
+    others = np.setdiff1d(np.arange(data_tiny.n_tokens), data_tiny.gene_token_ids)
+    assert not baseline[others].any()
+    # gene_embedding_init "random": the embedding is left alone.
+    np.testing.assert_array_equal(np.asarray(new["encoder"]["embedding"]),
+                                  np.asarray(params["encoder"]["embedding"]))
+    with_embedding = init_from_data(params, dataclasses.replace(
+        config, gene_embedding_init="data"), data_tiny, split["train"])
+    assert not np.allclose(np.asarray(with_embedding["encoder"]["embedding"]),
+                           np.asarray(params["encoder"]["embedding"]))
+    kept = init_from_data(params, dataclasses.replace(config, gene_embedding_init="data"),
+                          data_tiny, split["train"], embedding=False)
+    np.testing.assert_array_equal(np.asarray(kept["encoder"]["embedding"]),
+                                  np.asarray(params["encoder"]["embedding"]))
