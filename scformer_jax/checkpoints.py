@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -155,15 +156,20 @@ class Checkpoints:
         self._check_space(step, state)
         metrics = {METRIC_KEY: float(metric)} if metric is not None and math.isfinite(
             metric) else {}
-        try:
-            with _quiet_orbax_errors():
+        threads_before = set(threading.enumerate())
+        with _quiet_orbax_errors():
+            try:
                 self.manager.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                     metrics=metrics, force=True)
                 self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - any write failure ends the run here
-            self._discard(step)
-            raise CheckpointWriteError(step, self.directory, e) from e
+            except Exception as e:  # noqa: BLE001 - any write failure ends the run here
+                # The first failed item raises while the others may still be writing in
+                # orbax's threads: let them end before removing what they wrote.
+                for thread in set(threading.enumerate()) - threads_before:
+                    thread.join(timeout=60)
+                self._discard(step)
+                raise CheckpointWriteError(step, self.directory, e) from e
         if not (self.directory / str(step)).is_dir():
             self._discard(step)
             raise CheckpointWriteError(step, self.directory, RuntimeError(
