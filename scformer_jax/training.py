@@ -463,13 +463,15 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                 # Save where the epoch stopped: a resume with a larger max_steps goes on with
                 # the next batch of this epoch, as an uninterrupted run would.
                 loop.epoch, loop.batch_in_epoch = epoch, start_batch + n_steps
-                _save_finite(ckpts, total_steps, epoch, state_repl,
-                             {"loop": dataclasses.asdict(loop), "epoch_metrics": {},
-                              "model_config": dataclasses.asdict(model_config)}, metric=None)
+                ckpts.save(total_steps, _finite_host_state(state_repl, total_steps, epoch, ckpts),
+                           {"loop": dataclasses.asdict(loop), "epoch_metrics": {},
+                            "model_config": dataclasses.asdict(model_config)}, metric=None)
                 if primary:
                     print(f"Stopped at train.max_steps={config.train.max_steps}, in epoch "
                           f"{epoch + 1} after batch {loop.batch_in_epoch}/{steps_per_epoch}.")
                 break
+            # Checked before validation, which would fail on NaN predictions.
+            host_state = _finite_host_state(state_repl, total_steps, epoch, ckpts)
             params_repl = state_repl.params
             val = validate(p_eval, params_repl, val_loader, dataset,
                            max_batches=config.train.max_val_batches)
@@ -495,9 +497,9 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                       f"{val.get('val_mse', float('nan')):.4f}, {best_metric} {value:.4f}"
                       f"{' (best)' if loop.best_epoch == epoch + 1 else ''}, "
                       f"{epoch_metrics['epoch_seconds']:.1f}s")
-            _save_finite(ckpts, total_steps, epoch, state_repl,
-                         {"loop": dataclasses.asdict(loop), "epoch_metrics": epoch_metrics,
-                          "model_config": dataclasses.asdict(model_config)}, metric=value)
+            ckpts.save(total_steps, host_state,
+                       {"loop": dataclasses.asdict(loop), "epoch_metrics": epoch_metrics,
+                        "model_config": dataclasses.asdict(model_config)}, metric=value)
             if config.train.max_steps and total_steps >= config.train.max_steps:
                 break
             if config.train.early_stop and \
@@ -540,13 +542,13 @@ def _all_finite(tree: Any) -> bool:
                if np.issubdtype(np.asarray(x).dtype, np.inexact))
 
 
-def _save_finite(ckpts: Checkpoints, step: int, epoch: int, state_repl, meta: dict, *,
-                 metric: float | None) -> None:
-    """Checkpoints the state of `step` unless it holds NaN or inf (then raises)."""
+def _finite_host_state(state_repl, step: int, epoch: int, ckpts: Checkpoints) -> dict:
+    """The state to checkpoint at `step`, as host arrays; raises when it holds NaN or inf,
+    so that no checkpoint is ever non-finite."""
     host_state = _saved_state(parallel.unreplicate(state_repl))
     if not _all_finite(host_state):
         raise _non_finite("parameters or optimiser state", step, epoch, ckpts)
-    ckpts.save(step, host_state, meta, metric=metric)
+    return host_state
 
 
 def restore_params(workdir: str | Path, *, which: str = "best"):
