@@ -116,8 +116,8 @@ class RunFolderLock:
     The holder keeps an exclusive ``flock`` on the file for as long as it runs, so the kernel
     drops the lock when the process dies, however it dies. A lock file left behind by a dead
     process (no ``flock`` on it) is stale: it is reported and taken over. Where the file
-    system cannot lock files, a lock file that exists is treated as held, and the message
-    says how to clear it.
+    system cannot lock files, the lock is the file itself (created exclusively): one that
+    exists is treated as held, and the message says how to clear it.
 
     Args:
       workdir: the run folder (created, with its parents, when missing).
@@ -172,10 +172,23 @@ class RunFolderLock:
 
     def _take(self) -> None:
         for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, file_mode())
+                created = True
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:  # its holder just removed it
+                    continue
+                created = False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and created:
+                    # No file locks here (some network file systems): the file we created
+                    # is the lock.
+                    self._hold(fd, holder=None)
+                    return
                 holder = self._read_holder(fd)
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -191,17 +204,18 @@ class RunFolderLock:
             if not same:
                 os.close(fd)
                 continue
-            holder = self._read_holder(fd)
-            if holder is not None:
-                self.stale_holder = holder
-            record = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "started": datetime.datetime.now().isoformat(timespec="seconds")}
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, (json.dumps(record) + "\n").encode())
-            self._fd = fd
+            self._hold(fd, holder=self._read_holder(fd))
             return
         raise self._locked_error(None, "processes keep replacing the lock;")
+
+    def _hold(self, fd: int, *, holder: dict | None) -> None:
+        self.stale_holder = holder
+        record = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        self._fd = fd
 
     def stale_message(self) -> str | None:
         """What was taken over, when the lock file was left behind by a dead process."""

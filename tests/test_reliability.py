@@ -10,6 +10,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -122,40 +123,42 @@ def test_non_finite_state_at_a_checkpoint_step_is_never_saved(tmp_path, monkeypa
 # ------------------------------------------------------------ 2. one writer per run folder
 
 
-def start_lock_holder(workdir):
-    """A second process that takes the run-folder lock and waits."""
-    code = ("import sys, time\n"
-            "from scformer_jax.io import RunFolderLock\n"
-            "RunFolderLock(sys.argv[1]).acquire()\n"
-            "print('held', flush=True)\n"
-            "time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
+def start_first_writer(workdir):
+    """A train.py process that keeps training into `workdir`; returns once it has written
+    its first metrics."""
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--config", TINY, "--workdir", str(workdir),
+         "--no-progress", "--set", "train.epochs=1000"], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = Path(workdir) / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None:
+        assert time.time() < deadline, "the first writer did not start training"
+        time.sleep(0.5)
+    assert proc.poll() is None, "the first writer ended early"
     return proc
 
 
 def test_second_writer_fails_at_once_and_a_stale_lock_is_taken_over(tmp_path, capsys, caplog):
     run = tmp_path / "run"
-    holder = start_lock_holder(run)
+    first = start_first_writer(run)
     try:
-        assert run_train(run) == 2
+        started = time.time()
+        assert run_train(run, "train.epochs=1") == 2
+        assert time.time() - started < 10  # at once: no data loading, no compiling
         err = capsys.readouterr().err
         assert "Cannot train: Run folder" in err and "is in use" in err
-        assert f"pid {holder.pid}" in err and "another --workdir" in err
-        # Nothing was written next to the holder's lock.
-        assert sorted(os.listdir(run)) == [LOCK_FILE]
+        assert f"pid {first.pid}" in err and "another --workdir" in err
         with pytest.raises(RunFolderLockedError, match=f"rm {run / LOCK_FILE}"):
             RunFolderLock(run).acquire()
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     # kill -9 left the lock file behind; nobody holds it any more.
-    assert json.loads((run / LOCK_FILE).read_text())["pid"] == holder.pid
+    assert json.loads((run / LOCK_FILE).read_text())["pid"] == first.pid
     with caplog.at_level("WARNING"):
         assert run_train(run, "train.epochs=1") == 0
-    assert f"Took over a stale lock in {run / LOCK_FILE}: pid {holder.pid}" in caplog.text
+    assert f"Took over a stale lock in {run / LOCK_FILE}: pid {first.pid}" in caplog.text
     assert not (run / LOCK_FILE).exists()
 
 
@@ -167,6 +170,22 @@ def test_lock_is_released_and_an_unused_new_folder_removed(tmp_path):
     with RunFolderLock(tmp_path / "c"):
         (tmp_path / "c" / "kept").write_text("x")
     assert sorted(os.listdir(tmp_path / "c")) == ["kept"]
+
+
+def test_without_file_locks_the_lock_file_itself_is_the_lock(tmp_path, monkeypatch):
+    from scformer_jax import io as io_lib
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(io_lib.fcntl, "flock", no_locks)
+    first = RunFolderLock(tmp_path).acquire()
+    with pytest.raises(RunFolderLockedError, match=f"cannot lock files.*pid {os.getpid()}.*"
+                                                    f"rm {tmp_path / LOCK_FILE}"):
+        RunFolderLock(tmp_path).acquire()
+    first.release()
+    RunFolderLock(tmp_path).acquire().release()
+    assert not (tmp_path / LOCK_FILE).exists()
 
 
 # ------------------------------------------------------------ 3. resume after corruption
@@ -361,6 +380,23 @@ def test_read_only_run_folder_for_real(tmp_path, capsys):
             f"Cannot train: {run / LOCK_FILE}: Permission denied"]
     finally:
         run.chmod(0o755)
+
+
+def test_prepare_into_a_read_only_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    source = tmp_path / "raw.h5ad"
+    counts_adata(LABELS, GENES).write_h5ad(source)
+    out = tmp_path / "out" / "data.h5ad"
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out.parent / ".tmp123"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert data_main(["prepare", str(source), str(out), "--perturbation-key", "target",
+                      "--control-label", "NT", "--de-backend", "numpy"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {out}: Read-only file system"]
 
 
 def test_atomic_write_errors_name_the_output(tmp_path, monkeypatch):
