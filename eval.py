@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from scformer_jax import evaluation
     from scformer_jax.data.gears_io import write_h5ad_atomic
+    from scformer_jax.io import describe_os_error
     from scformer_jax.predict import UnknownPerturbationError, load_predictor
 
     if len(args.workdir) > 1:
@@ -66,21 +67,35 @@ def main(argv=None) -> int:
         print(f"Summary written to {summary}")
         return 0
     workdir = args.workdir[0]
+    out = Path(args.out) if args.out else Path(workdir) / "eval"
+    if args.predict and args.pool_size < 1:
+        print(f"eval.py: --pool-size must be >= 1, got {args.pool_size}.", file=sys.stderr)
+        return 2
     try:
+        predictor = None
+        if args.predict:
+            # Bad names fail here, before the evaluation's minutes of work.
+            predictor = load_predictor(workdir, which=args.checkpoint)
+            predictor.check_perturbations(args.predict)
         evaluation.evaluate_run(workdir, which=args.checkpoint, out_dir=args.out,
                                 plot_perturbations=args.plot, n_plots=args.n_plots,
                                 seed=args.seed)
-        out = Path(args.out) if args.out else Path(workdir) / "eval"
-        if args.predict:
-            predictor = load_predictor(workdir, which=args.checkpoint)
+        if predictor is not None:
             result = predictor.predict(args.predict, pool_size=args.pool_size, seed=args.seed)
             write_h5ad_atomic(result.mean, out / "predict.h5ad")
             write_h5ad_atomic(result.cells, out / "predict_cells.h5ad")
     except (FileNotFoundError, ValueError, KeyError, UnknownPerturbationError) as e:
         print(f"eval.py: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # no space left, read-only folder, no permission
+        print(f"eval.py: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     print((out / "report.md").read_text())
     print(f"Evaluation written to {out}")
+    if predictor is not None:
+        print(f"Predictions for {len(args.predict)} perturbation(s) written to "
+              f"{out / 'predict.h5ad'} (mean profile per perturbation) and "
+              f"{out / 'predict_cells.h5ad'} (one row per control cell)")
     return 0
 
 

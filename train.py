@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     import jax
 
     from scformer_jax import parallel, training
+    from scformer_jax.checkpoints import CheckpointWriteError
+    from scformer_jax.io import RunFolderLockedError, describe_os_error
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id)
@@ -56,16 +58,22 @@ def main(argv=None) -> int:
     try:
         summary = training.train_and_evaluate(
             config, workdir, progress=not args.no_progress and sys.stderr.isatty())
-    except training.NonFiniteLossError as e:
+    except training.NonFiniteError as e:
         print(f"Training stopped: {e}", file=sys.stderr)
         return 3
     except ConfigError as e:
         print(f"Config error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        # Bad data or sizes (DataFormatError, split too small, batch vs devices): the message
-        # names the problem; nothing was written for a new run folder.
+    except (ValueError, KeyError, FileNotFoundError, RunFolderLockedError) as e:
+        # Bad data or sizes (DataFormatError, split too small, batch vs devices), or another
+        # writer on the run folder: the message names the problem; nothing was written for a
+        # new run folder.
         print(f"Cannot train: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # No space left, a read-only folder, no permission: one line with the path.
+        text = str(e) if isinstance(e, CheckpointWriteError) else describe_os_error(e)
+        print(f"Cannot train: {text}", file=sys.stderr)
         return 2
     if parallel.is_primary():
         best = summary["best_value"]

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,7 +35,7 @@ from scformer_jax.data.batching import pair_controls
 from scformer_jax.data.dataset import PerturbData, load_dataset
 from scformer_jax.data.gears_io import group_stats
 from scformer_jax.data.splits import gears_split, read_split_json
-from scformer_jax.io import write_text_atomic
+from scformer_jax.io import make_temp_dir, write_text_atomic
 from scformer_jax.predict import Predictor, normalize_perturbation
 from scformer_jax.prior import fit_additive_prior
 from scformer_jax.training import restore_params
@@ -416,7 +415,7 @@ def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Pat
 
     out_dir = Path(out_dir) if out_dir is not None else workdir / "eval"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".eval-", dir=out_dir.parent))
+    staging = make_temp_dir(out_dir.parent, prefix=".eval-")
     try:
         summary = {
             "workdir": str(workdir), "checkpoint": which, "n_test_perturbations": len(test),

@@ -145,6 +145,13 @@ class Predictor:
             results.append(self._run(host, self.dataset.dense_rows(chunk)))
         return np.concatenate(results) if results else np.zeros((0, self.dataset.n_genes))
 
+    def check_perturbations(self, perturbations: Sequence[str]) -> list[str]:
+        """The dataset's spelling of each perturbation; raises
+        :class:`UnknownPerturbationError` on the first bad one, before any model work."""
+        if isinstance(perturbations, str):
+            perturbations = [perturbations]
+        return [normalize_perturbation(p, self.dataset) for p in perturbations]
+
     def predict(self, perturbations: Sequence[str], *, pool_size: int = 300, seed: int = 0,
                 return_cells: bool = True) -> "Prediction":
         """Predicts each perturbation on a pool of control cells.
@@ -160,11 +167,9 @@ class Predictor:
         Returns:
           :class:`Prediction` with ``mean`` (one row per perturbation) and ``cells``.
         """
-        if isinstance(perturbations, str):
-            perturbations = [perturbations]
         if pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}.")
-        conditions = [normalize_perturbation(p, self.dataset) for p in perturbations]
+        conditions = self.check_perturbations(perturbations)
         rng = np.random.default_rng(seed)
         controls = self.dataset.control_cells
         pool = np.sort(rng.choice(controls, size=min(pool_size, len(controls)), replace=False))

@@ -32,7 +32,7 @@ from scformer_jax.config import (
     save_config,
 )
 from scformer_jax.gene_features import init_from_data
-from scformer_jax.io import write_text_atomic
+from scformer_jax.io import RunFolderLock, write_text_atomic
 from scformer_jax.model import TransformerGenerator, init_params
 from scformer_jax.objectives import loss_terms, objective_value
 from scformer_jax.prior import fit_additive_prior
@@ -44,8 +44,9 @@ class TrainState(train_state.TrainState):
     """Params, optimiser state and step; nothing else lives on the devices."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the message names the step."""
+class NonFiniteError(RuntimeError):
+    """The loss, the gradient norm or the parameters became NaN or inf; the message names the
+    step. That step is never checkpointed."""
 
 
 def make_optimizer(optim, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
@@ -124,16 +125,19 @@ def make_p_eval_step(model):
 class MetricsWriter:
     """JSON lines (``metrics.jsonl``) and TensorBoard events, from the primary process only."""
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(self, workdir: Path, enabled: bool = True, *, purge_step: int | None = None):
+        """`purge_step`: the first step this writer logs; TensorBoard hides the events of an
+        earlier attempt from that step on (a resumed run writes them again)."""
         self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
         self._file = None
         self._tb = None
         if enabled:
-            self._file = open(workdir / "metrics.jsonl", "a", buffering=1)
+            self._file = open(self.path, "a", buffering=1)
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(workdir / "tensorboard"))
+                self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge_step)
             except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience
                 log.warning("TensorBoard logging disabled: %s", e)
 
@@ -144,7 +148,10 @@ class MetricsWriter:
         record.update({k: (float(v) if isinstance(v, (int, float, np.floating, np.integer))
                            or (hasattr(v, "shape") and np.ndim(v) == 0) else v)
                        for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: name the file, which write() does not
+            raise type(e)(e.errno, e.strerror, str(self.path)) from e
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("kind", "step") and isinstance(value, float) and math.isfinite(
@@ -152,10 +159,17 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            if self._file is not None:
+                self._file.close()
+        finally:
+            self._file = None
+            if self._tb is not None:
+                tb, self._tb = self._tb, None
+                try:
+                    tb.close()
+                except OSError as e:  # TensorBoard is a convenience; metrics.jsonl is the record
+                    log.warning("TensorBoard events not flushed: %s", e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +320,8 @@ def check_resume_config(config: Config, workdir: Path) -> None:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops records past the checkpoint being resumed from (they will be written again)."""
+    """Drops records past the checkpoint being resumed from (they will be written again);
+    `last_step` 0 (no checkpoint) drops them all."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines()
@@ -317,12 +332,31 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     """Trains with `config`, writing checkpoints, metrics and the config into `workdir`.
 
-    Resumes from the newest readable checkpoint in `workdir` when there is one. Returns a
+    Resumes from the newest readable checkpoint in `workdir` when there is one. The primary
+    process holds the run-folder lock (``WORKDIR/train.lock``) while it runs. Returns a
     summary dict (best metric, best epoch, steps, workdir).
+
+    Raises:
+      RunFolderLockedError: another process is training into `workdir`.
+      NonFiniteError: the loss, gradient norm or parameters became non-finite.
+      CheckpointWriteError, OSError: a file could not be written (the message names it).
     """
+    workdir = Path(workdir)
+    if not parallel.is_primary():
+        return _train(config, workdir, progress=progress)
+    lock = RunFolderLock(workdir).acquire()
+    try:
+        if lock.stale_message():
+            log.warning(lock.stale_message())
+        return _train(config, workdir, progress=progress)
+    finally:
+        # A start that failed on bad input leaves no folder behind.
+        lock.release()
+
+
+def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     from scformer_jax import data as data_lib
 
-    workdir = Path(workdir)
     primary = parallel.is_primary()
     check_resume_config(config, workdir)
     # Everything that can fail on bad input (data, split, sizes) runs before the run folder
@@ -367,16 +401,21 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     ckpts = Checkpoints(workdir / "checkpoints", best_mode=config.train.best_mode,
                         keep_latest=config.train.keep_checkpoints)
     loop = LoopState()
-    restored = ckpts.restore(_saved_state(state))
+    restored = ckpts.restore(_saved_state(state), move_unreadable=True)
+    resumed_step = 0
     if restored is not None:
         step, host_state, meta = restored
         state = state.replace(step=host_state["step"], params=host_state["params"],
                               opt_state=host_state["opt_state"])
         loop = LoopState(**meta["loop"])
+        resumed_step = int(step)
         log.info("Resumed from checkpoint step %d (epoch %d)", step, loop.epoch)
         if primary:
-            _truncate_metrics(workdir / "metrics.jsonl", int(step))
             print(f"Resuming from {ckpts.directory} step {step}, epoch {loop.epoch + 1}")
+    if primary:
+        # Records past the resumed step (all of them without a checkpoint) are from an
+        # attempt that did not finish; this run writes those steps again.
+        _truncate_metrics(workdir / "metrics.jsonl", resumed_step)
 
     model = TransformerGenerator(model_config)
     prior_predictor = None
@@ -390,7 +429,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
     p_train_step = make_p_train_step(model, config.objective)
     p_eval = make_p_eval_step(model)
     state_repl = parallel.replicate(state)
-    writer = MetricsWriter(workdir, enabled=primary)
+    writer = MetricsWriter(workdir, enabled=primary, purge_step=resumed_step + 1
+                           if (workdir / "tensorboard").exists() else None)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     if primary:
         print(f"scformer-jax: {dataset.n_genes} genes, {len(split['train'])} train / "
@@ -423,11 +463,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 metrics = {k: float(parallel.first_replica(v)) for k, v in metrics.items()}
                 total_steps += 1
                 n_steps += 1
-                if not math.isfinite(metrics["loss"]):
-                    raise NonFiniteLossError(
-                        f"Non-finite loss ({metrics['loss']}) at step {total_steps} (epoch "
-                        f"{epoch + 1}); the last good checkpoint in {ckpts.directory} is kept. "
-                        "Lower optim.lr, check the data for NaN/inf, or use dtype float32.")
+                bad = {k: metrics[k] for k in ("loss", "grad_norm")
+                       if k in metrics and not math.isfinite(metrics[k])}
+                if bad:
+                    raise _non_finite(", ".join(f"{k} ({v})" for k, v in bad.items()),
+                                      total_steps, epoch, ckpts)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 now = time.time()
@@ -451,13 +491,15 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                 # Save where the epoch stopped: a resume with a larger max_steps goes on with
                 # the next batch of this epoch, as an uninterrupted run would.
                 loop.epoch, loop.batch_in_epoch = epoch, start_batch + n_steps
-                ckpts.save(total_steps, _saved_state(parallel.unreplicate(state_repl)),
+                ckpts.save(total_steps, _finite_host_state(state_repl, total_steps, epoch, ckpts),
                            {"loop": dataclasses.asdict(loop), "epoch_metrics": {},
                             "model_config": dataclasses.asdict(model_config)}, metric=None)
                 if primary:
                     print(f"Stopped at train.max_steps={config.train.max_steps}, in epoch "
                           f"{epoch + 1} after batch {loop.batch_in_epoch}/{steps_per_epoch}.")
                 break
+            # Checked before validation, which would fail on NaN predictions.
+            host_state = _finite_host_state(state_repl, total_steps, epoch, ckpts)
             params_repl = state_repl.params
             if prior_predictor is not None:
                 prior_predictor.params = parallel.unreplicate(params_repl)
@@ -485,10 +527,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
                       f"{val.get('val_mse', float('nan')):.4f}, {best_metric} {value:.4f}"
                       f"{' (best)' if loop.best_epoch == epoch + 1 else ''}, "
                       f"{epoch_metrics['epoch_seconds']:.1f}s")
-            ckpts.save(total_steps, _saved_state(parallel.unreplicate(state_repl)),
+            ckpts.save(total_steps, host_state,
                        {"loop": dataclasses.asdict(loop), "epoch_metrics": epoch_metrics,
-                        "model_config": dataclasses.asdict(model_config)},
-                       metric=value)
+                        "model_config": dataclasses.asdict(model_config)}, metric=value)
             if config.train.max_steps and total_steps >= config.train.max_steps:
                 break
             if config.train.early_stop and \
@@ -514,6 +555,30 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 def _saved_state(state: TrainState) -> dict:
     """What a checkpoint holds of the train state (the optimiser's code is not data)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def _non_finite(what: str, step: int, epoch: int, ckpts: Checkpoints) -> NonFiniteError:
+    steps = ckpts.steps()
+    kept = (f"the newest checkpoint, step {steps[-1]} in {ckpts.directory}, is finite and "
+            "is kept" if steps else "no checkpoint was written before it")
+    return NonFiniteError(
+        f"Non-finite {what} at step {step} (epoch {epoch + 1}); this step is not "
+        f"checkpointed and {kept}. Lower optim.lr, check the data for NaN/inf, or use dtype "
+        "float32.")
+
+
+def _all_finite(tree: Any) -> bool:
+    return all(bool(np.isfinite(x).all()) for x in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def _finite_host_state(state_repl, step: int, epoch: int, ckpts: Checkpoints) -> dict:
+    """The state to checkpoint at `step`, as host arrays; raises when it holds NaN or inf,
+    so that no checkpoint is ever non-finite."""
+    host_state = _saved_state(parallel.unreplicate(state_repl))
+    if not _all_finite(host_state):
+        raise _non_finite("parameters or optimiser state", step, epoch, ckpts)
+    return host_state
 
 
 def restore_params(workdir: str | Path, *, which: str = "best"):

@@ -28,6 +28,7 @@ from scformer_jax.data.gears_io import (
     read_gears,
     write_h5ad_atomic,
 )
+from scformer_jax.io import describe_os_error
 
 
 def _parse_sets(items: Sequence[str]) -> dict:
@@ -75,7 +76,8 @@ def _cmd_prepare(args: argparse.Namespace) -> str:
                      control_label=args.control_label, cell_type_key=args.cell_type_key,
                      cell_type=args.cell_type, gene_name_key=args.gene_name_key,
                      combo_separator=args.combo_separator, normalize=normalize,
-                     min_cells=args.min_cells, de_backend=args.de_backend)
+                     min_cells=args.min_cells, de_backend=args.de_backend,
+                     labels_are_gene_names=args.labels_are_gene_names)
     write_h5ad_atomic(result, out)
     return (f"wrote {out}: {result.n_obs} cells x {result.n_vars} genes, "
             f"{result.obs['condition'].nunique()} conditions")
@@ -151,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fewest cells per condition (default 2)")
     prep.add_argument("--de-backend", default="scanpy", choices=["scanpy", "numpy"],
                       help="DE t-test via scanpy (GEARS's call, default) or numpy (faster)")
+    prep.add_argument("--labels-are-gene-names", action="store_true",
+                      help="accept perturbation labels that look like integer codes or name "
+                           "no measured gene (refused by default: usually category codes)")
     prep.set_defaults(func=_cmd_prepare)
 
     spl = sub.add_parser("split", help="write GEARS's train/val/test split as JSON")
@@ -174,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataFormatError, ValueError, KeyError) as e:
         text = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {text}", file=sys.stderr)
+        return 2
+    except OSError as e:  # no space left, read-only folder, no permission
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     print(message)
     return 0

@@ -21,6 +21,7 @@ GEARS (snap-stanford/GEARS, package cell-gears) stores a processed dataset as
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -168,6 +169,53 @@ def read_gears(path: str | os.PathLike, *, backed: bool = False) -> anndata.AnnD
         raise DataFormatError(f"Could not read {str(file)!r} as an .h5ad file: {e}") from e
 
 
+def check_unique_var_names(adata: anndata.AnnData, *, where: str = "adata.var_names",
+                           fix: str | None = None) -> None:
+    """Raises :class:`DataFormatError` listing duplicated var names (genes are looked up by
+    name, so two columns may not share one) and how to make them unique."""
+    names = pd.Index(adata.var_names.astype(str))
+    if names.is_unique:
+        return
+    counts = names.value_counts()
+    duplicated = counts[counts > 1]
+    listed = ", ".join(f"{name!r} ({n}x)" for name, n in duplicated.head(10).items())
+    unique_columns = [str(c) for c in adata.var.columns
+                      if not adata.var[c].isna().any() and adata.var[c].astype(str).is_unique]
+    column_hint = (f"; or index the genes by a column with unique values (here: "
+                   f"{unique_columns[:5]}), e.g. adata.var_names = "
+                   f"adata.var[{unique_columns[0]!r}].astype(str)" if unique_columns else "")
+    raise DataFormatError(
+        f"{where} has {len(duplicated)} duplicated gene name(s): {listed}"
+        f"{' ...' if len(duplicated) > 10 else ''}. Each gene must have its own name: call "
+        f"adata.var_names_make_unique() (it appends -1, -2, ... to repeats){column_hint}"
+        f"{'. ' + fix if fix else ''}.")
+
+
+# Labels such as "3", "-1" or "3.0": codes of a categorical column, not gene symbols.
+_CODE_LABEL = re.compile(r"[+-]?\d+(\.0+)?")
+
+
+def _check_labels_are_genes(perturbed: Sequence[str], gene_names: Sequence[str],
+                            perturbation_key: str) -> None:
+    """Refuses perturbation labels that look like integer codes or name no measured gene."""
+    if not perturbed:
+        return
+    measured = set(gene_names)
+    if all(_CODE_LABEL.fullmatch(g) for g in perturbed):
+        why = "they look like integer codes"
+    elif not measured.intersection(perturbed):
+        why = f"none of the {len(perturbed)} perturbed genes is a measured gene"
+    else:
+        return
+    raise DataFormatError(
+        f"The perturbation labels in obs[{perturbation_key!r}] do not look like gene names: "
+        f"{why} (perturbed: {list(perturbed)[:8]}; measured genes: {list(gene_names)[:5]}). "
+        f"If they are codes, map them to gene symbols first, e.g. adata.obs["
+        f"{perturbation_key!r}] = adata.obs[{perturbation_key!r}].map(code_to_gene); if they "
+        "are the symbols of perturbed genes that were not measured, pass "
+        "--labels-are-gene-names (labels_are_gene_names=True).")
+
+
 def _check_columns(frame: pd.DataFrame, keys: Iterable[str], where: str, fix: str) -> None:
     missing = [k for k in keys if k not in frame.columns]
     if missing:
@@ -195,6 +243,7 @@ def validate_gears_adata(adata: anndata.AnnData, *, require_de: bool = True,
     _check_columns(adata.var, ("gene_name",), "adata.var",
                    "Set adata.var['gene_name'] to the gene symbols (e.g. "
                    "adata.var['gene_name'] = adata.var_names).")
+    check_unique_var_names(adata, fix="Then write the file again")
     conditions = adata.obs["condition"].astype(str)
     counts = conditions.value_counts()
     for cond in counts.index:
@@ -446,7 +495,8 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
             cell_type_key: str | None = None, cell_type: str = "cell",
             gene_name_key: str | None = None, combo_separator: str = "+",
             normalize: bool | None = None, target_sum: float = 1e4,
-            min_cells: int = 2, de_backend: str = "scanpy") -> anndata.AnnData:
+            min_cells: int = 2, de_backend: str = "scanpy",
+            labels_are_gene_names: bool = False) -> anndata.AnnData:
     """A user's Perturb-seq AnnData -> a new AnnData in GEARS's processed layout.
 
     Args:
@@ -465,6 +515,8 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
       min_cells: the fewest cells a condition may have (the t-test needs 2).
       de_backend: ``"scanpy"`` (GEARS's own call, the default) or ``"numpy"`` (same
         statistic, faster); see :func:`rank_genes_vs_control`.
+      labels_are_gene_names: accept labels that look like integer codes or name no
+        measured gene (refused by default: such a column usually holds category codes).
 
     Returns:
       A new AnnData (CSR float32 X, obs with 'condition', 'cell_type', 'condition_name',
@@ -472,8 +524,9 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
       DE entries). The input is not modified.
 
     Raises:
-      DataFormatError: missing columns, missing labels, malformed labels, no control cells,
-        conditions with fewer than `min_cells` cells, NaN/inf, counts declared as log values.
+      DataFormatError: missing columns, duplicated var names, missing labels, malformed
+        labels, labels that are not gene names, no control cells, conditions with fewer than
+        `min_cells` cells, NaN/inf, counts declared as log values.
     """
     import scanpy as sc
 
@@ -488,6 +541,7 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
         _check_columns(adata.var, [gene_name_key], "adata.var",
                        "Pass the var column holding gene symbols as --gene-name-key, or leave it "
                        "out to use the var names.")
+    check_unique_var_names(adata)
     labels = adata.obs[perturbation_key]
     if labels.isna().any():
         first = adata.obs_names[labels.isna().to_numpy()][0]
@@ -505,6 +559,12 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
     mapping = {label: _user_label_to_condition(label, control_label, combo_separator)
                for label in unique_labels}
     conditions = pd.Series(labels).map(mapping).to_numpy()
+    gene_names = (adata.var[gene_name_key].astype(str).to_numpy() if gene_name_key is not None
+                  else adata.var_names.astype(str).to_numpy())
+    if not labels_are_gene_names:
+        _check_labels_are_genes(
+            sorted({g for c in mapping.values() for g in parse_condition(c)}), gene_names,
+            perturbation_key)
     counts = pd.Series(conditions).value_counts()
     small = counts[counts < min_cells]
     if len(small):
@@ -552,8 +612,6 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
     var = pd.DataFrame(index=pd.Index(adata.var_names.astype(str)))
     for column in adata.var.columns:
         var[column] = adata.var[column].to_numpy()
-    gene_names = (adata.var[gene_name_key].astype(str).to_numpy() if gene_name_key is not None
-                  else adata.var_names.astype(str).to_numpy())
     var["gene_name"] = gene_names
     out = anndata.AnnData(X=X, obs=obs, var=var)
     if normalize:

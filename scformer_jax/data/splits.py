@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from scformer_jax.data.conditions import parse_condition
+from scformer_jax.io import file_mode
 
 CONTROL = "ctrl"
 SPLIT_TYPES = ("simulation", "simulation_single", "single", "combo_seen0", "combo_seen1",
@@ -512,6 +513,7 @@ def write_split_json(result: dict, path: str | os.PathLike) -> None:
     text = json.dumps(checked, indent=1) + "\n"
     handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".split-", suffix=".json.tmp")
     try:
+        os.fchmod(handle, file_mode())  # mkstemp's 0600 -> what open() would give
         with os.fdopen(handle, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
