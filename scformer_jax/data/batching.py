@@ -342,10 +342,9 @@ class BatchLoader:
         self.pert_pad_id = int(pert_pad_id)
         self.frozen_pairing = frozen_pairing
         self.target = target
-        # Means over the cells served (a split holds whole conditions: all of their cells).
+        # A split holds whole conditions, so a condition's mean is over the cells served.
         self.target_profiles = (None if target == "cell" else
-                                {c: data.mean_expression(data.cells_of([c]))
-                                 for c in self.conditions})
+                                {c: data.condition_mean(c) for c in self.conditions})
         self.target_offsets = target_offsets
 
         # The longest possible row, to size the buckets.
