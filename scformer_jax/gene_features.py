@@ -131,5 +131,5 @@ def init_gene_embedding_from_data(params: Any, dataset, train_conditions: Sequen
     table = table.copy()
     table[columns] = features * (scale / np.sqrt(3.0))
     new = dict(params)
-    new["encoder"] = dict(params["encoder"], embedding=table.astype(table.dtype))
+    new["encoder"] = dict(params["encoder"], embedding=table)
     return new
