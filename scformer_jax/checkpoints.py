@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,23 @@ METRIC_KEY = "best_metric_value"
 CORRUPT_DIR = "corrupt"
 # Free space a save needs beyond the size of the checkpoint itself (file-system overhead).
 SPACE_MARGIN_BYTES = 1 << 20
+
+
+def _join_new_threads(before: set[threading.Thread], *, timeout: float) -> None:
+    """Waits up to `timeout` seconds for the threads started since `before` to end.
+
+    A thread whose `start()` was called but that is not running yet cannot be joined (the
+    `RuntimeError` of `Thread.join`); it is waited for until it runs.
+    """
+    deadline = time.monotonic() + timeout
+    current = threading.current_thread()
+    for thread in set(threading.enumerate()) - before - {current}:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                thread.join(timeout=left)
+                break
+            except RuntimeError:  # started but not yet running
+                time.sleep(0.01)
 
 
 class CheckpointWriteError(OSError):
@@ -166,8 +184,7 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001 - any write failure ends the run here
                 # The first failed item raises while the others may still be writing in
                 # orbax's threads: let them end before removing what they wrote.
-                for thread in set(threading.enumerate()) - threads_before:
-                    thread.join(timeout=60)
+                _join_new_threads(threads_before, timeout=60.0)
                 self._discard(step)
                 raise CheckpointWriteError(step, self.directory, e) from e
         if not (self.directory / str(step)).is_dir():

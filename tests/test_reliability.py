@@ -312,6 +312,22 @@ def test_full_disk_during_a_checkpoint_stops_there_in_one_line(tmp_path, monkeyp
     assert os.listdir(run / "checkpoints") == [str(STEPS_PER_EPOCH)]
 
 
+def test_a_failed_save_waits_for_writer_threads_not_yet_running(monkeypatch):
+    """A writer thread that orbax started but that is not running yet cannot be joined; the
+    cleanup waits for it instead of failing with "cannot join thread before it is started"."""
+    import threading
+
+    finished = []
+    writer = threading.Thread(target=lambda: finished.append(True))
+    real_enumerate = threading.enumerate
+    monkeypatch.setattr(threading, "enumerate", lambda: [*real_enumerate(), writer])
+    starter = threading.Timer(0.05, writer.start)
+    starter.start()
+    before = set(real_enumerate())  # the starter included: only the writer is new
+    checkpoints_lib._join_new_threads(before, timeout=10.0)
+    assert finished == [True]
+
+
 def test_checkpoint_write_errors_are_named_and_leave_nothing(tmp_path, monkeypatch):
     ckpts = Checkpoints(tmp_path / "ckpt")
     ckpts.save(1, {"w": np.ones(3, np.float32)}, {"step": 1}, metric=0.5)
