@@ -97,6 +97,11 @@ class ModelConfig:
     # (measured in training where the single was trained on, else the model's own single
     # prediction) plus the model's output, which learns the interaction (scformer_jax.prior).
     additive_prior: bool = False
+    # True: training is unchanged; a multi-gene perturbation's prediction is corrected by the
+    # model's own error on each of its singles measured in training (measured mean minus the
+    # model's prediction of that single on the same cell), in validation, eval and predict
+    # (scformer_jax.prior). Excludes additive_prior.
+    seen_single_correction: bool = False
 
     def __post_init__(self):
         for name in ("embsize", "d_hid", "nlayers", "nhead", "nlayers_cls", "n_cls",
@@ -121,6 +126,10 @@ class ModelConfig:
                 f"model.attention {self.attention!r} has no attention-weight dropout but the "
                 f"config asks for {self.attn_dropout_rate}; set model.attention_dropout: 0.0 "
                 "(or model.dropout: 0.0), or use attention 'chunked' / 'full'.")
+        if self.additive_prior and self.seen_single_correction:
+            raise ConfigError(
+                "model.additive_prior and model.seen_single_correction both correct multi-gene "
+                "predictions by the measured singles: set one of them to false.")
         if self.pert_pad_id in (0, 1) or not 0 <= self.pert_pad_id <= 2:
             raise ConfigError(
                 f"model.pert_pad_id must be 2 (flags 0 and 1 are taken); got {self.pert_pad_id}.")

@@ -37,7 +37,7 @@ from scformer_jax.data.gears_io import group_stats
 from scformer_jax.data.splits import gears_split, read_split_json
 from scformer_jax.io import make_temp_dir, write_text_atomic
 from scformer_jax.predict import Predictor, normalize_perturbation
-from scformer_jax.prior import fit_additive_prior
+from scformer_jax.prior import prior_for
 from scformer_jax.training import restore_params
 
 CONTROL = "ctrl"
@@ -387,8 +387,7 @@ def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Pat
                             split_path=config.data.split_path)
     model_config, params, _ = convert.adapt_to_dataset(workdir, model_config, params, dataset)
     test = _test_conditions(split, dataset)
-    prior = (fit_additive_prior(dataset, split["train"]) if model_config.additive_prior
-             else None)
+    prior = prior_for(model_config, dataset, split["train"])
     predictor = Predictor(model_config, params, dataset,
                           batch_size=batch_size or config.train.eval_batch_size,
                           include_zero_gene=config.data.include_zero_gene, prior=prior)

@@ -22,7 +22,7 @@ from scformer_jax.data.conditions import condition_genes
 from scformer_jax.data.dataset import PerturbData
 from scformer_jax.model import TransformerGenerator
 from scformer_jax.objectives import predict_expression
-from scformer_jax.prior import AdditivePrior, fit_additive_prior
+from scformer_jax.prior import AdditivePrior, prior_for, uses_prior
 
 CONTROL = "ctrl"
 
@@ -92,12 +92,14 @@ class Predictor:
     def __init__(self, model_config: ModelConfig, params: Any, dataset: PerturbData, *,
                  batch_size: int = 32, include_zero_gene: str = "all",
                  prior: AdditivePrior | None = None):
-        if model_config.additive_prior and prior is None:
+        if uses_prior(model_config) and prior is None:
+            option = ("additive_prior" if model_config.additive_prior
+                      else "seen_single_correction")
             raise ValueError(
-                "This model predicts multi-gene perturbations over an additive prior "
-                "(model.additive_prior): pass prior=fit_additive_prior(dataset, "
+                "This model predicts multi-gene perturbations from the measured training "
+                f"singles (model.{option}): pass prior=fit_additive_prior(dataset, "
                 "split['train']) with the run's training split.")
-        self.prior = prior if model_config.additive_prior else None
+        self.prior = prior if uses_prior(model_config) else None
         self.model_config = model_config
         self.params = params
         self.dataset = dataset
@@ -118,11 +120,24 @@ class Predictor:
                                                                               control_cells)
 
     def prior_part(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
-        """(n, n_genes) what the additive prior adds to the model's output for `condition`
-        on each control cell (zeros without the prior, and for singles and the control)."""
+        """(n, n_genes) what the measured training singles add to the model's output for
+        `condition` on each control cell: the additive prior (``model.additive_prior``) or
+        the correction by the model's errors on the measured singles
+        (``model.seen_single_correction``); zeros without either, and for singles and the
+        control."""
         n_genes = self.dataset.n_genes
         out = np.zeros((len(control_cells), n_genes), np.float32)
         if self.prior is None:
+            return out
+        if self.model_config.seen_single_correction:
+            genes = condition_genes(condition)
+            if len(genes) < 2:
+                return out
+            ctrl = np.asarray(self.dataset.control_mean, np.float32)
+            for gene in genes:
+                if gene in self.prior.changes:
+                    out += (ctrl + self.prior.changes[gene]
+                            - self._model_cells(f"{gene}+ctrl", control_cells))
             return out
         offset, missing = self.prior.parts(condition, n_genes)
         out += offset
@@ -233,8 +248,8 @@ def load_predictor(workdir: str, *, which: str = "best", batch_size: int = 32) -
     # A converted PyTorch checkpoint keeps its own gene vocabulary: map it onto the dataset's.
     model_config, params, _ = adapt_to_dataset(workdir, model_config, params, dataset)
     prior = None
-    if model_config.additive_prior:
-        prior = fit_additive_prior(dataset,
-                                   read_split_json(Path(workdir) / "split.json")["train"])
+    if uses_prior(model_config):
+        prior = prior_for(model_config, dataset,
+                          read_split_json(Path(workdir) / "split.json")["train"])
     return Predictor(model_config, params, dataset, batch_size=batch_size,
                      include_zero_gene=config.data.include_zero_gene, prior=prior)

@@ -11,6 +11,16 @@ and otherwise the model's own predicted change for ``G+ctrl`` on that cell. In t
 targets of multi-gene conditions have the measured parts taken off, so the model learns the
 interaction only (the additive baseline is strong on doubles whose singles were seen; the
 model corrects it). Singles and the control are unchanged: the model learns them whole.
+
+With ``model.seen_single_correction``, training is unchanged and a multi-gene perturbation's
+prediction is corrected by the model's own error on each of its singles that was measured in
+training:
+
+    prediction(A+B, cell) = model(A+B, cell) + sum over measured singles G of
+                            (measured mean of G+ctrl - model(G+ctrl, cell))
+
+so the double inherits the measured singles' effects and keeps what the model predicts beyond
+its own singles (its interaction); a gene without a measured single adds nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +66,16 @@ class AdditivePrior:
     def offsets(self, conditions: Sequence[str], n_genes: int) -> dict[str, np.ndarray]:
         """condition -> the measured part that training takes off its targets."""
         return {c: self.parts(c, n_genes)[0] for c in dict.fromkeys(conditions)}
+
+
+def uses_prior(model_config) -> bool:
+    """Whether a model's predictions need the training singles (:class:`AdditivePrior`)."""
+    return bool(model_config.additive_prior or model_config.seen_single_correction)
+
+
+def prior_for(model_config, dataset, train_conditions: Sequence[str]) -> AdditivePrior | None:
+    """The training singles' changes when the model config uses them, else None."""
+    return fit_additive_prior(dataset, train_conditions) if uses_prior(model_config) else None
 
 
 def fit_additive_prior(dataset, train_conditions: Sequence[str]) -> AdditivePrior:

@@ -35,7 +35,7 @@ from scformer_jax.gene_features import init_from_data
 from scformer_jax.io import RunFolderLock, write_text_atomic
 from scformer_jax.model import TransformerGenerator, init_params
 from scformer_jax.objectives import loss_terms, objective_value
-from scformer_jax.prior import fit_additive_prior
+from scformer_jax.prior import prior_for
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +235,11 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
     GEARS's metrics on mean profiles per condition, computed as ``eval.py`` does: genes that
     are not input tokens of a cell keep its control value, and the truth is the whole cell.
 
-    ``predictor``: a :class:`~scformer_jax.predict.Predictor` holding the additive prior
-    (``model.additive_prior``); its :meth:`prior_part` is added to the model's output, as in
-    prediction. The loss then scores the model's own output (for multi-gene conditions: the
-    change beyond the measured singles' sum)."""
+    ``predictor``: a :class:`~scformer_jax.predict.Predictor` holding the measured training
+    singles (``model.additive_prior`` or ``model.seen_single_correction``); its
+    :meth:`prior_part` is added to the model's output, as in prediction. The loss scores the
+    model's own output (with the additive prior, for multi-gene conditions: the change
+    beyond the measured singles' sum)."""
     from scformer_jax import metrics as metrics_lib
     from scformer_jax.predict import full_profiles
 
@@ -370,12 +371,13 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     model_config = model_config_for(config, dataset)
     per_device = parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
-    prior = (fit_additive_prior(dataset, split["train"]) if model_config.additive_prior
-             else None)
+    prior = prior_for(model_config, dataset, split["train"])
+    # Only the additive prior changes the targets (the model learns the interaction).
+    target_prior = prior if model_config.additive_prior else None
     train_loader = _loader(data_lib, dataset, split["train"], config, train=True,
-                           batch_size=config.train.batch_size, prior=prior)
+                           batch_size=config.train.batch_size, prior=target_prior)
     val_loader = _loader(data_lib, dataset, split["val"], config, train=False,
-                         batch_size=config.train.eval_batch_size, prior=prior)
+                         batch_size=config.train.eval_batch_size, prior=target_prior)
     steps_per_epoch = len(train_loader)
     if primary:
         from scformer_jax.data.splits import write_split_json
@@ -422,7 +424,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     if prior is not None:
         from scformer_jax.predict import Predictor
 
-        # Validation predicts the unmeasured parts of the prior as eval does.
+        # Validation composes the prior with the model's output as eval does.
         prior_predictor = Predictor(model_config, state.params, dataset,
                                     batch_size=config.train.eval_batch_size,
                                     include_zero_gene=config.data.include_zero_gene, prior=prior)

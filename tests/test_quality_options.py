@@ -190,6 +190,85 @@ def test_predictor_composes_doubles_from_prior_and_model(data_tiny):
                                plain.predict_cells(single, controls), atol=1e-6)
 
 
+def test_seen_single_correction_adds_the_models_errors_on_measured_singles(data_tiny):
+    from scformer_jax.predict import Predictor
+    from scformer_jax.prior import fit_additive_prior, prior_for
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(data_tiny, seen_single_correction=True,
+                                output_baseline="control_input")
+    prior = prior_for(config, data_tiny, split["train"])
+    assert prior is not None and set(prior.changes) == set(
+        fit_additive_prior(data_tiny, split["train"]).changes)
+    assert prior_for(dataclasses.replace(config, seen_single_correction=False), data_tiny,
+                     split["train"]) is None
+    params = init_params(config, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="seen_single_correction"):
+        Predictor(config, params, data_tiny)
+    corrected = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
+    plain = Predictor(dataclasses.replace(config, seen_single_correction=False), params,
+                      data_tiny, batch_size=8)
+    controls = data_tiny.control_cells[:5]
+    ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
+    seen = sorted(prior.changes)
+    unseen = next(g for c in split["test"] for g in data_tiny.condition_genes[c]
+                  if g not in prior.changes)
+    for double, measured in ((f"{seen[0]}+{seen[1]}", seen[:2]),
+                             (f"{seen[0]}+{unseen}", seen[:1])):
+        expected = plain.predict_cells(double, controls) + sum(
+            ctrl + prior.changes[g] - plain.predict_cells(f"{g}+ctrl", controls)
+            for g in measured)
+        np.testing.assert_allclose(corrected.predict_cells(double, controls), expected,
+                                   atol=1e-4)
+        assert not np.allclose(expected, plain.predict_cells(double, controls), atol=1e-3)
+    # Singles and the control are the model's alone.
+    for single in (f"{seen[1]}+ctrl", f"{unseen}+ctrl", "ctrl"):
+        np.testing.assert_allclose(corrected.predict_cells(single, controls),
+                                   plain.predict_cells(single, controls), atol=1e-6)
+    with pytest.raises(ConfigError, match="seen_single_correction"):
+        load_config(None, ["model.additive_prior=true", "model.seen_single_correction=true"])
+
+
+def test_seen_single_correction_changes_validation_and_eval_not_training(tmp_path):
+    import json
+
+    import eval as eval_cli
+    import train as train_cli
+    from scformer_jax.predict import load_predictor
+
+    def run(name, *overrides):
+        workdir = tmp_path / name
+        args = ["--config", "tests/configs/tiny.yaml", "--workdir", str(workdir),
+                "--no-progress", "--set", "train.epochs=1"]
+        for o in overrides:
+            args += ["--set", o]
+        assert train_cli.main(args) == 0
+        epoch = [json.loads(line) for line in (workdir / "metrics.jsonl").open()][-1]
+        return workdir, epoch
+
+    plain_dir, plain = run("plain")
+    corrected_dir, corrected = run("corrected", "model.seen_single_correction=true")
+    # Training and the validation loss are the model's own: unchanged.
+    assert corrected["train_mse"] == plain["train_mse"]
+    assert corrected["val_mse"] == plain["val_mse"]
+    # The validation metric scores the corrected doubles, as eval does.
+    assert corrected["val_pearson_delta"] != plain["val_pearson_delta"]
+    assert load_predictor(str(corrected_dir)).prior is not None
+    assert load_predictor(str(plain_dir)).prior is None
+    metrics = {}
+    for name, workdir in (("plain", plain_dir), ("corrected", corrected_dir)):
+        assert eval_cli.main(["--workdir", str(workdir)]) == 0
+        metrics[name] = json.loads((workdir / "eval" / "metrics.json").read_text())
+    # Eval corrects the model's doubles, and only the model's: the baselines are the same.
+    groups = ("combo_seen1", "combo_seen2")
+    assert any(metrics["corrected"]["model"]["per_subgroup"][g]["pearson_delta"]
+               != metrics["plain"]["model"]["per_subgroup"][g]["pearson_delta"]
+               for g in groups)
+    assert (metrics["corrected"]["model"]["per_subgroup"]["unseen_single"]
+            == metrics["plain"]["model"]["per_subgroup"]["unseen_single"])
+    assert metrics["corrected"]["baselines"] == metrics["plain"]["baselines"]
+
+
 def test_randomized_components_match_the_exact_ones():
     from scformer_jax import gene_features
 
