@@ -62,6 +62,9 @@ ABLATIONS = {
     "random gene embedding": ["model.gene_embedding_init=random"],
     "with additive_prior": ["model.additive_prior=true"],
     "with seen_single_correction": ["model.seen_single_correction=true"],
+    "with coexpression_prior": ["model.coexpression_prior=true"],
+    "with coexpression_prior and seen_single_correction": [
+        "model.coexpression_prior=true", "model.seen_single_correction=true"],
 }
 SHIFTED = dict(mean_regulators=3.5, knockdown_shift=-1.8, activation_shift=2.5, noise_sd=0.5)
 SHIFTED_SEED = 7
@@ -182,9 +185,10 @@ def main(argv=None) -> int:
                         choices=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--ablations", action="store_true",
-                        help="also train the recommended config without each of its options "
-                             "(first dataset only)")
+    parser.add_argument("--ablations", nargs="*", metavar="NAME",
+                        help="also train the recommended config with each option changed "
+                             "(first dataset only); names choose some: "
+                             + "; ".join(ABLATIONS))
     parser.add_argument("--ablations-only", action="store_true",
                         help="train only the ablation runs (e.g. in a second process beside "
                              "one that trains the main table into the same --out)")
@@ -202,9 +206,13 @@ def main(argv=None) -> int:
             plan += [(dataset, seed, name, CONFIGS[name], []) for name in args.configs]
     if args.ablations_only:
         plan = []
-    if args.ablations or args.ablations_only:
-        plan += [(args.datasets[0], seed, f"recommended, {k}", CONFIGS["recommended"], v)
-                 for seed in args.seeds for k, v in ABLATIONS.items()]
+    if args.ablations is not None or args.ablations_only:
+        chosen = args.ablations or list(ABLATIONS)
+        unknown = [k for k in chosen if k not in ABLATIONS]
+        if unknown:
+            parser.error(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
+        plan += [(args.datasets[0], seed, f"recommended, {k}", CONFIGS["recommended"],
+                  ABLATIONS[k]) for seed in args.seeds for k in chosen]
     metrics_of = {}
     for dataset, seed, name, config_path, extra in plan:
         slug = name.replace(", ", "-").replace(" ", "_")

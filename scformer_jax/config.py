@@ -102,6 +102,11 @@ class ModelConfig:
     # model's prediction of that single on the same cell), in validation, eval and predict
     # (scformer_jax.prior). Excludes additive_prior.
     seen_single_correction: bool = False
+    # True: every perturbation of measured genes starts from what the control cells'
+    # co-expression implies (the regression of each gene on the perturbed one, scaled by the
+    # training singles' typical direct effect) and the model learns the rest
+    # (scformer_jax.prior).
+    coexpression_prior: bool = False
 
     def __post_init__(self):
         for name in ("embsize", "d_hid", "nlayers", "nhead", "nlayers_cls", "n_cls",

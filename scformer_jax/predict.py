@@ -93,8 +93,8 @@ class Predictor:
                  batch_size: int = 32, include_zero_gene: str = "all",
                  prior: AdditivePrior | None = None):
         if uses_prior(model_config) and prior is None:
-            option = ("additive_prior" if model_config.additive_prior
-                      else "seen_single_correction")
+            option = next(k for k in ("additive_prior", "seen_single_correction",
+                                      "coexpression_prior") if getattr(model_config, k))
             raise ValueError(
                 "This model predicts multi-gene perturbations from the measured training "
                 f"singles (model.{option}): pass prior=fit_additive_prior(dataset, "
@@ -120,32 +120,39 @@ class Predictor:
                                                                               control_cells)
 
     def prior_part(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
-        """(n, n_genes) what the measured training singles add to the model's output for
-        `condition` on each control cell: the additive prior (``model.additive_prior``) or
-        the correction by the model's errors on the measured singles
-        (``model.seen_single_correction``); zeros without either, and for singles and the
-        control."""
+        """(n, n_genes) what the priors add to the network's output for `condition` on each
+        control cell: the co-expression prior (``model.coexpression_prior``) and, for
+        multi-gene conditions, the additive prior (``model.additive_prior``) or the
+        correction by the model's errors on the measured singles
+        (``model.seen_single_correction``); zeros without any."""
         n_genes = self.dataset.n_genes
         out = np.zeros((len(control_cells), n_genes), np.float32)
         if self.prior is None:
             return out
+        out += self.prior.effect_offset(condition, n_genes)
+        if len(condition_genes(condition)) < 2:
+            return out
         if self.model_config.seen_single_correction:
-            genes = condition_genes(condition)
-            if len(genes) < 2:
-                return out
             ctrl = np.asarray(self.dataset.control_mean, np.float32)
-            for gene in genes:
+            for gene in condition_genes(condition):
                 if gene in self.prior.changes:
                     out += (ctrl + self.prior.changes[gene]
-                            - self._model_cells(f"{gene}+ctrl", control_cells))
-            return out
-        offset, missing = self.prior.parts(condition, n_genes)
-        out += offset
-        if missing:
-            controls = self.dataset.dense_rows(np.asarray(control_cells, np.int64))
-            for gene in missing:
-                out += self._model_cells(f"{gene}+ctrl", control_cells) - controls
+                            - self._single_cells(gene, control_cells))
+        elif self.model_config.additive_prior:
+            offset, missing = self.prior.parts(condition, n_genes)
+            out += offset
+            if missing:
+                controls = self.dataset.dense_rows(np.asarray(control_cells, np.int64))
+                for gene in missing:
+                    out += self._single_cells(gene, control_cells) - controls
         return out
+
+    def _single_cells(self, gene: str, control_cells: np.ndarray) -> np.ndarray:
+        """The model's prediction of the single `gene` (the network and the co-expression
+        prior)."""
+        single = f"{gene}+ctrl"
+        return self._model_cells(single, control_cells) + self.prior.effect_offset(
+            single, self.dataset.n_genes)
 
     def _model_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
         results = []

@@ -21,6 +21,19 @@ training:
 
 so the double inherits the measured singles' effects and keeps what the model predicts beyond
 its own singles (its interaction); a gene without a measured single adds nothing.
+
+With ``model.coexpression_prior``, every perturbation of measured genes starts from what the
+control cells' co-expression implies, and the model learns the rest:
+
+    prediction(P, cell) = model(P, cell) + sum over measured genes G of P of d * beta_G
+
+where ``beta_G`` is the (ridge) regression of every gene on ``G`` across the control cells
+(``beta_G[G] = 1``: a shift of ``G`` moves the genes that co-vary with it) and ``d`` the
+typical direct effect, the mean change of the perturbed gene itself over the training singles
+whose gene is measured. Training targets of every condition lose this part. A perturbation of
+a gene never perturbed in training thus gets a data-derived guess of its effects, in the
+direction the training perturbations mostly go (knock-down in a CRISPRi screen, activation in
+a CRISPRa one). Perturbed genes that are not measured have no co-expression: no prior.
 """
 
 from __future__ import annotations
@@ -31,6 +44,43 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from scformer_jax.data.conditions import CONTROL, condition_genes
+
+# Ridge of the co-expression regression, as a fraction of the mean gene variance: keeps genes
+# that barely vary in the control cells from getting huge coefficients.
+RIDGE = 0.1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CoexpressionPrior:
+    """What the control cells' co-expression implies for a perturbation of a measured gene.
+
+    Attributes:
+      centred: float32 (n_controls, n_genes) the control cells minus their mean.
+      denominator: float32 (n_genes,) each gene's variance over the control cells plus the
+        ridge.
+      direct_effect: ``d``, the mean change of the perturbed gene itself over the training
+        singles of measured genes.
+      columns: measured gene name -> expression column.
+    """
+
+    centred: np.ndarray
+    denominator: np.ndarray
+    direct_effect: float
+    columns: Mapping[str, int]
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def effect(self, gene: str) -> np.ndarray | None:
+        """float32 (n_genes,) ``d * beta_G``, or None for a gene that is not measured."""
+        column = self.columns.get(gene)
+        if column is None:
+            return None
+        if gene not in self._cache:
+            n = max(len(self.centred) - 1, 1)
+            beta = (self.centred.T @ self.centred[:, column]).astype(np.float64) / n
+            beta /= float(self.denominator[column])
+            beta[column] = 1.0
+            self._cache[gene] = (self.direct_effect * beta).astype(np.float32)
+        return self._cache[gene]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,6 +93,17 @@ class AdditivePrior:
     """
 
     changes: Mapping[str, np.ndarray]
+    coexpression: CoexpressionPrior | None = None
+
+    def effect_offset(self, condition: str, n_genes: int) -> np.ndarray:
+        """float32 (n_genes,) the co-expression prior of a condition (zeros without it)."""
+        offset = np.zeros(n_genes, np.float32)
+        if self.coexpression is not None:
+            for gene in condition_genes(condition):
+                effect = self.coexpression.effect(gene)
+                if effect is not None:
+                    offset += effect
+        return offset
 
     def parts(self, condition: str, n_genes: int) -> tuple[np.ndarray, tuple[str, ...]]:
         """The measured part of a condition's prior and its genes without a measured single.
@@ -63,27 +124,58 @@ class AdditivePrior:
                 missing.append(gene)
         return offset, tuple(missing)
 
-    def offsets(self, conditions: Sequence[str], n_genes: int) -> dict[str, np.ndarray]:
-        """condition -> the measured part that training takes off its targets."""
-        return {c: self.parts(c, n_genes)[0] for c in dict.fromkeys(conditions)}
+    def offsets(self, conditions: Sequence[str], n_genes: int, *, additive: bool = True
+                ) -> dict[str, np.ndarray]:
+        """condition -> what training takes off its targets: the co-expression prior and,
+        with `additive`, the measured singles' part of multi-gene conditions."""
+        return {c: self.effect_offset(c, n_genes)
+                + (self.parts(c, n_genes)[0] if additive else 0.0)
+                for c in dict.fromkeys(conditions)}
 
 
 def uses_prior(model_config) -> bool:
     """Whether a model's predictions need the training singles (:class:`AdditivePrior`)."""
-    return bool(model_config.additive_prior or model_config.seen_single_correction)
+    return bool(model_config.additive_prior or model_config.seen_single_correction
+                or model_config.coexpression_prior)
 
 
 def prior_for(model_config, dataset, train_conditions: Sequence[str]) -> AdditivePrior | None:
-    """The training singles' changes when the model config uses them, else None."""
-    return fit_additive_prior(dataset, train_conditions) if uses_prior(model_config) else None
+    """The training singles' changes (and the co-expression prior when the config asks for
+    it) when the model config uses them, else None."""
+    if not uses_prior(model_config):
+        return None
+    return fit_additive_prior(dataset, train_conditions,
+                              coexpression=model_config.coexpression_prior)
 
 
-def fit_additive_prior(dataset, train_conditions: Sequence[str]) -> AdditivePrior:
-    """The training singles' mean changes over the control mean (training cells only)."""
+def fit_additive_prior(dataset, train_conditions: Sequence[str], *,
+                       coexpression: bool = False) -> AdditivePrior:
+    """The training singles' mean changes over the control mean (training cells only) and,
+    with `coexpression`, the co-expression prior (:func:`fit_coexpression`)."""
     ctrl = np.asarray(dataset.control_mean, np.float32)
     changes = {}
     for condition in dict.fromkeys(train_conditions):
         genes = condition_genes(condition)
         if condition != CONTROL and len(genes) == 1:
             changes[genes[0]] = (dataset.condition_mean(condition) - ctrl).astype(np.float32)
-    return AdditivePrior(changes=changes)
+    return AdditivePrior(changes=changes, coexpression=fit_coexpression(dataset, changes)
+                         if coexpression else None)
+
+
+def fit_coexpression(dataset, changes: Mapping[str, np.ndarray], *,
+                     ridge: float = RIDGE) -> CoexpressionPrior | None:
+    """The co-expression prior of a dataset's control cells and the training singles
+    `changes` (None when no training single perturbs a measured gene: no direct effect to
+    scale by)."""
+    direct = [float(change[dataset.column_of(gene)]) for gene, change in changes.items()
+              if dataset.column_of(gene) >= 0]
+    if not direct:
+        return None
+    controls = dataset.dense_rows(dataset.control_cells).astype(np.float64)
+    centred = controls - controls.mean(axis=0)
+    var = (centred ** 2).sum(axis=0) / max(len(controls) - 1, 1)
+    return CoexpressionPrior(
+        centred=centred.astype(np.float32),
+        denominator=(var + ridge * max(float(var.mean()), 1e-12)).astype(np.float32),
+        direct_effect=float(np.mean(direct)),
+        columns={g: dataset.column_of(g) for g in dataset.gene_names})

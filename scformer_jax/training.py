@@ -227,7 +227,11 @@ def _loader(data_lib, dataset, conditions, config: Config, *, train: bool, batch
         shuffle=train, pad_value=config.model.pad_value, pert_pad_id=config.model.pert_pad_id,
         frozen_pairing=not config.data.redraw_pairing if train else True,
         target=config.data.train_target if train else "cell",
-        target_offsets=None if prior is None else prior.offsets(conditions, dataset.n_genes))
+        # The priors' parts of the targets (co-expression prior, additive prior of doubles)
+        # are taken off: the model learns the rest.
+        target_offsets=None if prior is None or not (
+            config.model.additive_prior or config.model.coexpression_prior)
+        else prior.offsets(conditions, dataset.n_genes, additive=config.model.additive_prior))
 
 
 def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, predictor=None):
@@ -238,8 +242,7 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
     ``predictor``: a :class:`~scformer_jax.predict.Predictor` holding the measured training
     singles (``model.additive_prior`` or ``model.seen_single_correction``); its
     :meth:`prior_part` is added to the model's output, as in prediction. The loss scores the
-    model's own output (with the additive prior, for multi-gene conditions: the change
-    beyond the measured singles' sum)."""
+    model's own output (with the additive or co-expression prior: the change beyond them)."""
     from scformer_jax import metrics as metrics_lib
     from scformer_jax.predict import full_profiles
 
@@ -372,12 +375,10 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     per_device = parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
     prior = prior_for(model_config, dataset, split["train"])
-    # Only the additive prior changes the targets (the model learns the interaction).
-    target_prior = prior if model_config.additive_prior else None
     train_loader = _loader(data_lib, dataset, split["train"], config, train=True,
-                           batch_size=config.train.batch_size, prior=target_prior)
+                           batch_size=config.train.batch_size, prior=prior)
     val_loader = _loader(data_lib, dataset, split["val"], config, train=False,
-                         batch_size=config.train.eval_batch_size, prior=target_prior)
+                         batch_size=config.train.eval_batch_size, prior=prior)
     steps_per_epoch = len(train_loader)
     if primary:
         from scformer_jax.data.splits import write_split_json
