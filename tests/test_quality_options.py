@@ -269,6 +269,72 @@ def test_seen_single_correction_changes_validation_and_eval_not_training(tmp_pat
     assert metrics["corrected"]["baselines"] == metrics["plain"]["baselines"]
 
 
+def test_coexpression_prior_is_the_control_regression_scaled_by_the_direct_effect(data_tiny):
+    from scformer_jax.prior import RIDGE, fit_additive_prior
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    prior = fit_additive_prior(data_tiny, split["train"], coexpression=True)
+    assert fit_additive_prior(data_tiny, split["train"]).coexpression is None
+    controls = data_tiny.X[data_tiny.control_cells].toarray().astype(np.float64)
+    names = list(data_tiny.gene_names)
+    measured = [g for g in prior.changes if g in names]
+    d = np.mean([prior.changes[g][names.index(g)] for g in measured])
+    assert prior.coexpression.direct_effect == pytest.approx(d, rel=1e-5)
+    var = controls.var(axis=0, ddof=1)
+    # Any measured gene, perturbed in the data or not.
+    for gene in (measured[0], names[-1]):
+        j = names.index(gene)
+        slope = np.array([np.cov(controls[:, j], controls[:, k])[0, 1] for k in
+                          range(len(names))]) / (var[j] + RIDGE * var.mean())
+        slope[j] = 1.0
+        np.testing.assert_allclose(prior.coexpression.effect(gene), d * slope, rtol=1e-4,
+                                   atol=1e-6)
+    assert prior.coexpression.effect("NOT_A_GENE") is None
+    # A condition's prior is the sum of its genes' effects; training targets lose it, and
+    # with the additive prior also the measured singles' part.
+    a, b = measured[:2]
+    double = f"{a}+{b}"
+    np.testing.assert_allclose(prior.effect_offset(double, data_tiny.n_genes),
+                               prior.coexpression.effect(a) + prior.coexpression.effect(b),
+                               rtol=1e-6)
+    plain = prior.offsets([double, f"{a}+ctrl"], data_tiny.n_genes, additive=False)
+    np.testing.assert_allclose(plain[f"{a}+ctrl"], prior.coexpression.effect(a), rtol=1e-6)
+    both = prior.offsets([double], data_tiny.n_genes)
+    np.testing.assert_allclose(both[double], plain[double] + prior.parts(
+        double, data_tiny.n_genes)[0], rtol=1e-6)
+
+
+def test_predictor_adds_the_coexpression_prior(data_tiny):
+    from scformer_jax.predict import Predictor
+    from scformer_jax.prior import prior_for
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(data_tiny, coexpression_prior=True,
+                                output_baseline="control_input")
+    prior = prior_for(config, data_tiny, split["train"])
+    params = init_params(config, jax.random.PRNGKey(0))
+    with_prior = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
+    plain = Predictor(dataclasses.replace(config, coexpression_prior=False), params,
+                      data_tiny, batch_size=8)
+    controls = data_tiny.control_cells[:5]
+    genes = sorted(prior.changes)
+    for condition in (f"{genes[0]}+ctrl", f"{genes[0]}+{genes[1]}", "ctrl"):
+        np.testing.assert_allclose(
+            with_prior.predict_cells(condition, controls),
+            plain.predict_cells(condition, controls)
+            + prior.effect_offset(condition, data_tiny.n_genes), atol=1e-5)
+    assert np.abs(prior.effect_offset(f"{genes[0]}+ctrl", data_tiny.n_genes)).sum() > 0
+    # The correction of doubles uses the model's singles with their co-expression prior.
+    corrected = Predictor(dataclasses.replace(config, seen_single_correction=True), params,
+                          data_tiny, batch_size=8, prior=prior)
+    ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
+    double = f"{genes[0]}+{genes[1]}"
+    expected = with_prior.predict_cells(double, controls) + sum(
+        ctrl + prior.changes[g] - with_prior.predict_cells(f"{g}+ctrl", controls)
+        for g in genes[:2])
+    np.testing.assert_allclose(corrected.predict_cells(double, controls), expected, atol=1e-4)
+
+
 def test_randomized_components_match_the_exact_ones():
     from scformer_jax import gene_features
 
