@@ -12,6 +12,10 @@ through the same metrics (:mod:`scformer_jax.metrics`) as the model:
 * :func:`fit_linear_baseline`: the linear model of Ahlmann-Eltze, Huber & Anders (Nat
   Methods 2025): changes ~ ``G W P^T`` with a PCA gene embedding ``G`` and perturbation
   embeddings taken from ``G``'s rows, fitted by ridge regression in closed form.
+* :func:`fit_coexpression_baseline` (when the control cells are given): the additive
+  baseline whose genes without a training single get what the control cells' co-expression
+  implies (:mod:`scformer_jax.prior`): the regression of every gene on the perturbed one,
+  scaled by the training singles' typical direct effect on their own gene.
 
 Condition names are GEARS's (``"ctrl"``, ``"A+ctrl"``, ``"ctrl+A"``, ``"A+B"``); a bare
 ``"A"`` is read as the single ``"A+ctrl"``. ``"ctrl"`` is predicted as the control mean by
@@ -206,6 +210,59 @@ def fit_additive_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any, *,
         fallback = np.mean([np.mean(v, axis=0) for v in changes.values()], axis=0)
     return AdditiveBaseline(ctrl_mean=ctrl, single_changes=singles, fallback_change=fallback,
                             unseen_gene=unseen_gene)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CoexpressionBaseline:
+    """Training singles' changes where measured, the co-expression prior for other genes."""
+
+    ctrl_mean: np.ndarray
+    single_changes: Mapping[str, np.ndarray]
+    coexpression: Any  # scformer_jax.prior.CoexpressionPrior
+    name: str = "coexpression"
+
+    def predict(self, conditions: Sequence[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for c in _conditions(conditions):
+            pred = self.ctrl_mean.copy()
+            genes = condition_genes(c)
+            for g in genes:
+                if len(genes) > 1 and g in self.single_changes:
+                    pred += self.single_changes[g]
+                else:
+                    effect = self.coexpression.effect(g)
+                    if effect is not None:
+                        pred += effect
+            out[c] = pred
+        return out
+
+
+def fit_coexpression_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any,
+                              gene_names: Sequence[str], control_expression: Any
+                              ) -> CoexpressionBaseline | None:
+    """The co-expression baseline, or None when no training single perturbs a measured gene.
+
+    A single is predicted from the co-expression of its gene with the others in the control
+    cells (``control_expression``, (n_controls, n_genes)); a double as the sum of its
+    genes' training singles, the co-expression prediction standing in for a gene without
+    one. A gene that is not measured adds nothing.
+    """
+    from scformer_jax.prior import coexpression_from
+
+    ctrl = as_profile(ctrl_mean, "ctrl_mean")
+    changes = _training_changes(train_profiles, ctrl)
+    singles = {genes[0]: np.mean(v, axis=0) for genes, v in changes.items() if len(genes) == 1}
+    control_expression = np.asarray(
+        control_expression.toarray() if sp.issparse(control_expression)
+        else control_expression, np.float64)
+    if control_expression.ndim != 2 or control_expression.shape[1] != ctrl.shape[0]:
+        raise ValueError(f"control_expression must be (n_controls, {ctrl.shape[0]}); got "
+                         f"{control_expression.shape}.")
+    coexpression = coexpression_from(control_expression, gene_names, singles)
+    if coexpression is None:
+        return None
+    return CoexpressionBaseline(ctrl_mean=ctrl, single_changes=singles,
+                                coexpression=coexpression)
 
 
 # --------------------------------------------------------------------------------------
@@ -469,8 +526,10 @@ def fit_baselines(
     ridge_penalty: float = 0.1,
     unseen_gene: Literal["mean", "zero"] = "mean",
     unmeasured_genes: Literal["raise", "ignore"] = "ignore",
+    control_expression: Any = None,
 ) -> dict[str, Any]:
-    """Every baseline, keyed by its ``name`` (control, train_mean, additive, linear).
+    """Every baseline, keyed by its ``name`` (control, train_mean, additive, linear, and
+    coexpression when `control_expression` is given).
 
     Args:
       train_profiles: training condition -> (n_genes,) mean profile.
@@ -484,6 +543,8 @@ def fit_baselines(
       unmeasured_genes: the linear baseline's handling of perturbed genes that are not
         columns (``"ignore"`` here: real data sets perturb genes outside the expression
         panel).
+      control_expression: optional (n_controls, n_genes) control cells for the
+        co-expression baseline.
 
     Returns:
       name -> fitted baseline.
@@ -496,4 +557,7 @@ def fit_baselines(
                             train_expression=train_expression, n_components=n_components,
                             ridge_penalty=ridge_penalty, unmeasured_genes=unmeasured_genes),
     ]
-    return {b.name: b for b in baselines}
+    if control_expression is not None:
+        baselines.append(fit_coexpression_baseline(train_profiles, ctrl_mean, gene_names,
+                                                   control_expression))
+    return {b.name: b for b in baselines if b is not None}

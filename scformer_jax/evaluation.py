@@ -400,8 +400,9 @@ def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Pat
                                                 max_cells=max_cells_per_condition)
     predictions = {MODEL: model_mean}
     train_profiles = {c: dataset.condition_mean(c) for c in split["train"] if c != CONTROL}
-    fitted = baselines_lib.fit_baselines(train_profiles, ctrl_mean,
-                                         _first_occurrence_names(dataset.gene_names))
+    fitted = baselines_lib.fit_baselines(
+        train_profiles, ctrl_mean, _first_occurrence_names(dataset.gene_names),
+        control_expression=dataset.dense_rows(dataset.control_cells))
     for name, baseline in fitted.items():
         predictions[name] = baseline.predict(test)
 

@@ -167,15 +167,27 @@ def fit_coexpression(dataset, changes: Mapping[str, np.ndarray], *,
     """The co-expression prior of a dataset's control cells and the training singles
     `changes` (None when no training single perturbs a measured gene: no direct effect to
     scale by)."""
-    direct = [float(change[dataset.column_of(gene)]) for gene, change in changes.items()
-              if dataset.column_of(gene) >= 0]
+    return coexpression_from(dataset.dense_rows(dataset.control_cells), dataset.gene_names,
+                             changes, ridge=ridge)
+
+
+def coexpression_from(controls: np.ndarray, gene_names: Sequence[str],
+                      changes: Mapping[str, np.ndarray], *, ridge: float = RIDGE
+                      ) -> CoexpressionPrior | None:
+    """The co-expression prior from control cells (n_controls, n_genes) with columns
+    `gene_names` and training singles' changes (gene -> (n_genes,)); None when no training
+    single perturbs a measured gene."""
+    columns: dict[str, int] = {}
+    for column, gene in enumerate(gene_names):
+        columns.setdefault(str(gene), column)
+    direct = [float(change[columns[gene]]) for gene, change in changes.items()
+              if gene in columns]
     if not direct:
         return None
-    controls = dataset.dense_rows(dataset.control_cells).astype(np.float64)
+    controls = np.asarray(controls, np.float64)
     centred = controls - controls.mean(axis=0)
     var = (centred ** 2).sum(axis=0) / max(len(controls) - 1, 1)
     return CoexpressionPrior(
         centred=centred.astype(np.float32),
         denominator=(var + ridge * max(float(var.mean()), 1e-12)).astype(np.float32),
-        direct_effect=float(np.mean(direct)),
-        columns={g: dataset.column_of(g) for g in dataset.gene_names})
+        direct_effect=float(np.mean(direct)), columns=columns)

@@ -117,6 +117,34 @@ def test_pca_gene_embedding_sparse_iterative_path_matches_dense(monkeypatch):
     np.testing.assert_allclose(iterative, dense, atol=1e-8)
 
 
+def test_coexpression_baseline_regresses_on_the_perturbed_gene_in_control_cells():
+    from scformer_jax.prior import RIDGE
+
+    ctrl, effect, train = additive_world()
+    rng = np.random.default_rng(5)
+    controls = ctrl + rng.normal(0, 0.3, (400, N_GENES))
+    controls[:, 6] += 2.0 * (controls[:, 5] - ctrl[5])  # G5 drives G6 in the control cells
+    base = baselines.fit_coexpression_baseline(train, ctrl, GENES, sp.csr_matrix(controls))
+    d = np.mean([effect[g][int(g[1:])] for g in ("G0", "G1", "G2")])
+    centred = controls - controls.mean(axis=0)
+    var = centred.var(axis=0, ddof=1)
+    beta5 = centred.T @ centred[:, 5] / (len(controls) - 1) / (var[5] + RIDGE * var.mean())
+    beta5[5] = 1.0
+    assert beta5[6] > 1.5  # the planted regulation is found
+    pred = base.predict(["G5+ctrl", "G0+G5", "G0+G1", "G0+NOT_MEASURED", "ctrl"])
+    np.testing.assert_allclose(pred["G5+ctrl"], ctrl + d * beta5, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred["G0+G5"], ctrl + effect["G0"] + d * beta5, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(pred["G0+G1"], ctrl + effect["G0"] + effect["G1"], atol=1e-9)
+    np.testing.assert_allclose(pred["G0+NOT_MEASURED"], ctrl + effect["G0"], atol=1e-9)
+    np.testing.assert_array_equal(pred["ctrl"], ctrl)
+    fitted = baselines.fit_baselines(train, ctrl, GENES, n_components=2,
+                                     control_expression=controls)
+    assert list(fitted) == ["control", "train_mean", "additive", "linear", "coexpression"]
+    with pytest.raises(ValueError, match="control_expression"):
+        baselines.fit_coexpression_baseline(train, ctrl, GENES, controls[:, :5])
+
+
 def test_fit_baselines_names_and_shapes():
     ctrl, effect, train = additive_world()
     fitted = baselines.fit_baselines(train, ctrl, GENES, n_components=2)

@@ -30,7 +30,8 @@ def test_eval_writes_report_with_model_and_baselines(trained_run, capsys):
     assert eval_cli.main(["--workdir", str(trained_run), "--n-plots", "2"]) == 0
     out_dir = trained_run / "eval"
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert set(metrics["baselines"]) == {"control", "train_mean", "additive", "linear"}
+    assert set(metrics["baselines"]) == {"control", "train_mean", "additive", "linear",
+                                         "coexpression"}
     split = json.loads((trained_run / "split.json").read_text())
     test = [c for c in split["test"] if c != "ctrl"]
     assert metrics["n_test_perturbations"] == len(test)
@@ -42,7 +43,8 @@ def test_eval_writes_report_with_model_and_baselines(trained_run, capsys):
     # The control baseline predicts no change: its pearson_delta is 0 by definition here.
     assert metrics["baselines"]["control"]["overall"]["pearson_delta"] == 0.0
     table = pd.read_csv(out_dir / "per_perturbation.csv")
-    methods = {"model", "control", "train_mean", "additive", "linear", "technical_duplicate"}
+    methods = {"model", "control", "train_mean", "additive", "linear", "coexpression",
+               "technical_duplicate"}
     assert set(table["method"]) == methods
     assert len(table[table["method"] == "model"]) == len(test)
     # Every method gets every calibrated metric, per perturbation and averaged (the tiny
