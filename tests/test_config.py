@@ -32,6 +32,7 @@ def test_scformer_yaml_matches_seed_settings():
     assert c.objective.ecs_threshold == 0.85 and c.data.max_seq_len == 1536
     assert c.train.epochs == 6 and c.data.train_target == "cell"
     assert c.model.output_baseline == "none" and not c.model.additive_prior
+    assert not c.model.seen_single_correction and not c.model.coexpression_prior
     assert c.model.gene_embedding_init == "random"
 
 
