@@ -43,6 +43,7 @@ def test_default_yaml_is_the_seed_model_with_the_recommended_training():
                for key, value in dataclasses.asdict(getattr(rec, section)).items()
                if value != dataclasses.asdict(getattr(seed, section))[key]}
     assert changed == {"model.output_baseline", "model.gene_embedding_init",
+                       "model.seen_single_correction", "model.coexpression_prior",
                        "data.train_target", "optim.lr", "train.epochs", "train.early_stop"}
 
 
