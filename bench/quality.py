@@ -94,12 +94,16 @@ def dataset_path(name: str, out: Path) -> str:
 def run_one(config_path: Path, overrides: list[str], workdir: Path, fresh: bool) -> dict:
     """Trains (unless already done) and evaluates one run; returns its metrics.json."""
     from scformer_jax import evaluation, training
-    from scformer_jax.config import config_to_dict, load_config
+    from scformer_jax.config import ConfigError, config_to_dict, load_config
 
     config = load_config(config_path, overrides)
     metrics_path = workdir / "eval" / "metrics.json"
     if metrics_path.is_file() and not fresh:
-        if config_to_dict(load_config(workdir / "config.yaml")) == config_to_dict(config):
+        try:
+            cached = config_to_dict(load_config(workdir / "config.yaml"))
+        except (OSError, ConfigError):  # written by an older version: not comparable
+            cached = None
+        if cached == config_to_dict(config):
             metrics = json.loads(metrics_path.read_text())
             if set(BASELINES) <= set(metrics.get("baselines", {})):
                 return metrics
