@@ -1,0 +1,113 @@
+"""How far any predictor can go on the simulated data, from the simulator's own truth.
+
+    python bench/headroom.py                       # simulated, shifted and dev; seeds 1-3
+
+Two questions, answered on the test perturbations of GEARS's simulation split:
+
+* Unseen singles: how well does the control cells' co-expression predict a never-seen
+  perturbation (the ``coexpression`` baseline: the regression of every gene on the perturbed
+  one, in the direction the training singles mostly go), and how well with the true
+  direction of that perturbation (knock-down or activation, which the simulator draws at
+  random per gene and which no input carries)?
+* Doubles: how close is the sum of the measured singles (``additive``) to the best
+  prediction that does not know a double's interaction type? The simulator scales a
+  double's downstream response by a random gain (additive, synergistic, buffering); the
+  network's own joint response (gain 1) is its expectation. It is measured on an independent
+  replicate of the experiment in which every double is additive.
+
+Each row is the mean ``pearson_delta`` / ``pearson_de_delta`` over the test perturbations of
+the subgroup in all the split seeds together. Nothing is trained: about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.quality import DEV_SEED, SHIFTED, SHIFTED_SEED  # noqa: E402
+
+DATASETS = {"simulated": (0, {}), "shifted": (SHIFTED_SEED, SHIFTED), "dev": (DEV_SEED, {})}
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((a @ a) * (b @ b))
+    return float(a @ b / denominator) if denominator > 0 else float("nan")
+
+
+def headroom(name: str, seeds: list[int]) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """(subgroup, predictor) -> per-perturbation (pearson_delta, pearson_de_delta)."""
+    from scformer_jax.data.conditions import condition_genes
+    from scformer_jax.data.dataset import load_dataset
+    from scformer_jax.data.simulate import simulate, simulation_config, simulation_truth
+    from scformer_jax.data.splits import gears_split
+    from scformer_jax.prior import fit_additive_prior
+
+    sim_seed, settings = DATASETS[name]
+    adata = simulate(simulation_config("default", **settings), seed=sim_seed)
+    mode = simulation_truth(adata)["perturbation_mode"]
+    data = load_dataset(adata)
+    replicate = load_dataset(simulate(simulation_config(
+        "default", interaction_probs=(1.0, 0.0, 0.0), **settings), seed=sim_seed))
+    ctrl = data.control_mean.astype(np.float64)
+    scores: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for seed in seeds:
+        split = gears_split(data.conditions, split="simulation", seed=seed)
+        subgroup_of = {c: g for g, members in split["subgroups"].items() for c in members}
+        prior = fit_additive_prior(data, split["train"], coexpression=True)
+        d = abs(prior.coexpression.direct_effect)
+        for condition in split["test"]:
+            if condition == "ctrl":
+                continue
+            genes = condition_genes(condition)
+            true = data.condition_mean(condition) - ctrl
+            de = data.de_indices(condition)
+            predictions = {}
+            if len(genes) == 1:
+                effect = prior.coexpression.effect(genes[0])
+                if effect is None:
+                    continue
+                sign = 1.0 if mode[genes[0]] == "activation" else -1.0
+                predictions["coexpression (training direction)"] = effect
+                predictions["coexpression (true direction)"] = (
+                    effect / prior.coexpression.direct_effect * d * sign)
+            else:
+                seen = [g for g in genes if g in prior.changes]
+                if seen:
+                    predictions["additive (measured singles)"] = sum(
+                        prior.changes[g] for g in seen)
+                predictions["network joint response (replicate)"] = (
+                    replicate.condition_mean(condition) - ctrl)
+            for predictor, change in predictions.items():
+                scores.setdefault((subgroup_of[condition], predictor), []).append(
+                    (_pearson(change, true), _pearson(change[de], true[de])))
+    return scores
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS),
+                        choices=list(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    args = parser.parse_args(argv)
+    for name in args.datasets:
+        print(f"## {name} (split seeds {args.seeds})\n")
+        print("| subgroup | predictor | n | pearson_delta | pearson_de_delta |")
+        print("|---|---|---|---|---|")
+        for (subgroup, predictor), values in sorted(headroom(name, args.seeds).items()):
+            mean = np.nanmean(np.asarray(values), axis=0)
+            print(f"| {subgroup} | {predictor} | {len(values)} | {mean[0]:.2f} | "
+                  f"{mean[1]:.2f} |")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
