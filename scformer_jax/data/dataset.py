@@ -20,16 +20,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from scformer_jax.data.gears_io import (
+from scformer_jax.data.conditions import (
     CONTROL,
-    DE_KEY,
     DataFormatError,
-    check_log_values,
     parse_condition,
-    read_gears,
     unique_conditions,
-    validate_gears_adata,
 )
+from scformer_jax.data.gears_io import DE_KEY, check_log_values, read_gears, validate_gears_adata
+from scformer_jax.data.simulate import simulate, simulation_config
 
 PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
@@ -364,8 +362,6 @@ def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
         adata = read_gears(path)
         return PerturbData(adata, name=path.name if path.is_dir() else path.stem, **options)
     if text in BUILTIN_DATASETS:
-        from scformer_jax.data.simulate import simulate, simulation_config
-
         cfg = simulation_config(preset or BUILTIN_DATASETS[text], **dict(simulation or {}))
         adata = simulate(cfg, seed=seed)
         return PerturbData(adata, name=f"simulated:{preset or BUILTIN_DATASETS[text]}",

@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from scformer_jax.data.gears_io import CONTROL, add_gears_annotations
+from scformer_jax.data.conditions import CONTROL
+from scformer_jax.data.de import add_gears_annotations
 
 INTERACTIONS = ("additive", "synergistic", "buffering")
 
