@@ -29,11 +29,9 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from scformer_jax.data.conditions import condition_genes
+from scformer_jax.data.conditions import CONTROL, condition_genes
+from scformer_jax.gene_features import top_components
 from scformer_jax.metrics import as_profile
-
-CONTROL = "ctrl"
-
 
 # --------------------------------------------------------------------------------------
 # Inputs.
@@ -240,8 +238,7 @@ def pca_gene_embedding(matrix: Any, n_components: int, *, seed: int = 0) -> np.n
     if fits_dense and (not sp.issparse(matrix) or k >= min(n_genes, n_samples) - 1):
         dense = np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, np.float64)
         centred = dense - dense.mean(axis=0, keepdims=True)
-        u, s, _ = np.linalg.svd(centred, full_matrices=False)
-        scores = u[:, :k] * s[:k]
+        scores = top_components(centred, k, exact_max=min(centred.shape))  # an exact SVD
     elif k >= min(n_genes, n_samples) - 1:
         raise ValueError(f"pca_gene_embedding: n_components={n_components} is too large for "
                          f"the iterative SVD of a {matrix.shape} matrix; use fewer components.")

@@ -12,7 +12,6 @@ from scformer_jax.config import ConfigError, load_config
 from scformer_jax.data.batching import BatchLoader
 from scformer_jax.data.splits import gears_split
 from scformer_jax.gene_features import data_gene_embedding, init_gene_embedding_from_data
-
 from tests.test_model import TINY, make_inputs
 
 
@@ -198,13 +197,8 @@ def test_randomized_components_match_the_exact_ones():
     matrix = (rng.standard_normal((300, 6)) * [40, 30, 20, 15, 10, 8]) @ rng.standard_normal(
         (6, 2000)) + 0.1 * rng.standard_normal((300, 2000))
     assert min(matrix.shape) <= gene_features.EXACT_SVD_MAX
-    exact = gene_features._top_components(matrix.T, 4)  # (2000, 300): smaller side 300
-    old = gene_features.EXACT_SVD_MAX
-    try:
-        gene_features.EXACT_SVD_MAX = 100
-        randomized = gene_features._top_components(matrix.T, 4)
-    finally:
-        gene_features.EXACT_SVD_MAX = old
+    exact = gene_features.top_components(matrix.T, 4)  # (2000, 300): smaller side 300
+    randomized = gene_features.top_components(matrix.T, 4, exact_max=100)
     # Components are defined up to sign.
     for j in range(4):
         a, b = exact[:, j], randomized[:, j]

@@ -25,10 +25,12 @@ from scipy import sparse
 import eval as eval_cli
 import train as train_cli
 from scformer_jax import checkpoints as checkpoints_lib
-from scformer_jax import evaluation, parallel, training
-from scformer_jax.checkpoints import CheckpointWriteError, Checkpoints
+from scformer_jax import evaluation, parallel, runs, training
+from scformer_jax.checkpoints import Checkpoints, CheckpointWriteError
 from scformer_jax.data.__main__ import main as data_main
-from scformer_jax.data.gears_io import DataFormatError, prepare, write_h5ad_atomic
+from scformer_jax.data.conditions import DataFormatError
+from scformer_jax.data.gears_io import write_h5ad_atomic
+from scformer_jax.data.prepare import prepare
 from scformer_jax.data.splits import gears_split, write_split_json
 from scformer_jax.io import (
     LOCK_FILE,
@@ -116,7 +118,7 @@ def test_non_finite_state_at_a_checkpoint_step_is_never_saved(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert f"Non-finite grad_norm (nan) at step {stop}" in err and "not checkpointed" in err
     assert checkpoint_steps(run) == [STEPS_PER_EPOCH]
-    _, params, meta = training.restore_params(run, which="latest")
+    _, params, meta = runs.restore_params(run, which="latest")
     assert all_finite(params) and meta["loop"]["epoch"] == 1
 
 
@@ -208,7 +210,7 @@ def test_truncated_checkpoint_is_moved_aside_and_resume_goes_on(tmp_path):
     assert steps == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     assert [r["epoch"] for r in metric_records(run, "epoch")] == [1, 2, 3]
     # The step that was corrupt is written again and reads back.
-    _, params, meta = training.restore_params(run, which="latest")
+    _, params, meta = runs.restore_params(run, which="latest")
     assert meta["loop"]["epoch"] == 3 and all_finite(params)
 
 
