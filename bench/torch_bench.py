@@ -1,4 +1,4 @@
-"""Times the PyTorch original (``bench/torch_reference.py``) on random inputs.
+"""Times the PyTorch original (``tests/torch_reference.py``) on random inputs.
 
 Run in a process of its own so that its peak memory is measured apart from ours:
 
@@ -39,14 +39,14 @@ import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run as a script: make the repository root importable for ``bench.torch_reference``.
+    # Run as a script: make the repository root importable for ``tests.torch_reference``.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.torch_reference import build_reference_model, make_vocab  # noqa: E402
+from tests.torch_reference import build_reference_model, make_vocab  # noqa: E402
 
 EXIT_OUT_OF_MEMORY = 3
 NORMAN_N_GENES = 5045  # Norman 2019's gene count, the seed's "include_zero_gene: all" length.

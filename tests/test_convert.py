@@ -1,6 +1,6 @@
 """Importing PyTorch scGPT/scFormer checkpoints (scformer_jax.convert).
 
-The PyTorch side is bench/torch_reference.py, a re-implementation of the original model with
+The PyTorch side is tests/torch_reference.py, a re-implementation of the original model with
 the original state_dict names; its checkpoints are written with random weights into
 tmp_path. Expected values are the PyTorch model's outputs or the saved tensors themselves.
 """
@@ -29,7 +29,7 @@ CASES = [("torch", "cls", "inner product"), ("flash", "w-pool", "concat query"),
 @pytest.fixture(scope="module")
 def ref():
     pytest.importorskip("torch")
-    from bench import torch_reference
+    from tests import torch_reference
 
     return torch_reference
 

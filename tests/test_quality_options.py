@@ -12,7 +12,8 @@ from scformer_jax.config import ConfigError, load_config
 from scformer_jax.data.batching import BatchLoader
 from scformer_jax.data.splits import gears_split
 from scformer_jax.gene_features import data_gene_embedding, init_gene_embedding_from_data
-from tests.test_model import TINY, make_inputs
+from tests.test_model import TINY
+from tests.tiny_model import make_inputs
 
 
 def test_output_baselines_add_the_control_input_or_the_gene_baseline():
