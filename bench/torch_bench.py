@@ -13,7 +13,8 @@ does not materialise the attention matrix. On this 2-core CPU the fast path was 
 slower and used 5x the memory at sequence 1536, so the benchmark turns it off
 (``--fastpath off``, the stronger baseline); ``--fastpath on`` gives torch's default.
 Training never takes the fast path. The model uses the seed script's settings (embsize 64,
-d_hid 64, 4 layers, 4 heads, dropout 0.2) unless told otherwise. Inputs follow the seed's ``include_zero_gene="batch-wise"``
+d_hid 64, 4 layers, 4 heads, dropout 0.2) unless told otherwise. Inputs follow the seed's
+``include_zero_gene="batch-wise"``
 batches: one gene list shared by the rows, no padding.
 
 With ``--json`` the last stdout line is one JSON object: seq_len, batch, mode,

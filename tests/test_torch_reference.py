@@ -284,7 +284,8 @@ def test_checkpoint_folder_round_trip(tmp_path, layout):
         "dropout": 0.1, "pad_token": "<pad>", "pad_value": 0, "lr": 1e-4}
     assert args["fast_transformer"] is (layout == "flash")
     vocab = json.loads((folder / "vocab.json").read_text())
-    assert vocab["GENE0000"] == 0 and [vocab[t] for t in ("<pad>", "<cls>", "<eoc>")] == [12, 13, 14]
+    assert vocab["GENE0000"] == 0
+    assert [vocab[t] for t in ("<pad>", "<cls>", "<eoc>")] == [12, 13, 14]
     state = torch.load(folder / "best_model.pt", weights_only=True)
     assert set(state) == set(model.state_dict())
 

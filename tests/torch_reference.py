@@ -3,9 +3,10 @@
 This is our own re-implementation of the architecture in bowang-lab/scFormer
 (``scformer/model/generation_model.py``), used for two things:
 
-* the oracle of the tests: random-weight checkpoints written in scGPT's folder layout (``best_model.pt``, ``args.json``, ``vocab.json``) and the reference
-  outputs our JAX model must reproduce (``tests/test_convert.py``), checked itself against
-  NumPy in ``tests/test_torch_reference.py``;
+* the oracle of the tests: random-weight checkpoints written in scGPT's folder layout
+  (``best_model.pt``, ``args.json``, ``vocab.json``) and the reference outputs our JAX
+  model must reproduce (``tests/test_convert.py``), itself checked against NumPy in
+  ``tests/test_torch_reference.py``;
 * the speed/memory baseline of ``bench/``: the original's train step and eval forward,
   timed by ``bench/torch_bench.py`` in a process of its own.
 

@@ -42,7 +42,8 @@ from scformer_jax.data.simulate import (
 from scformer_jax.data.splits import gears_split
 
 __all__ = [
-    "BUILTIN_DATASETS", "CONTROL", "INCLUDE_ZERO_GENE_MODES", "PRESETS", "SPECIAL_TOKENS", "BatchLoader",
+    "BUILTIN_DATASETS", "CONTROL", "INCLUDE_ZERO_GENE_MODES", "PRESETS", "SPECIAL_TOKENS",
+    "BatchLoader",
     "DataFormatError", "HostBatch", "PerturbData", "SimulationConfig", "UnknownGeneError",
     "add_gears_annotations", "assemble_batch", "bucket_sizes", "from_gears_batch",
     "gears_split", "load_dataset", "pair_controls", "parse_condition", "prepare",

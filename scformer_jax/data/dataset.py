@@ -339,7 +339,8 @@ def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
       path_or_name: a folder with ``perturb_processed.h5ad``, an ``.h5ad`` file, an AnnData,
         or a built-in name: ``"simulated"`` (the default simulated dataset),
         ``"simulated:tiny"`` (tests), ``"simulated:screen"`` (a single-gene knock-out
-        screen whose perturbed genes are mostly not measured), ``"simulated:norman"`` (Norman-sized, benchmarks).
+        screen whose perturbed genes are mostly not measured), ``"simulated:norman"``
+        (Norman-sized, benchmarks).
       label_key: obs column of the CLS labels.
       seed: simulation seed (built-in names only).
       preset: simulation preset overriding the one in the name (built-in names only).
