@@ -49,7 +49,13 @@ is the first gene's output). One deliberate difference remains: our ``avg-pool``
 padding positions while the original averaged over them too, so that cell embedding equals
 the original's on unpadded input only (``w-pool`` agrees when ``pad_value`` is 0).
 
-``torch`` is an optional extra used only by :func:`read_state_dict`; nothing else imports it.
+``torch`` is an optional extra imported only inside :func:`read_state_dict`.
+
+Modules: :mod:`.report` (the report and :class:`ConversionError`), :mod:`.keys` (PyTorch
+keys -> our parameter paths and layouts), :mod:`.reading` (checkpoint folders -> tensors and
+the model config), :mod:`.loading` (tensors -> our parameter tree), :mod:`.writing` (the
+converted folder and the command line). Matching gene vocabularies is
+:mod:`scformer_jax.vocab`'s.
 """
 
 from scformer_jax.convert.keys import torch_key_to_path
