@@ -548,14 +548,28 @@ def test_eval_predict_checks_names_first(trained_run, monkeypatch, capsys):
     assert calls == []
 
 
-def test_eval_predict_says_where_predictions_went(trained_run, capsys, umask_022):
+def test_eval_predict_says_where_predictions_went(trained_run, capsys, umask_022,
+                                                  monkeypatch):
     from scformer_jax.predict import load_predictor
 
     genes = sorted({g for c in load_predictor(str(trained_run)).dataset.conditions
                     for g in c.split("+") if g != "ctrl"})
     out = trained_run / "eval"
+    # The evaluation and --predict share one load of the dataset and of the parameters.
+    loads = {"dataset": 0, "params": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            loads[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(runs, "load_dataset", counted("dataset", runs.load_dataset))
+    monkeypatch.setattr(checkpoints_lib, "restore_params",
+                        counted("params", checkpoints_lib.restore_params))
     assert eval_cli.main(["--workdir", str(trained_run), "--n-plots", "0",
                           "--predict", genes[0], f"{genes[0]}+{genes[1]}"]) == 0
+    assert loads == {"dataset": 1, "params": 1}
     text = capsys.readouterr().out
     assert f"{out / 'predict.h5ad'}" in text and f"{out / 'predict_cells.h5ad'}" in text
     assert anndata.read_h5ad(out / "predict.h5ad").n_obs == 2
