@@ -16,6 +16,7 @@ from scformer_jax.config import ModelConfig
 from scformer_jax.convert.keys import EMBED
 from scformer_jax.convert.reading import Entry, Source, read_source
 from scformer_jax.convert.report import ConversionError, ConversionReport, ShapeMismatch
+from scformer_jax.data.dataset import PAD_TOKEN
 from scformer_jax.model import init_params
 from scformer_jax.vocab import match_vocabulary, remap_embedding
 
@@ -105,7 +106,7 @@ def _load(source: Source, model_config: ModelConfig, rng, *, prefixes: Sequence[
           dataset=None) -> tuple[Any, ConversionReport]:
     token_names = list(dataset.token_names) if dataset is not None else None
     target = init_params(model_config, rng)
-    pad_token = str(source.args.get("pad_token", "<pad>"))
+    pad_token = str(source.args.get("pad_token", PAD_TOKEN))
     params, report = _assign(source, target, prefixes=prefixes, token_names=token_names,
                              pad_token=pad_token)
     _check_pre_norm(source, report)

@@ -24,6 +24,7 @@ from scformer_jax.convert.keys import (
     torch_key_to_path,
 )
 from scformer_jax.convert.report import ConversionError
+from scformer_jax.data.dataset import CLS_TOKEN, PAD_TOKEN
 from scformer_jax.runs import CHECKPOINTS_DIR, restore_params
 from scformer_jax.vocab import VOCAB_FILE, VocabularyError, check_vocab
 
@@ -185,12 +186,12 @@ def model_config_from_args(args: Mapping[str, Any], vocab: Mapping[str, int],
     if mvc_style not in MVC_DECODER_STYLES:
         raise ConversionError(f"args.json mvc_decoder_style {mvc_style!r} is not one of "
                               f"{list(MVC_DECODER_STYLES)}.")
-    pad_token = str(args.get("pad_token", "<pad>"))
+    pad_token = str(args.get("pad_token", PAD_TOKEN))
     if pad_token not in vocab:
         raise ConversionError(f"args.json pad_token {pad_token!r} is not in vocab.json; use "
                               "the vocab.json saved with this checkpoint.")
     pad_token_id = vocab[pad_token]
-    cls_token_id = vocab.get("<cls>", pad_token_id)
+    cls_token_id = vocab.get(CLS_TOKEN, pad_token_id)
     prepend_cls_token = base.prepend_cls_token
     if cell_emb_style == "cls":
         prepend_cls_token = False
