@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     from scformer_jax import evaluation
     from scformer_jax.data.gears_io import write_h5ad_atomic
     from scformer_jax.io import describe_os_error
-    from scformer_jax.predict import UnknownPerturbationError, load_predictor
+    from scformer_jax.predict import UnknownPerturbationError, run_predictor
+    from scformer_jax.runs import load_run
 
     if len(args.workdir) > 1:
         if args.out or args.predict:
@@ -72,15 +73,15 @@ def main(argv=None) -> int:
         print(f"eval.py: --pool-size must be >= 1, got {args.pool_size}.", file=sys.stderr)
         return 2
     try:
-        predictor = None
+        # The dataset and the parameters are loaded once, for the evaluation and --predict.
+        run = load_run(workdir, which=args.checkpoint)
+        predictor = run_predictor(run)
         if args.predict:
             # Bad names fail here, before the evaluation's minutes of work.
-            predictor = load_predictor(workdir, which=args.checkpoint)
             predictor.check_perturbations(args.predict)
-        evaluation.evaluate_run(workdir, which=args.checkpoint, out_dir=args.out,
-                                plot_perturbations=args.plot, n_plots=args.n_plots,
-                                seed=args.seed)
-        if predictor is not None:
+        evaluation.evaluate_run(run, out_dir=args.out, plot_perturbations=args.plot,
+                                n_plots=args.n_plots, seed=args.seed, predictor=predictor)
+        if args.predict:
             result = predictor.predict(args.predict, pool_size=args.pool_size, seed=args.seed)
             write_h5ad_atomic(result.mean, out / "predict.h5ad")
             write_h5ad_atomic(result.cells, out / "predict_cells.h5ad")
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         return 2
     print((out / "report.md").read_text())
     print(f"Evaluation written to {out}")
-    if predictor is not None:
+    if args.predict:
         print(f"Predictions for {len(args.predict)} perturbation(s) written to "
               f"{out / 'predict.h5ad'} (mean profile per perturbation) and "
               f"{out / 'predict_cells.h5ad'} (one row per control cell)")

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         return 2
     import jax
 
-    from scformer_jax import parallel, training
+    from scformer_jax import parallel, runs, training
     from scformer_jax.checkpoints import CheckpointWriteError
     from scformer_jax.io import RunFolderLockedError, describe_os_error
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         print("Config error: with several processes, give every process the same --workdir.",
               file=sys.stderr)
         return 2
-    workdir = args.workdir or str(training.new_workdir())
+    workdir = args.workdir or str(runs.new_workdir())
     try:
         summary = training.train_and_evaluate(
             config, workdir, progress=not args.no_progress and sys.stderr.isatty())

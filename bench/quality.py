@@ -7,9 +7,9 @@ For each dataset and GEARS split seed (1, 2, 3 by default) it trains the seed sc
 (``configs/scformer.yaml``) and the recommended one (``configs/default.yaml``), evaluates
 both on the test split with ``eval.py``'s code (which fits the baselines ``control``,
 ``train_mean``, ``additive``, ``linear`` and ``coexpression`` on the same split), and prints,
-per dataset, a table of mean +- sd over the seeds per subgroup and metric. With ``--ablations`` it also
-trains the recommended config with each of its options switched back to the seed's value
-(on the first dataset only).
+per dataset, a table of mean +- sd over the seeds per subgroup and metric. With
+``--ablations`` it also trains the recommended config with each of its options changed (on
+the first dataset only).
 
 Datasets:
 

@@ -1,4 +1,4 @@
-"""Times the PyTorch original (``bench/torch_reference.py``) on random inputs.
+"""Times the PyTorch original (``tests/torch_reference.py``) on random inputs.
 
 Run in a process of its own so that its peak memory is measured apart from ours:
 
@@ -13,7 +13,8 @@ does not materialise the attention matrix. On this 2-core CPU the fast path was 
 slower and used 5x the memory at sequence 1536, so the benchmark turns it off
 (``--fastpath off``, the stronger baseline); ``--fastpath on`` gives torch's default.
 Training never takes the fast path. The model uses the seed script's settings (embsize 64,
-d_hid 64, 4 layers, 4 heads, dropout 0.2) unless told otherwise. Inputs follow the seed's ``include_zero_gene="batch-wise"``
+d_hid 64, 4 layers, 4 heads, dropout 0.2) unless told otherwise. Inputs follow the seed's
+``include_zero_gene="batch-wise"``
 batches: one gene list shared by the rows, no padding.
 
 With ``--json`` the last stdout line is one JSON object: seq_len, batch, mode,
@@ -39,14 +40,14 @@ import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run as a script: make the repository root importable for ``bench.torch_reference``.
+    # Run as a script: make the repository root importable for ``tests.torch_reference``.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.torch_reference import build_reference_model, make_vocab  # noqa: E402
+from tests.torch_reference import build_reference_model, make_vocab  # noqa: E402
 
 EXIT_OUT_OF_MEMORY = 3
 NORMAN_N_GENES = 5045  # Norman 2019's gene count, the seed's "include_zero_gene: all" length.

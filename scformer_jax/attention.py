@@ -35,7 +35,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "full", "chunked", "xla", "cudnn")
+from scformer_jax.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+
 # From this length on the chunked kernel beats the plain one on a CPU (forward + backward of
 # one layer, batch 32, 4 heads, dropout 0.2: 3.2 vs 2.4 ms at 65, 11 vs 20 ms at 129,
 # 89 vs 186 ms at 385).

@@ -33,11 +33,10 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from scformer_jax.data.conditions import condition_genes
+from scformer_jax.data.conditions import CONTROL, condition_genes
+from scformer_jax.gene_features import top_components
 from scformer_jax.metrics import as_profile
-
-CONTROL = "ctrl"
-
+from scformer_jax.prior import coexpression_from
 
 # --------------------------------------------------------------------------------------
 # Inputs.
@@ -247,8 +246,6 @@ def fit_coexpression_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any,
     genes' training singles, the co-expression prediction standing in for a gene without
     one. A gene that is not measured adds nothing.
     """
-    from scformer_jax.prior import coexpression_from
-
     ctrl = as_profile(ctrl_mean, "ctrl_mean")
     changes = _training_changes(train_profiles, ctrl)
     singles = {genes[0]: np.mean(v, axis=0) for genes, v in changes.items() if len(genes) == 1}
@@ -297,8 +294,7 @@ def pca_gene_embedding(matrix: Any, n_components: int, *, seed: int = 0) -> np.n
     if fits_dense and (not sp.issparse(matrix) or k >= min(n_genes, n_samples) - 1):
         dense = np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, np.float64)
         centred = dense - dense.mean(axis=0, keepdims=True)
-        u, s, _ = np.linalg.svd(centred, full_matrices=False)
-        scores = u[:, :k] * s[:k]
+        scores = top_components(centred, k, exact_max=min(centred.shape))  # an exact SVD
     elif k >= min(n_genes, n_samples) - 1:
         raise ValueError(f"pca_gene_embedding: n_components={n_components} is too large for "
                          f"the iterative SVD of a {matrix.shape} matrix; use fewer components.")

@@ -44,7 +44,8 @@ _FLAG_HOWTO = (
 def input_shape_error(given: tuple[int, ...], batch: int | None = None,
                       length: int | None = None) -> str:
     """The message for an input that breaks the two-channel contract."""
-    expected = f"({'batch' if batch is None else batch}, {'seq_len' if length is None else length}, 2)"
+    rows = "batch" if batch is None else batch
+    expected = f"({rows}, {'seq_len' if length is None else length}, 2)"
     return (
         f"scformer-jax expects the per-gene input `inputs` of shape {expected}: channel 0 = the "
         f"control cell's expression, channel 1 = the perturbation flag (0/1, pert_pad_id at "

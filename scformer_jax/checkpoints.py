@@ -236,7 +236,8 @@ class Checkpoints:
         """Restores `step` (default: the newest readable one) into the structure of `target`.
 
         Args:
-          target: a pytree with the structure, shapes and dtypes of the saved state.
+          target: a pytree with the structure, shapes and dtypes of the saved state; None:
+            the tree as saved (NumPy arrays; containers as dicts and lists).
           step: the step to restore; None: the newest readable one.
           move_unreadable: move an unreadable step folder into ``corrupt/`` (a resuming
             writer does, so that the step can be written again); otherwise skip it.
@@ -245,7 +246,7 @@ class Checkpoints:
         step folders (a killed save, a corrupt file) are skipped with a warning.
         """
         candidates = [step] if step is not None else list(reversed(self.steps()))
-        abstract = jax.tree_util.tree_map(
+        abstract = None if target is None else jax.tree_util.tree_map(
             lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), jax.device_get(target))
         for candidate in candidates:
             try:
@@ -277,3 +278,38 @@ class Checkpoints:
         if self.manager is not None:
             self.manager.wait_until_finished()
             self.manager.close()
+
+
+def restore_params(directory: str | Path, *, which: str = "best", best_mode: str = "max"
+                   ) -> tuple[int, Any, dict]:
+    """The parameters of the best (or latest) checkpoint in `directory`, read without an
+    optimiser: the saved state is read as stored and its ``params`` returned.
+
+    Args:
+      directory: the ``checkpoints/`` folder.
+      which: "best" (by the saved metric; the newest readable one when none has a metric)
+        or "latest".
+      best_mode: "max" or "min", the direction of the saved metric.
+
+    Returns:
+      (step, params as NumPy arrays, meta).
+
+    Raises:
+      FileNotFoundError: no checkpoint, or none readable.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}.")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No checkpoint in {directory} (the folder does not exist).")
+    ckpts = Checkpoints(directory, best_mode=best_mode)
+    try:
+        if not ckpts.steps():
+            raise FileNotFoundError(f"No checkpoint in {directory}.")
+        restored = ckpts.restore(None, step=ckpts.best_step() if which == "best" else None)
+    finally:
+        ckpts.close()
+    if restored is None:
+        raise FileNotFoundError(f"No readable checkpoint in {directory}.")
+    step, state, meta = restored
+    return step, state["params"], meta

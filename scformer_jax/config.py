@@ -16,9 +16,14 @@ from typing import Any, Mapping
 
 import yaml
 
+from scformer_jax.io import write_text_atomic
+
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 MVC_DECODER_STYLES = ("inner product", "inner product, detach", "concat query", "sum query")
-INCLUDE_ZERO_GENE = ("all", "batch-wise", "row-wise", "nonzero")
+# Which genes are input tokens (data.include_zero_gene); see scformer_jax.data.batching.
+INCLUDE_ZERO_GENE_MODES = ("all", "batch-wise", "row-wise", "nonzero")
+# Attention kernels (model.attention); see scformer_jax.attention.
+ATTENTION_IMPLEMENTATIONS = ("auto", "full", "chunked", "xla", "cudnn")
 GENE_EMBEDDING_INITS = ("random", "data")
 OUTPUT_BASELINES = ("none", "control_input", "gene_mean")
 TRAIN_TARGETS = ("cell", "condition_mean")
@@ -120,9 +125,7 @@ class ModelConfig:
             _check_range("model.attention_dropout", self.attention_dropout, 0.0, 0.999)
         _check_choice("model.cell_emb_style", self.cell_emb_style, CELL_EMB_STYLES)
         _check_choice("model.mvc_decoder_style", self.mvc_decoder_style, MVC_DECODER_STYLES)
-        from scformer_jax.attention import IMPLEMENTATIONS
-
-        _check_choice("model.attention", self.attention, IMPLEMENTATIONS)
+        _check_choice("model.attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("model.gene_embedding_init", self.gene_embedding_init, GENE_EMBEDDING_INITS)
         _check_choice("model.output_baseline", self.output_baseline, OUTPUT_BASELINES)
@@ -150,6 +153,14 @@ class ModelConfig:
     @property
     def uses_cls_token(self) -> bool:
         return self.cell_emb_style == "cls" and self.prepend_cls_token
+
+    def with_vocab(self, vocab: Any, *, n_cls: int | None = None) -> ModelConfig:
+        """This config on `vocab`'s tokens (anything with ``n_tokens``, ``pad_token_id`` and
+        ``cls_token_id``, e.g. a :class:`~scformer_jax.data.dataset.PerturbData`); `n_cls`
+        also sets the classifier's classes."""
+        return dataclasses.replace(
+            self, ntoken=vocab.n_tokens, pad_token_id=vocab.pad_token_id,
+            cls_token_id=vocab.cls_token_id, n_cls=self.n_cls if n_cls is None else n_cls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +228,8 @@ class DataConfig:
     train_target: str = "cell"
 
     def __post_init__(self):
-        _check_choice("data.include_zero_gene", self.include_zero_gene, INCLUDE_ZERO_GENE)
+        _check_choice("data.include_zero_gene", self.include_zero_gene,
+                      INCLUDE_ZERO_GENE_MODES)
         _check_choice("data.train_target", self.train_target, TRAIN_TARGETS)
         _check_range("data.max_seq_len", self.max_seq_len, 2)
         _check_range("data.train_gene_set_size", self.train_gene_set_size, 0.0, 1.0, low_open=True)
@@ -443,7 +455,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def save_config(config: Config, path: str | Path) -> None:
     """Writes the resolved config as YAML (atomically)."""
-    path = Path(path)
-    from scformer_jax.io import write_text_atomic
-
     write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

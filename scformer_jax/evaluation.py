@@ -27,20 +27,17 @@ import numpy as np
 import pandas as pd
 
 from scformer_jax import baselines as baselines_lib
-from scformer_jax import convert
 from scformer_jax import metrics as metrics_lib
 from scformer_jax import plots as plots_lib
-from scformer_jax.config import load_config
 from scformer_jax.data.batching import pair_controls
-from scformer_jax.data.dataset import PerturbData, load_dataset
-from scformer_jax.data.gears_io import group_stats
-from scformer_jax.data.splits import gears_split, read_split_json
+from scformer_jax.data.conditions import CONTROL
+from scformer_jax.data.dataset import PerturbData
+from scformer_jax.data.de import group_stats
+from scformer_jax.data.splits import SUBGROUP_NAMES
 from scformer_jax.io import make_temp_dir, write_text_atomic
-from scformer_jax.predict import Predictor, normalize_perturbation
-from scformer_jax.prior import prior_for
-from scformer_jax.training import restore_params
+from scformer_jax.predict import Predictor, normalize_perturbation, run_predictor
+from scformer_jax.runs import Run, load_run
 
-CONTROL = "ctrl"
 REPORT_METRICS = ("pearson_delta", "pearson_de_delta", "mse_de", "pearson_de",
                   "frac_correct_direction_20", "frac_correct_direction_non_dropout")
 CALIBRATED_REPORT_METRICS = ("pearson_delta_pert", "pearson_de_delta_pert", "r2_w_delta",
@@ -112,6 +109,9 @@ def _sample_rows(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
 class Reference:
     """What every method is scored against, computed once from the data and the split.
 
+    :func:`build_reference` fills every field; :func:`observed_reference` only those GEARS's
+    metrics need (validation), leaving the others None or empty.
+
     Attributes:
       ctrl_mean: (n_genes,) mean of the control cells.
       pert_ref: (n_genes,) mean of all perturbed training cells (Systema's reference).
@@ -128,17 +128,17 @@ class Reference:
     """
 
     ctrl_mean: np.ndarray
-    pert_ref: np.ndarray
+    pert_ref: np.ndarray | None
     n_pert_ref_cells: int
     true_mean: dict[str, np.ndarray]
-    true_cells: dict[str, np.ndarray]
-    control_cells: dict[str, np.ndarray]
+    true_cells: dict[str, np.ndarray] | None
+    control_cells: dict[str, np.ndarray] | None
     de_idx: dict[str, np.ndarray]
     non_dropout_de_idx: dict[str, np.ndarray] | None
     non_zero_idx: dict[str, np.ndarray] | None
     non_dropout_idx: dict[str, np.ndarray] | None
-    de_weights: dict[str, np.ndarray]
-    exclude_idx: dict[str, np.ndarray]
+    de_weights: dict[str, np.ndarray] | None
+    exclude_idx: dict[str, np.ndarray] | None
     halves: dict[str, tuple[np.ndarray, np.ndarray]]
     seed: int = 0
 
@@ -201,6 +201,26 @@ def build_reference(dataset: PerturbData, train_conditions: Sequence[str],
         de_weights=weights, exclude_idx=exclude, halves=halves, seed=seed)
 
 
+def observed_reference(dataset: PerturbData, cells: Mapping[str, Sequence[int]]
+                       ) -> Reference:
+    """The reference of GEARS's metrics for the cells a pass predicted (validation).
+
+    Each condition's truth is the mean of its `cells`; the control mean is the dataset's.
+    There is no perturbed reference, DE weighting or cell sample, so :func:`score` gives
+    GEARS's metrics only.
+
+    Args:
+      dataset: the data.
+      cells: condition -> the indices of its cells that were predicted.
+    """
+    return Reference(
+        ctrl_mean=dataset.control_mean, pert_ref=None, n_pert_ref_cells=0,
+        true_mean={c: dataset.mean_expression(np.asarray(cells[c])) for c in cells},
+        true_cells=None, control_cells=None, de_idx={c: dataset.de_rank[c] for c in cells},
+        non_dropout_de_idx=None, non_zero_idx=None, non_dropout_idx=None, de_weights=None,
+        exclude_idx=None, halves={})
+
+
 def score(ref: Reference, pred_mean: Mapping[str, np.ndarray],
           pred_cells: Mapping[str, np.ndarray] | None = None, *,
           true_mean: Mapping[str, np.ndarray] | None = None,
@@ -208,14 +228,15 @@ def score(ref: Reference, pred_mean: Mapping[str, np.ndarray],
           subgroups: Mapping[str, Sequence[str]] | None = None) -> metrics_lib.EvalResult:
     """Every metric of one method against ``ref``.
 
-    A method that predicts only mean profiles (the baselines) gets predicted cells from
-    the control cells paired with the observed ones, shifted by its predicted change.
+    The one profile -> metrics path of evaluation and validation. A method that predicts
+    only mean profiles (the baselines) gets predicted cells from the control cells paired
+    with the observed ones, shifted by its predicted change (when `ref` holds them).
     ``true_mean``/``true_cells`` replace the reference's truth (the technical duplicate is
     scored against its held-out half).
     """
     true_mean = ref.true_mean if true_mean is None else true_mean
     true_cells = ref.true_cells if true_cells is None else true_cells
-    if pred_cells is None:
+    if pred_cells is None and ref.control_cells is not None:
         pred_cells = {c: ref.control_cells[c] + (np.asarray(pred_mean[c], np.float64)
                                                   - ref.ctrl_mean) for c in true_mean}
     return metrics_lib.evaluate_profiles(
@@ -306,7 +327,7 @@ def _calibrated_table(results: Mapping[str, metrics_lib.EvalResult], group: str)
 
 def _report(results: dict[str, metrics_lib.EvalResult], workdir: Path,
             sizes: dict[str, int], notes: list[str], n_ref_cells: int) -> str:
-    groups = ["overall"] + [g for g in metrics_lib.SUBGROUP_NAMES if g in sizes]
+    groups = ["overall"] + [g for g in SUBGROUP_NAMES if g in sizes]
 
     def heading(group: str) -> str:
         size = sum(sizes.values()) if group == "overall" else sizes[group]
@@ -349,48 +370,35 @@ def _report(results: dict[str, metrics_lib.EvalResult], workdir: Path,
     return "\n".join(lines)
 
 
-def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Path | None = None,
-                 plot_perturbations: Sequence[str] = (), n_plots: int = 5,
-                 batch_size: int | None = None, seed: int = 0,
-                 max_cells_per_condition: int | None = None) -> dict[str, Any]:
+def evaluate_run(run: Run | str | Path, *, which: str = "best",
+                 out_dir: str | Path | None = None, plot_perturbations: Sequence[str] = (),
+                 n_plots: int = 5, batch_size: int | None = None, seed: int = 0,
+                 max_cells_per_condition: int | None = None,
+                 predictor: Predictor | None = None) -> dict[str, Any]:
     """Evaluates a run folder's checkpoint on its test split and writes the report.
 
     Args:
-      workdir: the folder ``train.py`` wrote (config.yaml, split.json, checkpoints/).
-      which: "best" or "latest" checkpoint.
+      run: the folder ``train.py`` wrote (config.yaml, split.json, checkpoints/), or that
+        folder already loaded (:func:`scformer_jax.runs.load_run`).
+      which: "best" or "latest" checkpoint (of a folder; a loaded run has its own).
       out_dir: where to write (default ``workdir/eval``); replaced atomically.
       plot_perturbations: perturbations to plot besides the first `n_plots` test ones.
       n_plots: how many test perturbations get a box plot.
       batch_size: prediction batch (default the config's eval_batch_size).
       seed: control pairing seed.
       max_cells_per_condition: cap on cells predicted per condition (None: all).
+      predictor: the run's predictor when the caller has built it already
+        (:func:`scformer_jax.predict.run_predictor`); default: built here.
 
     Returns:
       The ``metrics.json`` content.
     """
-    workdir = Path(workdir)
-    if not (workdir / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"{workdir / 'config.yaml'} is missing: --workdir must be a folder written by "
-            "train.py or python -m scformer_jax.convert.")
-    config = load_config(workdir / "config.yaml")
-    model_config, params, _ = restore_params(workdir, which=which)
-    dataset = load_dataset(config.data.path, label_key=config.data.label_key)
-    # A converted PyTorch checkpoint has no split.json and may hold another gene vocabulary.
-    if (workdir / "split.json").is_file():
-        split = read_split_json(workdir / "split.json")
-    else:
-        split = gears_split(dataset.conditions, split=config.data.split,
-                            seed=config.data.split_seed,
-                            train_gene_set_size=config.data.train_gene_set_size,
-                            combo_seen2_train_frac=config.data.combo_seen2_train_frac,
-                            split_path=config.data.split_path)
-    model_config, params, _ = convert.adapt_to_dataset(workdir, model_config, params, dataset)
+    if not isinstance(run, Run):
+        run = load_run(run, which=which)
+    workdir, config, dataset, split = run.workdir, run.config, run.dataset, run.split
     test = _test_conditions(split, dataset)
-    prior = prior_for(model_config, dataset, split["train"])
-    predictor = Predictor(model_config, params, dataset,
-                          batch_size=batch_size or config.train.eval_batch_size,
-                          include_zero_gene=config.data.include_zero_gene, prior=prior)
+    if predictor is None:
+        predictor = run_predictor(run, batch_size=batch_size)
 
     subgroups = {k: v for k, v in split.get("subgroups", {}).items() if v}
     ref = build_reference(dataset, split["train"], test, seed=seed)
@@ -418,7 +426,7 @@ def evaluate_run(workdir: str | Path, *, which: str = "best", out_dir: str | Pat
     staging = make_temp_dir(out_dir.parent, prefix=".eval-")
     try:
         summary = {
-            "workdir": str(workdir), "checkpoint": which, "n_test_perturbations": len(test),
+            "workdir": str(workdir), "checkpoint": run.which, "n_test_perturbations": len(test),
             "split": config.data.split, "split_seed": config.data.split_seed,
             "subgroup_sizes": sizes,
             "perturbed_reference_cells": ref.n_pert_ref_cells,

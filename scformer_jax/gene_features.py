@@ -33,18 +33,20 @@ MAX_CONTROL_CELLS = 20_000
 EXACT_SVD_MAX = 1500
 
 
-def _top_components(matrix: np.ndarray, k: int, *, seed: int = 0) -> np.ndarray:
+def top_components(matrix: np.ndarray, k: int, *, seed: int = 0,
+                   exact_max: int | None = None) -> np.ndarray:
     """(n_rows, k) row coordinates ``U * S`` of the top-k principal axes of a centred matrix,
     zero-filled when the matrix has rank below k.
 
-    Large matrices (e.g. 20k control cells x 5k genes) use a randomized SVD (Halko et al.
-    2011: a Gaussian sketch with 10 extra columns and 4 power iterations), which recovers the
-    leading components, the only ones kept, at a small fraction of the cost.
+    Matrices whose smaller side exceeds `exact_max` (default :data:`EXACT_SVD_MAX`; e.g. 20k
+    control cells x 5k genes) use a randomized SVD (Halko et al. 2011: a Gaussian sketch with
+    10 extra columns and 4 power iterations), which recovers the leading components, the only
+    ones kept, at a small fraction of the cost; smaller ones an exact SVD.
     """
     out = np.zeros((matrix.shape[0], k), np.float64)
     if k == 0 or min(matrix.shape) == 0:
         return out
-    if min(matrix.shape) <= EXACT_SVD_MAX:
+    if min(matrix.shape) <= (EXACT_SVD_MAX if exact_max is None else exact_max):
         u, s, _ = np.linalg.svd(matrix, full_matrices=False)
     else:
         rng = np.random.default_rng(seed)
@@ -92,13 +94,13 @@ def data_gene_embedding(dataset, train_conditions: Sequence[str], dim: int, *,
     sd = ctrl.std(axis=0)
     ctrl /= np.where(sd > 0, sd, 1.0)
     # Gene loadings: right singular vectors scaled by the singular values (the transpose view).
-    ctrl_part = _top_components(ctrl.T / np.sqrt(max(len(cells) - 1, 1)), k_ctrl, seed=seed)
+    ctrl_part = top_components(ctrl.T / np.sqrt(max(len(cells) - 1, 1)), k_ctrl, seed=seed)
 
     changes = [dataset.condition_mean(c) - dataset.control_mean
                for c in dict.fromkeys(train_conditions) if condition_genes(c)]
     if changes:
         profiles = np.stack(changes, axis=1).astype(np.float64)  # (n_genes, n_perts)
-        pert_part = _top_components(profiles - profiles.mean(axis=1, keepdims=True), k_pert)
+        pert_part = top_components(profiles - profiles.mean(axis=1, keepdims=True), k_pert)
     else:
         pert_part = np.zeros((dataset.n_genes, k_pert))
     return np.concatenate([_unit_rms(ctrl_part), _unit_rms(pert_part)], axis=1).astype(

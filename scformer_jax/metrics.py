@@ -118,10 +118,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scformer_jax.data.conditions import CONTROL
+
 DE_TOP_KS = (20, 50, 100, 200)
 N_DE = 20
-SUBGROUP_NAMES = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
-CONTROL_CONDITION = "ctrl"
 
 # Our name -> the name GEARS's deeper_analysis uses for the same quantity.
 GEARS_METRIC_NAMES = {"pearson_de_delta": "pearson_delta_de"}
@@ -946,7 +946,7 @@ def evaluate_gears_results(
         raise ValueError(f"evaluate_gears_results: pred {pred.shape}, truth {truth.shape} and "
                          f"pert_cat {pert_cat.shape} must be (n_cells, n_genes), "
                          f"(n_cells, n_genes) and (n_cells,).")
-    keep = pert_cat != CONTROL_CONDITION
+    keep = pert_cat != CONTROL
     return evaluate_profiles(mean_profiles(pred[keep], pert_cat[keep]),
                              mean_profiles(truth[keep], pert_cat[keep]), ctrl_mean,
                              de_idx, non_dropout_de_idx, subgroups,

@@ -85,7 +85,8 @@ class Dropout(nn.Module):
 
 
 class ValueEncoder(nn.Module):
-    """Expression value -> vector: clip at max_value, Dense(1->d), ReLU, Dense(d->d), LN, dropout."""
+    """Expression value -> vector: clip at max_value, Dense(1->d), ReLU, Dense(d->d), LN,
+    dropout."""
 
     d_model: int
     dropout: float

@@ -104,7 +104,12 @@ def shard(tree: Any) -> Any:
 
 
 def prefetch(iterator, size: int = 2):
-    """Shards batches onto the devices `size` steps ahead, so transfers overlap compute."""
+    """Yields `iterator`'s items with `size` of them drawn ahead of the consumer.
+
+    It places nothing: the items are whatever `iterator` yields (the training loop passes
+    batches already sharded by :func:`shard_batch`, so their transfers are issued `size`
+    steps before the step that uses them and overlap its compute).
+    """
     queue = collections.deque()
     for item in iterator:
         queue.append(item)

@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from scformer_jax.io import atomic_path
+from scformer_jax.metrics import pearson
 
 PathLike = str | os.PathLike
 
@@ -144,8 +145,6 @@ def plot_change_scatter(
     finite = np.isfinite(p) & np.isfinite(t)
     if not finite.all():
         raise ValueError(f"{int((~finite).sum())} NaN/inf values in pred_change/true_change.")
-    from scformer_jax.metrics import pearson  # local: keeps plots importable on its own
-
     fig = Figure(figsize=(4.6, 4.4))
     ax = fig.add_subplot()
     ax.scatter(t, p, s=8, alpha=0.6, label=label)

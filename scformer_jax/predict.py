@@ -18,13 +18,12 @@ import pandas as pd
 
 from scformer_jax.config import ModelConfig
 from scformer_jax.data.batching import HostBatch, assemble_batch, bucket_sizes
-from scformer_jax.data.conditions import condition_genes
+from scformer_jax.data.conditions import CONTROL, condition_genes
 from scformer_jax.data.dataset import PerturbData
 from scformer_jax.model import TransformerGenerator
 from scformer_jax.objectives import predict_expression
 from scformer_jax.prior import AdditivePrior, prior_for, uses_prior
-
-CONTROL = "ctrl"
+from scformer_jax.runs import Run, load_run
 
 
 class UnknownPerturbationError(ValueError):
@@ -238,25 +237,22 @@ def predict(model_config: ModelConfig, params: Any, dataset: PerturbData,
         perturbations, pool_size=pool_size, seed=seed, return_cells=return_cells)
 
 
+def run_predictor(run: Run, *, batch_size: int | None = None) -> Predictor:
+    """A :class:`Predictor` for a loaded run folder (:func:`scformer_jax.runs.load_run`):
+    its model on its dataset, with the priors (:mod:`scformer_jax.prior`) fitted on its
+    training split when the model uses them.
+
+    Args:
+      run: the loaded run.
+      batch_size: prediction batch (default: the run's ``train.eval_batch_size``).
+    """
+    prior = prior_for(run.model_config, run.dataset, run.split["train"])
+    return Predictor(run.model_config, run.params, run.dataset,
+                     batch_size=batch_size or run.config.train.eval_batch_size,
+                     include_zero_gene=run.config.data.include_zero_gene, prior=prior)
+
+
 def load_predictor(workdir: str, *, which: str = "best", batch_size: int = 32) -> Predictor:
     """A :class:`Predictor` from a run folder written by ``train.py`` or a folder written by
     ``python -m scformer_jax.convert``."""
-    from pathlib import Path
-
-    from scformer_jax.config import load_config
-    from scformer_jax.convert import adapt_to_dataset
-    from scformer_jax.data.dataset import load_dataset
-    from scformer_jax.data.splits import read_split_json
-    from scformer_jax.training import restore_params
-
-    config = load_config(Path(workdir) / "config.yaml")
-    model_config, params, _ = restore_params(workdir, which=which)
-    dataset = load_dataset(config.data.path, label_key=config.data.label_key)
-    # A converted PyTorch checkpoint keeps its own gene vocabulary: map it onto the dataset's.
-    model_config, params, _ = adapt_to_dataset(workdir, model_config, params, dataset)
-    prior = None
-    if uses_prior(model_config):
-        prior = prior_for(model_config, dataset,
-                          read_split_json(Path(workdir) / "split.json")["train"])
-    return Predictor(model_config, params, dataset, batch_size=batch_size,
-                     include_zero_gene=config.data.include_zero_gene, prior=prior)
+    return run_predictor(load_run(workdir, which=which), batch_size=batch_size)

@@ -19,22 +19,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
 
-from scformer_jax import parallel
+from scformer_jax import parallel, runs
 from scformer_jax.batch import PerturbBatch
 from scformer_jax.checkpoints import Checkpoints
 from scformer_jax.config import (
     VALIDATION_METRICS,
     Config,
-    ConfigError,
     ModelConfig,
     ObjectiveConfig,
-    save_config,
 )
+from scformer_jax.convert import load_pretrained_params
+from scformer_jax.data.batching import BatchLoader
+from scformer_jax.data.conditions import CONTROL
+from scformer_jax.evaluation import observed_reference, score
 from scformer_jax.gene_features import init_from_data
 from scformer_jax.io import RunFolderLock, write_text_atomic
 from scformer_jax.model import TransformerGenerator, init_params
 from scformer_jax.objectives import loss_terms, objective_value
+from scformer_jax.predict import Predictor, full_profiles
 from scformer_jax.prior import prior_for
 
 log = logging.getLogger(__name__)
@@ -129,15 +134,13 @@ class MetricsWriter:
         """`purge_step`: the first step this writer logs; TensorBoard hides the events of an
         earlier attempt from that step on (a resumed run writes them again)."""
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / runs.METRICS_FILE
         self._file = None
         self._tb = None
         if enabled:
             self._file = open(self.path, "a", buffering=1)
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge_step)
+                self._tb = SummaryWriter(str(workdir / runs.TENSORBOARD_DIR), purge_step=purge_step)
             except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience
                 log.warning("TensorBoard logging disabled: %s", e)
 
@@ -193,35 +196,18 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def build_data(config: Config):
-    """Loads the dataset, splits it and builds the loaders of the run."""
-    from scformer_jax.data.dataset import load_dataset
-    from scformer_jax.data.splits import gears_split
-
-    dataset = load_dataset(config.data.path, label_key=config.data.label_key)
-    split = gears_split(
-        dataset.conditions, split=config.data.split, seed=config.data.split_seed,
-        train_gene_set_size=config.data.train_gene_set_size,
-        combo_seen2_train_frac=config.data.combo_seen2_train_frac,
-        split_path=config.data.split_path)
-    return dataset, split
-
-
 def model_config_for(config: Config, dataset) -> ModelConfig:
     """The model config with the vocabulary and class count taken from the dataset."""
     labels = dataset.label_names if config.objective.cls else None
-    return dataclasses.replace(
-        config.model, ntoken=dataset.n_tokens, pad_token_id=dataset.pad_token_id,
-        cls_token_id=dataset.cls_token_id,
-        n_cls=max(1, len(labels)) if labels is not None else config.model.n_cls)
+    return config.model.with_vocab(
+        dataset, n_cls=max(1, len(labels)) if labels is not None else None)
 
 
-def _loader(data_lib, dataset, conditions, config: Config, *, train: bool, batch_size: int,
-            prior=None):
+def _loader(dataset, conditions, config: Config, *, train: bool, batch_size: int, prior=None):
     seed = config.data.seed if config.data.seed is not None else config.train.seed
     # Evaluation scores every gene of a cell, as the original's pred_perturb: no sampling.
     max_len = config.data.max_seq_len if train else None
-    return data_lib.BatchLoader(
+    return BatchLoader(
         dataset, conditions, batch_size=batch_size,
         include_zero_gene=config.data.include_zero_gene, max_seq_len=max_len, seed=seed,
         shuffle=train, pad_value=config.model.pad_value, pert_pad_id=config.model.pert_pad_id,
@@ -239,13 +225,11 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
     GEARS's metrics on mean profiles per condition, computed as ``eval.py`` does: genes that
     are not input tokens of a cell keep its control value, and the truth is the whole cell.
 
-    ``predictor``: a :class:`~scformer_jax.predict.Predictor` holding the measured training
-    singles (``model.additive_prior`` or ``model.seen_single_correction``); its
-    :meth:`prior_part` is added to the model's output, as in prediction. The loss scores the
-    model's own output (with the additive or co-expression prior: the change beyond them)."""
-    from scformer_jax import metrics as metrics_lib
-    from scformer_jax.predict import full_profiles
-
+    ``predictor``: a :class:`~scformer_jax.predict.Predictor` holding the priors
+    (``model.coexpression_prior``, ``model.additive_prior``, ``model.seen_single_correction``);
+    its :meth:`prior_part` is added to the model's output, as in prediction. The loss scores
+    the model's own output (with the co-expression or additive prior: the change beyond
+    them)."""
     num = {"mse": 0.0, "mre": 0.0}
     den = {"mse": 0.0, "mre": 0.0}
     pred_sum: dict[str, np.ndarray] = {}
@@ -269,12 +253,10 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
             pred_sum[cond] = pred_sum.get(cond, 0.0) + full[row]
             cells.setdefault(cond, []).append(int(host.cell_indices[row]))
     out = {f"val_{k}": num[k] / den[k] if den[k] else 0.0 for k in num}
-    perturbed = [c for c in pred_sum if c != "ctrl"]
+    perturbed = [c for c in pred_sum if c != CONTROL]
     if perturbed:
-        result = metrics_lib.evaluate_profiles(
-            {c: pred_sum[c] / len(cells[c]) for c in perturbed},
-            {c: dataset.mean_expression(np.asarray(cells[c])) for c in perturbed},
-            dataset.control_mean, {c: dataset.de_rank[c] for c in perturbed})
+        result = score(observed_reference(dataset, {c: cells[c] for c in perturbed}),
+                       {c: pred_sum[c] / len(cells[c]) for c in perturbed})
         for key in VALIDATION_METRICS:
             # val_mse / val_mre stay the token-level losses above.
             if key in result.overall and key not in ("mse", "mre"):
@@ -290,37 +272,8 @@ def _format_bar(metrics: dict[str, float], lr: float, ms_per_batch: float, cells
 def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable, None
-    from tqdm.auto import tqdm
-
     bar = tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
     return bar, bar
-
-
-# Keys that may change when a run is resumed: how long it runs, how it logs and how the
-# attention kernel tiles its work. Anything else would make the resumed run a different run
-# than its checkpoints.
-RESUMABLE_CHANGES = ({("train", k) for k in ("epochs", "early_stop", "max_steps", "log_interval",
-                                             "max_val_batches", "keep_checkpoints")}
-                     | {("model", "attention_block_size"), ("model", "attention_eval_block_size")})
-
-
-def check_resume_config(config: Config, workdir: Path) -> None:
-    """Refuses to resume a run folder with a config that differs in what shapes the run."""
-    saved_path = workdir / "config.yaml"
-    if not saved_path.is_file() or not (workdir / "checkpoints").is_dir():
-        return
-    from scformer_jax.config import config_to_dict, load_config
-
-    saved, new = config_to_dict(load_config(saved_path)), config_to_dict(config)
-    changed = [f"{section}.{key}: {saved[section][key]!r} -> {new[section][key]!r}"
-               for section in new for key in new[section]
-               if new[section][key] != saved[section][key]
-               and (section, key) not in RESUMABLE_CHANGES]
-    if changed:
-        raise ConfigError(
-            f"{workdir} holds a run with another config; resuming it with these changes would "
-            f"mix two runs: {'; '.join(changed)}. Use a new --workdir, or set those keys back "
-            f"(only {sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES)} may change on resume).")
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -359,13 +312,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, progress: bool = 
 
 
 def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
-    from scformer_jax import data as data_lib
-
     primary = parallel.is_primary()
-    check_resume_config(config, workdir)
+    runs.check_resume_config(config, workdir)
     # Everything that can fail on bad input (data, split, sizes) runs before the run folder
     # is written, so a failed start leaves nothing behind.
-    dataset, split = build_data(config)
+    dataset, split = runs.load_data(config)
     if not split.get("val"):
         raise ValueError(
             f"The {config.data.split!r} split of {config.data.path!r} has no validation "
@@ -375,25 +326,19 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     per_device = parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
     prior = prior_for(model_config, dataset, split["train"])
-    train_loader = _loader(data_lib, dataset, split["train"], config, train=True,
+    train_loader = _loader(dataset, split["train"], config, train=True,
                            batch_size=config.train.batch_size, prior=prior)
-    val_loader = _loader(data_lib, dataset, split["val"], config, train=False,
+    val_loader = _loader(dataset, split["val"], config, train=False,
                          batch_size=config.train.eval_batch_size, prior=prior)
     steps_per_epoch = len(train_loader)
     if primary:
-        from scformer_jax.data.splits import write_split_json
-
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_config(config, workdir / "config.yaml")
-        write_split_json(split, workdir / "split.json")
+        runs.create_run_folder(workdir, config, split)
 
     rng = jax.random.PRNGKey(config.train.seed)
     init_rng, step_rng_base = jax.random.split(rng)
     params = None
     if config.train.load_model:
-        from scformer_jax import convert
-
-        params = convert.load_pretrained_params(
+        params = load_pretrained_params(
             config.train.load_model, model_config, init_rng,
             prefixes=config.train.load_param_prefixes, dataset=dataset)
     params = init_from_data(params if params is not None else init_params(model_config, init_rng),
@@ -401,7 +346,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                             embedding=not config.train.load_model)
     state, schedule = create_train_state(model_config, config.optim, steps_per_epoch, init_rng,
                                          params=params)
-    ckpts = Checkpoints(workdir / "checkpoints", best_mode=config.train.best_mode,
+    ckpts = Checkpoints(workdir / runs.CHECKPOINTS_DIR, best_mode=config.train.best_mode,
                         keep_latest=config.train.keep_checkpoints)
     loop = LoopState()
     restored = ckpts.restore(_saved_state(state), move_unreadable=True)
@@ -418,14 +363,12 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     if primary:
         # Records past the resumed step (all of them without a checkpoint) are from an
         # attempt that did not finish; this run writes those steps again.
-        _truncate_metrics(workdir / "metrics.jsonl", resumed_step)
+        _truncate_metrics(workdir / runs.METRICS_FILE, resumed_step)
 
     model = TransformerGenerator(model_config)
     prior_predictor = None
     if prior is not None:
-        from scformer_jax.predict import Predictor
-
-        # Validation composes the prior with the model's output as eval does.
+        # Validation composes the priors with the model's output as eval does.
         prior_predictor = Predictor(model_config, state.params, dataset,
                                     batch_size=config.train.eval_batch_size,
                                     include_zero_gene=config.data.include_zero_gene, prior=prior)
@@ -433,7 +376,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     p_eval = make_p_eval_step(model)
     state_repl = parallel.replicate(state)
     writer = MetricsWriter(workdir, enabled=primary, purge_step=resumed_step + 1
-                           if (workdir / "tensorboard").exists() else None)
+                           if (workdir / runs.TENSORBOARD_DIR).exists() else None)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     if primary:
         print(f"scformer-jax: {dataset.n_genes} genes, {len(split['train'])} train / "
@@ -551,7 +494,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                "best_value": loop.best_value, "stopped_early": stopped_early,
                "last_validation": last_val}
     if primary:
-        write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(workdir / runs.SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
 
 
@@ -582,54 +525,3 @@ def _finite_host_state(state_repl, step: int, epoch: int, ckpts: Checkpoints) ->
     if not _all_finite(host_state):
         raise _non_finite("parameters or optimiser state", step, epoch, ckpts)
     return host_state
-
-
-def restore_params(workdir: str | Path, *, which: str = "best"):
-    """(model_config, params) of a run folder's best (or latest) checkpoint."""
-    workdir = Path(workdir)
-    best_mode = "max"
-    if (workdir / "config.yaml").is_file():
-        from scformer_jax.config import load_config
-
-        best_mode = load_config(workdir / "config.yaml").train.best_mode
-    ckpts = Checkpoints(workdir / "checkpoints", best_mode=best_mode)
-    step = ckpts.best_step() if which == "best" else None
-    steps = ckpts.steps()
-    if not steps:
-        raise FileNotFoundError(
-            f"No checkpoint in {workdir / 'checkpoints'}; run train.py with --workdir {workdir}.")
-    import orbax.checkpoint as ocp
-
-    meta = ckpts.manager.restore(step if step is not None else steps[-1],
-                                 args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    model_config = ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                  for k, v in meta["model_config"].items()})
-    target_params = init_params(model_config, jax.random.PRNGKey(0))
-    if meta.get("params_only"):
-        # A converted PyTorch checkpoint (scformer_jax.convert): no optimiser state.
-        target = {"step": np.zeros((), np.int32), "params": target_params}
-    else:
-        state, _ = create_train_state(model_config, _default_optim(), 1, jax.random.PRNGKey(0),
-                                      params=target_params)
-        target = _saved_state(state)
-    restored = ckpts.restore(target, step=step)
-    ckpts.close()
-    if restored is None:
-        raise FileNotFoundError(f"No readable checkpoint in {workdir / 'checkpoints'}.")
-    return model_config, restored[1]["params"], restored[2]
-
-
-def _default_optim():
-    from scformer_jax.config import OptimConfig
-
-    return OptimConfig()
-
-
-def new_workdir(root: str | Path = "runs") -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / stamp
-    suffix = 0
-    while path.exists():
-        suffix += 1
-        path = Path(root) / f"{stamp}-{suffix}"
-    return path

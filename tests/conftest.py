@@ -47,3 +47,17 @@ def data_tiny_unmeasured():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PerturbData(adata, name="tiny-unmeasured")
+
+
+# ------------------------------------------------------------------ the tiny model
+@pytest.fixture(scope="session")
+def tiny():
+    """(config, params) of the shared tiny model (``tests/tiny_model.py``) with dropout 0.1
+    and the plain attention kernel; params from PRNGKey(0). Read-only."""
+    import jax
+
+    from scformer_jax.model import init_params
+    from tests.tiny_model import tiny_config
+
+    config = tiny_config(dropout=0.1, attention="full")
+    return config, init_params(config, jax.random.PRNGKey(0))

@@ -23,18 +23,15 @@ def main():
     import numpy as np
 
     from scformer_jax import parallel
-    from scformer_jax.config import ModelConfig, ObjectiveConfig, OptimConfig
+    from scformer_jax.config import ObjectiveConfig, OptimConfig
     from scformer_jax.model import TransformerGenerator
     from scformer_jax.training import create_train_state, train_step
+    from tests.tiny_model import TRAIN_STEP_MODEL, random_batch
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                     args.process_id)
     assert jax.device_count() == 2, jax.devices()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_train_step import random_batch
-
-    model_config = ModelConfig(ntoken=30, embsize=16, d_hid=16, nlayers=2, nhead=2,
-                               dropout=0.0, n_cls=3, attention="full")
+    model_config = TRAIN_STEP_MODEL
     objective = ObjectiveConfig(cce=True)
     state, _ = create_train_state(model_config, OptimConfig(), 10, jax.random.PRNGKey(0))
     p_step = parallel.pmap(functools.partial(

@@ -158,7 +158,8 @@ def test_fit_baselines_names_and_shapes():
 def test_bad_inputs_raise_clear_errors():
     ctrl, effect, train = additive_world()
     linear = baselines.fit_linear_baseline(train, ctrl, GENES)
-    with pytest.raises(ValueError, match="'g5' of condition 'G0\\+g5' is not among.*Close matches: G5"):
+    with pytest.raises(ValueError,
+                       match="'g5' of condition 'G0\\+g5' is not among.*Close matches: G5"):
         linear.predict(["G0+g5"])
     with pytest.raises(ValueError, match="'XYZ' .*not among"):
         baselines.fit_linear_baseline(dict(train, **{"XYZ+ctrl": ctrl}), ctrl, GENES)

@@ -1,6 +1,6 @@
 """Importing PyTorch scGPT/scFormer checkpoints (scformer_jax.convert).
 
-The PyTorch side is bench/torch_reference.py, a re-implementation of the original model with
+The PyTorch side is tests/torch_reference.py, a re-implementation of the original model with
 the original state_dict names; its checkpoints are written with random weights into
 tmp_path. Expected values are the PyTorch model's outputs or the saved tensors themselves.
 """
@@ -29,7 +29,7 @@ CASES = [("torch", "cls", "inner product"), ("flash", "w-pool", "concat query"),
 @pytest.fixture(scope="module")
 def ref():
     pytest.importorskip("torch")
-    from bench import torch_reference
+    from tests import torch_reference
 
     return torch_reference
 
@@ -210,9 +210,7 @@ def test_vocabulary_is_matched_by_gene_name(ref, tmp_path, data_tiny):
     table = state_dict(model)["encoder.embedding.weight"]
 
     base, _, _ = convert.convert_params(tmp_path / "ckpt")
-    config = dataclasses.replace(base, ntoken=data_tiny.n_tokens,
-                                 pad_token_id=data_tiny.pad_token_id,
-                                 cls_token_id=data_tiny.cls_token_id)
+    config = base.with_vocab(data_tiny)
     params, report = convert.load_pretrained(tmp_path / "ckpt", config, jax.random.PRNGKey(0),
                                              dataset=data_tiny)
     match = report.vocabulary
@@ -285,7 +283,7 @@ def test_failed_conversion_leaves_nothing_half_written(ref, tmp_path, monkeypatc
 def test_cli_round_trip_then_eval_and_predict(ref, tmp_path, data_tiny, capsys):
     import eval as eval_cli
     from scformer_jax.predict import load_predictor
-    from scformer_jax.training import restore_params
+    from scformer_jax.runs import restore_params
 
     genes = [str(g) for g in data_tiny.gene_names]
     vocab = ref.make_vocab(["OTHER0"] + genes[::-1])
@@ -313,9 +311,7 @@ def test_cli_round_trip_then_eval_and_predict(ref, tmp_path, data_tiny, capsys):
         np.testing.assert_array_equal(flat(params)[path], value, err_msg=path)
 
     # train.load_model may name the converted folder or the PyTorch one: same parameters.
-    dataset_config = dataclasses.replace(model_config, ntoken=data_tiny.n_tokens,
-                                         pad_token_id=data_tiny.pad_token_id,
-                                         cls_token_id=data_tiny.cls_token_id)
+    dataset_config = model_config.with_vocab(data_tiny)
     loaded = [convert.load_pretrained(folder, dataset_config, jax.random.PRNGKey(1),
                                       prefixes=["encoder", "layers_"], dataset=data_tiny)
               for folder in (out, tmp_path / "ckpt")]
@@ -343,7 +339,7 @@ def test_cli_round_trip_then_eval_and_predict(ref, tmp_path, data_tiny, capsys):
 def test_train_fine_tunes_from_load_model(ref, tmp_path, capsys):
     import train as train_cli
     from scformer_jax.data.dataset import load_dataset
-    from scformer_jax.training import restore_params
+    from scformer_jax.runs import restore_params
 
     genes = [str(g) for g in load_dataset("simulated:tiny").gene_names]
     model = build(ref, tmp_path / "ckpt", vocab=ref.make_vocab(genes[5:]),

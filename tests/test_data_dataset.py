@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import sparse
 
+from scformer_jax.data.conditions import DataFormatError
 from scformer_jax.data.dataset import PerturbData, UnknownGeneError, load_dataset
-from scformer_jax.data.gears_io import DataFormatError
 
 
 def test_vocabulary_layout(data_tiny):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from scformer_jax.data.gears_io import UNS_KEYS, rank_genes_vs_control
+from scformer_jax.data.de import rank_genes_vs_control
+from scformer_jax.data.gears_io import UNS_KEYS
 from scformer_jax.data.simulate import (
     PRESETS,
     SimulationConfig,

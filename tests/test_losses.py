@@ -78,7 +78,7 @@ def test_classification_loss_matches_numpy():
     weights = np.array([1, 1, 1, 0], np.float32)
     logp = np_log_softmax(logits.astype(np.float64))
     expected = -np.mean([logp[i, labels[i]] for i in range(3)])
-    got = jax.jit(lambda l, y, w: losses.classification_loss(l, y, weights=w))(
+    got = jax.jit(lambda x, y, w: losses.classification_loss(x, y, weights=w))(
         logits, labels, weights)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert float(losses.classification_loss(logits, labels, weights=np.zeros(4))) == 0.0

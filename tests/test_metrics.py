@@ -163,7 +163,8 @@ def test_evaluate_profiles_averages_overall_and_per_subgroup():
 def test_subgroup_members_without_predictions_are_skipped_and_noted():
     pred, true, ctrl, de = make_set()
     res = metrics.evaluate_profiles(pred, true, ctrl, de,
-                                    subgroups={"combo_seen2": ["X+Y"], "combo_seen1": ["A+B", "Z+W"]})
+                                    subgroups={"combo_seen2": ["X+Y"],
+                                               "combo_seen1": ["A+B", "Z+W"]})
     assert "combo_seen2" not in res.per_subgroup
     assert res.subgroup_sizes["combo_seen1"] == 1
     assert any("Z+W" in n for n in res.notes)
@@ -420,13 +421,13 @@ def test_against_gears_functions():
     conds = ["A+ctrl", "B+ctrl", "A+B"]
     blocks, obs = [], []
     ranked, pred_cells, truth_cells, cats = {}, [], [], []
-    for j in range(n_cells * 2):
+    for _ in range(n_cells * 2):
         blocks.append(np.maximum(ctrl_base + RNG.normal(0, 0.2, n_genes), 0) * (ctrl_base > 0))
         obs.append(("ctrl", "K562_ctrl_1"))
     for c in conds:
         shift = RNG.normal(0, 1.0, n_genes)
         dropped = RNG.choice(np.arange(15, n_genes), 4, replace=False)
-        for j in range(n_cells):
+        for _ in range(n_cells):
             cell = np.maximum(ctrl_base + shift + RNG.normal(0, 0.2, n_genes), 0)
             cell[dropped] = 0.0                        # dropouts: expressed in ctrl, 0 here
             blocks.append(cell)

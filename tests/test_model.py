@@ -2,42 +2,25 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from scformer_jax import ModelConfig, PerturbBatch, TransformerGenerator, init_params
+from scformer_jax import attention as attn
 from scformer_jax.config import CELL_EMB_STYLES, MVC_DECODER_STYLES, ConfigError
+from scformer_jax.model import Dropout
+from tests import tiny_model
+from tests.tiny_model import make_inputs
 
-TINY = dict(ntoken=24, embsize=16, d_hid=16, nlayers=2, nhead=2, dropout=0.1, n_cls=3,
-            attention="full")
-
-
-def make_inputs(batch=3, length=10, n_pad=(0, 3, 6), seed=0):
-    rng = np.random.default_rng(seed)
-    gene_ids = rng.integers(3, 24, size=(batch, length)).astype(np.int32)
-    values = rng.uniform(0, 3, size=(batch, length)).astype(np.float32)
-    flags = np.zeros((batch, length), np.float32)
-    flags[:, 1] = 1
-    padding = np.zeros((batch, length), bool)
-    for row, n in enumerate(n_pad):
-        if n:
-            padding[row, -n:] = True
-    gene_ids[padding] = 0
-    values[padding] = 0.0
-    flags[padding] = 2
-    return gene_ids, np.stack([values, flags], -1), padding
+# The shared tiny model with dropout on and the plain attention kernel.
+TINY = dict(tiny_model.TINY, dropout=0.1, attention="full")
 
 
 def apply(config, params, gene_ids, inputs, padding, **kw):
     model = TransformerGenerator(config)
     return model.apply({"params": params}, gene_ids, inputs, padding,
                        compute_cls=True, compute_mvc=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    config = ModelConfig(**TINY)
-    return config, init_params(config, jax.random.PRNGKey(0))
 
 
 def test_output_shapes(tiny):
@@ -100,9 +83,9 @@ def test_detach_blocks_query_gradient_only():
         params = init_params(config, jax.random.PRNGKey(3))
         gene_ids, inputs, padding = make_inputs()
 
-        def mvc_only(enc, p=params, config=config):
+        def mvc_only(enc, p=params, config=config, args=(gene_ids, inputs, padding)):
             p = {**p, "encoder": {"embedding": enc}}
-            return apply(config, p, gene_ids, inputs, padding)["mvc_output"].sum()
+            return apply(config, p, *args)["mvc_output"].sum()
 
         results[style] = np.asarray(jax.grad(mvc_only)(params["encoder"]["embedding"]))
     assert not np.allclose(results["inner product"], results["inner product, detach"])
@@ -196,3 +179,88 @@ def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="attention_dropout"):
         ModelConfig(attention="cudnn", dropout=0.2)
     ModelConfig(attention="cudnn", dropout=0.2, attention_dropout=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths (chunked attention, rematerialised layers) compute what the plain path computes
+
+
+def model_loss_and_grads(config, params, deterministic):
+    gene_ids, inputs, padding = make_inputs(length=21, n_pad=(0, 5, 12), perturbed=2)
+    target = np.random.default_rng(1).uniform(0, 3, padding.shape).astype(np.float32)
+    model = TransformerGenerator(config)
+
+    def loss(p):
+        out = model.apply({"params": p}, gene_ids, inputs, padding, deterministic=deterministic,
+                          compute_cls=True, compute_mvc=True,
+                          rngs={"dropout": jax.random.PRNGKey(3)})
+        err = jnp.where(padding, 0.0, out["mlm_output"] - target)
+        return jnp.sum(err**2) + jnp.sum(out["cls_output"]) + jnp.sum(out["cell_emb"] ** 2)
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("variant,dropout", [
+    (dict(attention="chunked", attention_block_size=4), 0.0),
+    (dict(attention="chunked", attention_block_size=4), 0.2),
+    (dict(attention="full", remat=True), 0.2),
+    (dict(attention="chunked", attention_block_size=8, remat=True), 0.0)])
+def test_model_fast_paths_match_plain(variant, dropout):
+    plain = tiny_model.tiny_config(attention="full", dropout=dropout)
+    fast = tiny_model.tiny_config(dropout=dropout, **variant)
+    params = init_params(plain, jax.random.PRNGKey(0))
+    # The parameter tree does not depend on the path (checkpoints move between them).
+    assert (jax.tree_util.tree_structure(init_params(fast, jax.random.PRNGKey(0)))
+            == jax.tree_util.tree_structure(params))
+    deterministic = dropout == 0.0
+    want_loss, want_grads = model_loss_and_grads(plain, params, deterministic)
+    got_loss, got_grads = model_loss_and_grads(fast, params, deterministic)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    for got, want in zip(jax.tree_util.tree_leaves(got_grads),
+                         jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_eval_passes_tile_with_the_eval_block_size(monkeypatch):
+    """Deterministic passes use model.attention_eval_block_size, training passes
+    model.attention_block_size, and both give the plain kernel's output."""
+    seen = []
+    real = attn.attention
+
+    def spy(*args, block_size, dropout_rate=0.0, **kwargs):
+        seen.append((block_size, dropout_rate))
+        return real(*args, block_size=block_size, dropout_rate=dropout_rate, **kwargs)
+
+    monkeypatch.setattr(attn, "attention", spy)
+    fast = tiny_model.tiny_config(attention="chunked", attention_block_size=4,
+                       attention_eval_block_size=8, dropout=0.1)
+    plain = tiny_model.tiny_config(attention="full", dropout=0.1)
+    params = init_params(plain, jax.random.PRNGKey(0))
+    gene_ids, inputs, padding = make_inputs(length=21, n_pad=(0, 5, 12), perturbed=2)
+    seen.clear()
+    got = TransformerGenerator(fast).apply({"params": params}, gene_ids, inputs, padding,
+                                           deterministic=True)["mlm_output"]
+    assert seen == [(8, 0.0)] * fast.nlayers
+    # 22 tokens (with <cls>) in tiles of at most 8 queries: three query blocks, the last padded.
+    assert attn.chunk_layout(6, 22, 8)[1] == 8
+    want = TransformerGenerator(plain).apply({"params": params}, gene_ids, inputs, padding,
+                                             deterministic=True)["mlm_output"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    seen.clear()
+    TransformerGenerator(fast).apply({"params": params}, gene_ids, inputs, padding,
+                                     deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert seen == [(4, 0.1)] * fast.nlayers
+
+
+def test_model_dropout_rate_scale_and_eval_identity():
+    x = jnp.ones((64, 50, 32), jnp.float32)
+    layer = Dropout(0.25)
+    out = np.asarray(layer.apply({}, x, deterministic=False,
+                                 rngs={"dropout": jax.random.PRNGKey(0)}))
+    kept = out != 0
+    assert abs(kept.mean() - 0.75) < 0.01
+    np.testing.assert_allclose(out[kept], 1 / 0.75, rtol=1e-6)
+    again = np.asarray(layer.apply({}, x, deterministic=False,
+                                   rngs={"dropout": jax.random.PRNGKey(1)}))
+    assert (kept == (again != 0)).mean() < 0.7  # another key, another mask
+    np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)

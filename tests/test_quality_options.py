@@ -12,8 +12,8 @@ from scformer_jax.config import ConfigError, load_config
 from scformer_jax.data.batching import BatchLoader
 from scformer_jax.data.splits import gears_split
 from scformer_jax.gene_features import data_gene_embedding, init_gene_embedding_from_data
-
-from tests.test_model import TINY, make_inputs
+from tests.test_model import TINY
+from tests.tiny_model import make_inputs
 
 
 def test_output_baselines_add_the_control_input_or_the_gene_baseline():
@@ -246,8 +246,10 @@ def test_seen_single_correction_changes_validation_and_eval_not_training(tmp_pat
         epoch = [json.loads(line) for line in (workdir / "metrics.jsonl").open()][-1]
         return workdir, epoch
 
-    plain_dir, plain = run("plain")
-    corrected_dir, corrected = run("corrected", "model.seen_single_correction=true")
+    plain_dir, plain = run("plain", "model.coexpression_prior=false",
+                           "model.seen_single_correction=false")
+    corrected_dir, corrected = run("corrected", "model.coexpression_prior=false",
+                                   "model.seen_single_correction=true")
     # Training and the validation loss are the model's own: unchanged.
     assert corrected["train_mse"] == plain["train_mse"]
     assert corrected["val_mse"] == plain["val_mse"]
@@ -343,13 +345,8 @@ def test_randomized_components_match_the_exact_ones():
     matrix = (rng.standard_normal((300, 6)) * [40, 30, 20, 15, 10, 8]) @ rng.standard_normal(
         (6, 2000)) + 0.1 * rng.standard_normal((300, 2000))
     assert min(matrix.shape) <= gene_features.EXACT_SVD_MAX
-    exact = gene_features._top_components(matrix.T, 4)  # (2000, 300): smaller side 300
-    old = gene_features.EXACT_SVD_MAX
-    try:
-        gene_features.EXACT_SVD_MAX = 100
-        randomized = gene_features._top_components(matrix.T, 4)
-    finally:
-        gene_features.EXACT_SVD_MAX = old
+    exact = gene_features.top_components(matrix.T, 4)  # (2000, 300): smaller side 300
+    randomized = gene_features.top_components(matrix.T, 4, exact_max=100)
     # Components are defined up to sign.
     for j in range(4):
         a, b = exact[:, j], randomized[:, j]

@@ -25,10 +25,12 @@ from scipy import sparse
 import eval as eval_cli
 import train as train_cli
 from scformer_jax import checkpoints as checkpoints_lib
-from scformer_jax import evaluation, parallel, training
-from scformer_jax.checkpoints import CheckpointWriteError, Checkpoints
+from scformer_jax import evaluation, parallel, runs, training
+from scformer_jax.checkpoints import Checkpoints, CheckpointWriteError
 from scformer_jax.data.__main__ import main as data_main
-from scformer_jax.data.gears_io import DataFormatError, prepare, write_h5ad_atomic
+from scformer_jax.data.conditions import DataFormatError
+from scformer_jax.data.gears_io import write_h5ad_atomic
+from scformer_jax.data.prepare import prepare
 from scformer_jax.data.splits import gears_split, write_split_json
 from scformer_jax.io import (
     LOCK_FILE,
@@ -116,7 +118,7 @@ def test_non_finite_state_at_a_checkpoint_step_is_never_saved(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert f"Non-finite grad_norm (nan) at step {stop}" in err and "not checkpointed" in err
     assert checkpoint_steps(run) == [STEPS_PER_EPOCH]
-    _, params, meta = training.restore_params(run, which="latest")
+    _, params, meta = runs.restore_params(run, which="latest")
     assert all_finite(params) and meta["loop"]["epoch"] == 1
 
 
@@ -208,7 +210,7 @@ def test_truncated_checkpoint_is_moved_aside_and_resume_goes_on(tmp_path):
     assert steps == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     assert [r["epoch"] for r in metric_records(run, "epoch")] == [1, 2, 3]
     # The step that was corrupt is written again and reads back.
-    _, params, meta = training.restore_params(run, which="latest")
+    _, params, meta = runs.restore_params(run, which="latest")
     assert meta["loop"]["epoch"] == 3 and all_finite(params)
 
 
@@ -546,14 +548,28 @@ def test_eval_predict_checks_names_first(trained_run, monkeypatch, capsys):
     assert calls == []
 
 
-def test_eval_predict_says_where_predictions_went(trained_run, capsys, umask_022):
+def test_eval_predict_says_where_predictions_went(trained_run, capsys, umask_022,
+                                                  monkeypatch):
     from scformer_jax.predict import load_predictor
 
     genes = sorted({g for c in load_predictor(str(trained_run)).dataset.conditions
                     for g in c.split("+") if g != "ctrl"})
     out = trained_run / "eval"
+    # The evaluation and --predict share one load of the dataset and of the parameters.
+    loads = {"dataset": 0, "params": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            loads[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(runs, "load_dataset", counted("dataset", runs.load_dataset))
+    monkeypatch.setattr(checkpoints_lib, "restore_params",
+                        counted("params", checkpoints_lib.restore_params))
     assert eval_cli.main(["--workdir", str(trained_run), "--n-plots", "0",
                           "--predict", genes[0], f"{genes[0]}+{genes[1]}"]) == 0
+    assert loads == {"dataset": 1, "params": 1}
     text = capsys.readouterr().out
     assert f"{out / 'predict.h5ad'}" in text and f"{out / 'predict_cells.h5ad'}" in text
     assert anndata.read_h5ad(out / "predict.h5ad").n_obs == 2

@@ -1,4 +1,4 @@
-"""The PyTorch reference of the original model (bench/torch_reference.py) and its benchmark.
+"""The PyTorch reference of the original model (tests/torch_reference.py) and its benchmark.
 
 Expected values come from a NumPy forward pass written here from the state dict alone, so
 the reference (and its flash-layout attention in particular) is checked independently.
@@ -14,7 +14,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bench import torch_reference as ref  # noqa: E402
+from scformer_jax.data.dataset import SPECIAL_TOKENS  # noqa: E402
+from tests import torch_reference as ref  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -124,6 +125,12 @@ def expected_keys(layout, nlayers=2, nlayers_cls=3):
         for index in (3 * block, 3 * block + 2):
             keys += [f"cls_decoder._decoder.{index}.weight", f"cls_decoder._decoder.{index}.bias"]
     return set(keys)
+
+
+def test_special_tokens_are_the_packages():
+    # The oracle keeps its own copy of the original's tokens; ours must be the same.
+    assert ref.SPECIAL_TOKENS == SPECIAL_TOKENS
+    assert list(ref.make_vocab(["A", "B"]))[-3:] == list(SPECIAL_TOKENS)
 
 
 @pytest.mark.parametrize("layout", ["torch", "flash"])
@@ -277,7 +284,8 @@ def test_checkpoint_folder_round_trip(tmp_path, layout):
         "dropout": 0.1, "pad_token": "<pad>", "pad_value": 0, "lr": 1e-4}
     assert args["fast_transformer"] is (layout == "flash")
     vocab = json.loads((folder / "vocab.json").read_text())
-    assert vocab["GENE0000"] == 0 and [vocab[t] for t in ("<pad>", "<cls>", "<eoc>")] == [12, 13, 14]
+    assert vocab["GENE0000"] == 0
+    assert [vocab[t] for t in ("<pad>", "<cls>", "<eoc>")] == [12, 13, 14]
     state = torch.load(folder / "best_model.pt", weights_only=True)
     assert set(state) == set(model.state_dict())
 

@@ -9,29 +9,12 @@ import numpy as np
 import pytest
 
 from scformer_jax import parallel
-from scformer_jax.batch import PerturbBatch
-from scformer_jax.config import ModelConfig, ObjectiveConfig, OptimConfig
+from scformer_jax.config import ObjectiveConfig, OptimConfig
 from scformer_jax.model import TransformerGenerator
 from scformer_jax.training import create_train_state, train_step
+from tests.tiny_model import TRAIN_STEP_MODEL, random_batch
 
-MODEL = ModelConfig(ntoken=30, embsize=16, d_hid=16, nlayers=2, nhead=2, dropout=0.0,
-                    n_cls=3, attention="full")
-
-
-def random_batch(batch=8, length=12, seed=0, n_pad_rows=0):
-    rng = np.random.default_rng(seed)
-    gene_ids = np.tile(np.arange(3, 3 + length, dtype=np.int32), (batch, 1))
-    control = rng.uniform(0, 3, (batch, length)).astype(np.float32)
-    flags = np.zeros((batch, length), np.float32)
-    flags[np.arange(batch), rng.integers(0, length, batch)] = 1
-    target = control + flags * rng.normal(1, 0.1, (batch, length)).astype(np.float32)
-    weights = np.ones(batch, np.float32)
-    if n_pad_rows:
-        weights[-n_pad_rows:] = 0
-    return PerturbBatch.from_arrays(
-        gene_ids=gene_ids, control_values=control, pert_flags=flags, target_values=target,
-        padding_mask=np.zeros((batch, length), bool), cell_weights=weights,
-        labels=rng.integers(0, 3, batch))
+MODEL = TRAIN_STEP_MODEL
 
 
 def fresh_state(model_config=MODEL, lr=1e-4):

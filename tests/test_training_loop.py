@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import train as train_cli
-from scformer_jax import training
+from scformer_jax import runs, training
 from scformer_jax.config import load_config
 
 TINY = "tests/configs/tiny.yaml"
@@ -25,7 +25,7 @@ def run_train(workdir, *overrides):
 
 
 def final_params(workdir, which="latest"):
-    _, params, meta = training.restore_params(workdir, which=which)
+    _, params, meta = runs.restore_params(workdir, which=which)
     return params, meta
 
 

@@ -21,6 +21,7 @@ from scformer_jax.data.batching import (
     bucket_sizes,
     pair_controls,
 )
+from scformer_jax.data.conditions import CONTROL, DataFormatError, parse_condition
 from scformer_jax.data.dataset import (
     BUILTIN_DATASETS,
     SPECIAL_TOKENS,
@@ -28,15 +29,9 @@ from scformer_jax.data.dataset import (
     UnknownGeneError,
     load_dataset,
 )
-from scformer_jax.data.gears_io import (
-    DataFormatError,
-    add_gears_annotations,
-    parse_condition,
-    prepare,
-    read_gears,
-    validate_gears_adata,
-    write_h5ad_atomic,
-)
+from scformer_jax.data.de import add_gears_annotations
+from scformer_jax.data.gears_io import read_gears, validate_gears_adata, write_h5ad_atomic
+from scformer_jax.data.prepare import prepare
 from scformer_jax.data.simulate import (
     PRESETS,
     SimulationConfig,
@@ -47,7 +42,8 @@ from scformer_jax.data.simulate import (
 from scformer_jax.data.splits import gears_split
 
 __all__ = [
-    "BUILTIN_DATASETS", "INCLUDE_ZERO_GENE_MODES", "PRESETS", "SPECIAL_TOKENS", "BatchLoader",
+    "BUILTIN_DATASETS", "CONTROL", "INCLUDE_ZERO_GENE_MODES", "PRESETS", "SPECIAL_TOKENS",
+    "BatchLoader",
     "DataFormatError", "HostBatch", "PerturbData", "SimulationConfig", "UnknownGeneError",
     "add_gears_annotations", "assemble_batch", "bucket_sizes", "from_gears_batch",
     "gears_split", "load_dataset", "pair_controls", "parse_condition", "prepare",

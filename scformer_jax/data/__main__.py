@@ -21,13 +21,12 @@ from typing import Sequence
 
 import yaml
 
-from scformer_jax.data.gears_io import (
-    PROCESSED_FILE,
-    DataFormatError,
-    prepare,
-    read_gears,
-    write_h5ad_atomic,
-)
+from scformer_jax.data.conditions import DataFormatError
+from scformer_jax.data.dataset import BUILTIN_DATASETS
+from scformer_jax.data.gears_io import PROCESSED_FILE, read_gears, write_h5ad_atomic
+from scformer_jax.data.prepare import prepare
+from scformer_jax.data.simulate import simulate, simulation_config
+from scformer_jax.data.splits import gears_split, write_split_json
 from scformer_jax.io import describe_os_error
 
 
@@ -43,8 +42,6 @@ def _parse_sets(items: Sequence[str]) -> dict:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> str:
-    from scformer_jax.data.simulate import simulate, simulation_config
-
     out = Path(args.out)
     if out.suffix != ".h5ad":
         raise DataFormatError(f"--out {str(out)!r} must end in .h5ad.")
@@ -84,11 +81,7 @@ def _cmd_prepare(args: argparse.Namespace) -> str:
 
 
 def _conditions_of(data: str, data_seed: int) -> list[str]:
-    from scformer_jax.data.dataset import BUILTIN_DATASETS
-
     if not Path(data).exists() and data in BUILTIN_DATASETS:
-        from scformer_jax.data.simulate import simulate
-
         adata = simulate(BUILTIN_DATASETS[data], seed=data_seed)
         return adata.obs["condition"].astype(str).tolist()
     adata = read_gears(data, backed=True)
@@ -104,8 +97,6 @@ def _conditions_of(data: str, data_seed: int) -> list[str]:
 
 
 def _cmd_split(args: argparse.Namespace) -> str:
-    from scformer_jax.data.splits import gears_split, write_split_json
-
     conditions = _conditions_of(args.data, args.data_seed)
     result = gears_split(conditions, split=args.split, seed=args.seed,
                          train_gene_set_size=args.train_gene_set_size,

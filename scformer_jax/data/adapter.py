@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scformer_jax.batch import DEFAULT_PERT_PAD_ID, PerturbBatch
-from scformer_jax.data.gears_io import parse_condition
+from scformer_jax.data.conditions import parse_condition
 
 
 def _numpy(array: Any) -> np.ndarray:

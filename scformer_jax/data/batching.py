@@ -35,11 +35,10 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from scformer_jax.batch import DEFAULT_PERT_PAD_ID, PerturbBatch
-from scformer_jax.config import TRAIN_TARGETS
+from scformer_jax.config import INCLUDE_ZERO_GENE_MODES, TRAIN_TARGETS
+from scformer_jax.data.conditions import CONTROL, DataFormatError
 from scformer_jax.data.dataset import PerturbData
-from scformer_jax.data.gears_io import CONTROL, DataFormatError
 
-INCLUDE_ZERO_GENE_MODES = ("all", "batch-wise", "row-wise", "nonzero")
 _SHARED_MODES = ("all", "batch-wise")
 # Independent random streams of a loader: np.random.default_rng([seed, stream, ...]).
 _STREAM_PAIRING, _STREAM_FROZEN_PAIRING, _STREAM_SHUFFLE, _STREAM_GENES = 11, 12, 13, 14
@@ -341,7 +340,6 @@ class BatchLoader:
         self.pad_value = float(pad_value)
         self.pert_pad_id = int(pert_pad_id)
         self.frozen_pairing = frozen_pairing
-        self.target = target
         # A split holds whole conditions, so a condition's mean is over the cells served.
         self.target_profiles = (None if target == "cell" else
                                 {c: data.condition_mean(c) for c in self.conditions})

@@ -1,9 +1,12 @@
 """GEARS condition names ("ctrl", "A+ctrl", "ctrl+A", "A+B"): the one parser.
 
-Kept free of heavy imports so that the split code (NumPy only) can use it.
+Kept free of heavy imports so that the split code (NumPy only) can use it. The control
+label ``"ctrl"`` (:data:`CONTROL`) is defined here and imported everywhere else.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 CONTROL = "ctrl"
 
@@ -60,3 +63,8 @@ def condition_genes(condition: str) -> tuple[str, ...]:
     if isinstance(condition, str) and condition != CONTROL and "+" not in condition and condition:
         condition = f"{condition}+{CONTROL}"
     return parse_condition(condition)
+
+
+def unique_conditions(conditions: Iterable) -> list[str]:
+    """Distinct conditions as strings, in order of first appearance (how GEARS lists them)."""
+    return list(dict.fromkeys(str(c) for c in conditions))

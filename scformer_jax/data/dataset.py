@@ -20,16 +20,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from scformer_jax.data.gears_io import (
+from scformer_jax.data.conditions import (
     CONTROL,
-    DE_KEY,
     DataFormatError,
-    check_log_values,
     parse_condition,
-    read_gears,
     unique_conditions,
-    validate_gears_adata,
 )
+from scformer_jax.data.gears_io import DE_KEY, check_log_values, read_gears, validate_gears_adata
+from scformer_jax.data.simulate import simulate, simulation_config
 
 PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
@@ -341,7 +339,8 @@ def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
       path_or_name: a folder with ``perturb_processed.h5ad``, an ``.h5ad`` file, an AnnData,
         or a built-in name: ``"simulated"`` (the default simulated dataset),
         ``"simulated:tiny"`` (tests), ``"simulated:screen"`` (a single-gene knock-out
-        screen whose perturbed genes are mostly not measured), ``"simulated:norman"`` (Norman-sized, benchmarks).
+        screen whose perturbed genes are mostly not measured), ``"simulated:norman"``
+        (Norman-sized, benchmarks).
       label_key: obs column of the CLS labels.
       seed: simulation seed (built-in names only).
       preset: simulation preset overriding the one in the name (built-in names only).
@@ -364,8 +363,6 @@ def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
         adata = read_gears(path)
         return PerturbData(adata, name=path.name if path.is_dir() else path.stem, **options)
     if text in BUILTIN_DATASETS:
-        from scformer_jax.data.simulate import simulate, simulation_config
-
         cfg = simulation_config(preset or BUILTIN_DATASETS[text], **dict(simulation or {}))
         adata = simulate(cfg, seed=seed)
         return PerturbData(adata, name=f"simulated:{preset or BUILTIN_DATASETS[text]}",

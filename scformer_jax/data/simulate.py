@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from scformer_jax.data.gears_io import CONTROL, add_gears_annotations
+from scformer_jax.data.conditions import CONTROL
+from scformer_jax.data.de import add_gears_annotations
 
 INTERACTIONS = ("additive", "synergistic", "buffering")
 
@@ -149,11 +150,11 @@ def _make_network(cfg: SimulationConfig, total: int, rng: np.random.Generator) -
     # Hubs: a heavy-tailed propensity to regulate, as in real networks.
     hubness = rng.pareto(1.5, total) + 0.05
     regulators, targets = [], []
-    by_layer = [np.flatnonzero(layer == l) for l in range(cfg.grn_layers)]
-    for l in range(1, cfg.grn_layers):
-        candidates = np.concatenate(by_layer[:l])
+    by_layer = [np.flatnonzero(layer == depth) for depth in range(cfg.grn_layers)]
+    for depth in range(1, cfg.grn_layers):
+        candidates = np.concatenate(by_layer[:depth])
         p = hubness[candidates] / hubness[candidates].sum()
-        genes = by_layer[l]
+        genes = by_layer[depth]
         k = np.minimum(1 + rng.poisson(max(cfg.mean_regulators - 1.0, 0.0), len(genes)),
                        len(candidates))
         # Weighted sampling without replacement for all genes of the layer at once

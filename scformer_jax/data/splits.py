@@ -54,18 +54,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from scformer_jax.data.conditions import parse_condition
-from scformer_jax.io import file_mode
+from scformer_jax.data.conditions import CONTROL, parse_condition, unique_conditions
+from scformer_jax.io import atomic_path
 
-CONTROL = "ctrl"
 SPLIT_TYPES = ("simulation", "simulation_single", "single", "combo_seen0", "combo_seen1",
                "combo_seen2", "no_test", "custom")
+# GEARS's test subgroups, in its order (metrics and reports group by these).
 SUBGROUP_NAMES = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 SET_NAMES = ("train", "val", "test")
 
@@ -86,20 +85,20 @@ def _format_names(names: Sequence[str]) -> str:
     return shown
 
 
-def _unique_conditions(conditions: Iterable[Any]) -> list[str]:
+def _checked_conditions(conditions: Iterable[Any]) -> list[str]:
     """Distinct conditions in order of first appearance, each checked by parse_condition."""
     if isinstance(conditions, (str, bytes)):
         raise ValueError("conditions must be a list of condition names, not a single string")
-    seen: dict[str, None] = {}
+    conditions = list(conditions)
     for position, condition in enumerate(conditions):
         if not isinstance(condition, str):
             raise ValueError(f"conditions[{position}] is {condition!r} ({type(condition).__name__})"
                              "; every entry must be a GEARS condition name such as 'A+ctrl' "
                              "(missing values in obs['condition']?)")
-        if condition not in seen:
-            parse_condition(condition)
-            seen[str(condition)] = None
-    return list(seen)
+    distinct = unique_conditions(conditions)
+    for condition in distinct:
+        parse_condition(condition)
+    return distinct
 
 
 def _genes_in(perts: Sequence[str], genes_of: dict[str, tuple[str, ...]]) -> list[str]:
@@ -270,7 +269,7 @@ def gears_split(conditions: list[str], split: str = "simulation", seed: int = 1,
     """
     if split not in SPLIT_TYPES:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_TYPES)}")
-    all_conditions = _unique_conditions(conditions)
+    all_conditions = _checked_conditions(conditions)
     if split == "custom":
         return _custom_split(all_conditions, split_path)
     if split_path is not None:
@@ -511,18 +510,11 @@ def write_split_json(result: dict, path: str | os.PathLike) -> None:
         raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist; create it "
                          "first")
     text = json.dumps(checked, indent=1) + "\n"
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".split-", suffix=".json.tmp")
-    try:
-        os.fchmod(handle, file_mode())  # mkstemp's 0600 -> what open() would give
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
+    with atomic_path(path, suffix=".json") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 def read_split_json(path: str | os.PathLike) -> dict:

@@ -188,7 +188,7 @@ def run_gears(cell_conditions: list[str], split: str, seed: int,
             if pert_data.subgroup is not None:
                 subgroups = _plain(pert_data.subgroup["test_subgroup"])
             return {"sets": _plain(pert_data.set2conditions), "subgroups": subgroups}
-    except Exception as err:  # the failure itself is the expected outcome
+    except Exception as err:  # noqa: BLE001 - the failure itself is the expected outcome
         return {"exception": type(err).__name__}
 
 

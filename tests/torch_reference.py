@@ -3,11 +3,15 @@
 This is our own re-implementation of the architecture in bowang-lab/scFormer
 (``scformer/model/generation_model.py``), used for two things:
 
-* the speed/memory baseline of ``bench/`` (issue 6): the original's train step and
-  eval forward, timed by ``bench/torch_bench.py`` in a process of its own;
-* the weight-import parity tests (issue 7): random-weight checkpoints written in scGPT's
-  folder layout (``best_model.pt``, ``args.json``, ``vocab.json``) and the reference
-  outputs our JAX model must reproduce.
+* the oracle of the tests: random-weight checkpoints written in scGPT's folder layout
+  (``best_model.pt``, ``args.json``, ``vocab.json``) and the reference outputs our JAX
+  model must reproduce (``tests/test_convert.py``), itself checked against NumPy in
+  ``tests/test_torch_reference.py``;
+* the speed/memory baseline of ``bench/``: the original's train step and eval forward,
+  timed by ``bench/torch_bench.py`` in a process of its own.
+
+It imports nothing from ``scformer_jax`` (an independent oracle, and the benchmark's
+process holds only PyTorch).
 
 The ``state_dict`` keys are those of the original (``encoder.embedding.weight``,
 ``value_encoder.linear1.weight``, ``pert_encoder.weight``,
@@ -28,7 +32,7 @@ The original's behaviours are kept on purpose, flaws included:
 * the CCE objective re-encodes the batch and takes the second cell embedding without
   weights (so ``"w-pool"`` with ``CCE=True`` raises, as in the original).
 
-Behaviour at padding positions (issue 7 parity should compare real positions only):
+Behaviour at padding positions (parity tests compare real positions only):
 
 * ``nn.TransformerEncoder`` in eval mode under ``torch.no_grad()`` (how the original
   predicts) takes PyTorch's fused fast path, which returns exact zeros at padding
@@ -59,6 +63,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The original's special tokens (scformer_jax.data.dataset.SPECIAL_TOKENS must equal them).
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 MVC_DECODER_STYLES = ("inner product", "inner product, detach", "concat query", "sum query")

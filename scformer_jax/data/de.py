@@ -1,0 +1,218 @@
+"""Differential expression as GEARS computes it: per-group statistics, genes ranked against
+each cell type's controls, and the non-zero / non-dropout gene sets of GEARS's layout.
+
+:func:`add_gears_annotations` writes all of it into an AnnData (``uns`` keys of
+:data:`~scformer_jax.data.gears_io.UNS_KEYS`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from scformer_jax.data.conditions import CONTROL, DataFormatError
+from scformer_jax.data.gears_io import DE_KEY, condition_dose, condition_name
+
+# scanpy's t-test, as GEARS calls it (the default method of rank_genes_groups at the time);
+# pinned so a change of scanpy's default cannot change which genes count as DE.
+DE_METHOD = "t-test"
+
+
+def group_stats(X, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 8192
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell counts, means and unbiased variances of the rows of X per group.
+
+    One pass over the stored values (bincount per chunk of rows), float64 throughout; no
+    dense copy of a sparse X.
+
+    Args:
+      X: (cells, genes) CSR matrix or dense array.
+      codes: int (cells,): group of each cell, in [0, n_groups).
+      n_groups: number of groups.
+
+    Returns:
+      counts (n_groups,), means (n_groups, genes), variances (n_groups, genes) with ddof=1
+      (0 for groups of one cell, NaN-free).
+    """
+    X = sparse.csr_matrix(X)
+    n_cells, n_genes = X.shape
+    codes = np.asarray(codes, np.int64)
+    sums = np.zeros(n_groups * n_genes)
+    squares = np.zeros(n_groups * n_genes)
+    for start in range(0, n_cells, chunk_rows):
+        stop = min(start + chunk_rows, n_cells)
+        lo, hi = X.indptr[start], X.indptr[stop]
+        rows = np.repeat(codes[start:stop], np.diff(X.indptr[start:stop + 1]))
+        keys = rows * n_genes + X.indices[lo:hi]
+        values = X.data[lo:hi].astype(np.float64)
+        sums += np.bincount(keys, weights=values, minlength=n_groups * n_genes)
+        squares += np.bincount(keys, weights=values * values, minlength=n_groups * n_genes)
+    counts = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    safe = np.maximum(counts, 1.0)[:, None]
+    means = sums.reshape(n_groups, n_genes) / safe
+    variances = squares.reshape(n_groups, n_genes) / safe - means ** 2
+    variances = np.maximum(variances, 0.0) * (safe / np.maximum(safe - 1.0, 1.0))
+    return counts, means, variances
+
+
+def _rank_by_abs_score(scores: np.ndarray) -> np.ndarray:
+    """Gene order by |score|, descending, breaking ties the way scanpy's top-n selection does."""
+    magnitude = np.abs(scores)
+    n = magnitude.shape[0]
+    partition = np.argpartition(magnitude, -n)[-n:]
+    return partition[np.argsort(magnitude[partition])[::-1]]
+
+
+def _rank_numpy(X, group_names: np.ndarray, reference: str) -> dict[str, np.ndarray]:
+    """Welch t-test of every group against `reference`, as scanpy's 't-test' computes it.
+
+    Returns:
+      group -> int (genes,) column indices ranked by |t|, NaN scores counting as 0.
+    """
+    unique, codes = np.unique(group_names, return_inverse=True)
+    counts, means, variances = group_stats(X, codes, len(unique))
+    ref = int(np.flatnonzero(unique == reference)[0])
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for g, name in enumerate(unique):
+            if g == ref:
+                continue
+            scores = (means[g] - means[ref]) / np.sqrt(
+                variances[g] / counts[g] + variances[ref] / counts[ref])
+            scores[np.isnan(scores)] = 0.0
+            out[str(name)] = _rank_by_abs_score(scores)
+    return out
+
+
+def _rank_scanpy(X, group_names: np.ndarray, reference: str,
+                 var_names: pd.Index) -> dict[str, np.ndarray]:
+    import scanpy as sc
+
+    sub = anndata.AnnData(
+        X=X, obs=pd.DataFrame({"condition_name": pd.Categorical(group_names)},
+                              index=pd.RangeIndex(len(group_names)).astype(str)),
+        var=pd.DataFrame(index=var_names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.tl.rank_genes_groups(sub, groupby="condition_name", reference=reference,
+                                method=DE_METHOD, rankby_abs=True, n_genes=sub.n_vars,
+                                use_raw=False, corr_method="benjamini-hochberg")
+    names = sub.uns["rank_genes_groups"]["names"]
+    return {group: var_names.get_indexer(np.asarray(names[group]).astype(str))
+            for group in names.dtype.names}
+
+
+DE_BACKENDS = ("scanpy", "numpy")
+
+
+def rank_genes_vs_control(adata: anndata.AnnData, *, backend: str = "scanpy"
+                          ) -> dict[str, np.ndarray]:
+    """Every gene ranked per ``condition_name`` against the cell type's control group.
+
+    GEARS's ranking: within each cell type, group by ``condition_name``, reference
+    ``{cell_type}_ctrl_1``, Welch t-test (scanpy's ``method='t-test'``), genes ranked by
+    the absolute score, all genes kept.
+
+    Args:
+      adata: with obs 'cell_type', 'condition_name' and log1p-normalised X.
+      backend: ``"scanpy"`` calls ``scanpy.tl.rank_genes_groups`` as GEARS does;
+        ``"numpy"`` computes the same statistic in one vectorised pass (used by the
+        simulator, where scanpy takes most of the time at Norman size).
+
+    Returns:
+      condition_name -> array of var names (n_genes,), most differential first.
+    """
+    if backend not in DE_BACKENDS:
+        raise ValueError(f"DE backend {backend!r} is not one of {list(DE_BACKENDS)}.")
+    result: dict[str, np.ndarray] = {}
+    var_names = pd.Index(adata.var_names.astype(str))
+    cell_types = adata.obs["cell_type"].astype(str).to_numpy()
+    group_names = adata.obs["condition_name"].astype(str).to_numpy()
+    X = sparse.csr_matrix(adata.X)
+    for cell_type in pd.unique(cell_types):
+        mask = cell_types == cell_type
+        reference = condition_name(cell_type, CONTROL)
+        groups = group_names[mask] if not mask.all() else group_names
+        if reference not in set(groups):
+            raise DataFormatError(
+                f"Cell type {cell_type!r} has no control cells (no condition_name "
+                f"{reference!r}); DE genes are computed against each cell type's controls.")
+        if len(set(groups)) < 2:
+            continue
+        sub_X = X[mask] if not mask.all() else X
+        if backend == "scanpy":
+            ranked = _rank_scanpy(sub_X, groups, reference, var_names)
+        else:
+            ranked = _rank_numpy(sub_X, groups, reference)
+        for group, order in ranked.items():
+            result[group] = var_names[order].to_numpy(dtype=str)
+    return result
+
+
+def dropout_gene_sets(adata: anndata.AnnData, ranked: dict[str, np.ndarray]) -> dict[str, dict]:
+    """GEARS's non-zero / non-dropout gene sets and their top-20 DE genes.
+
+    For condition p with mean profile m_p and the control mean m_c: non-zero genes have
+    m_p != 0; non-dropout genes have m_p != 0 or m_c == 0 (a gene off in p but on in
+    control is a drop-out). The top-20 lists take the DE ranking restricted to those sets.
+
+    Args:
+      adata: dataset with obs 'condition' and 'condition_name'.
+      ranked: :func:`rank_genes_vs_control`'s result.
+
+    Returns:
+      ``{"top_non_dropout_de_20", "non_dropout_gene_idx", "non_zeros_gene_idx",
+      "top_non_zero_de_20"}``, each keyed by condition_name.
+    """
+    conditions = adata.obs["condition"].astype(str).to_numpy()
+    unique, codes = np.unique(conditions, return_inverse=True)
+    _, means, _ = group_stats(adata.X, codes, len(unique))
+    ctrl_mean = means[int(np.flatnonzero(unique == CONTROL)[0])]
+    name_to_condition = dict(zip(adata.obs["condition_name"].astype(str).to_numpy(),
+                                 conditions))
+    row_of = {c: i for i, c in enumerate(unique)}
+    var_names = pd.Index(adata.var_names.astype(str))
+    out = {"top_non_dropout_de_20": {}, "non_dropout_gene_idx": {}, "non_zeros_gene_idx": {},
+           "top_non_zero_de_20": {}}
+    for name, genes in ranked.items():
+        mean = means[row_of[name_to_condition[name]]]
+        non_zero = mean != 0
+        non_dropout = non_zero | (ctrl_mean == 0)
+        order = var_names.get_indexer(genes)
+        out["non_zeros_gene_idx"][name] = np.flatnonzero(non_zero)
+        out["non_dropout_gene_idx"][name] = np.flatnonzero(non_dropout)
+        out["top_non_dropout_de_20"][name] = var_names[order[non_dropout[order]][:20]].to_numpy(
+            dtype=str)
+        out["top_non_zero_de_20"][name] = var_names[order[non_zero[order]][:20]].to_numpy(
+            dtype=str)
+    return out
+
+
+def add_gears_annotations(adata: anndata.AnnData, *, de_backend: str = "scanpy"
+                          ) -> anndata.AnnData:
+    """Adds GEARS's derived obs columns and DE entries in place (and returns `adata`).
+
+    Needs obs 'condition' and 'cell_type' and log1p-normalised X. Adds obs 'dose_val',
+    'control', 'condition_name' and uns 'rank_genes_groups_cov_all', 'top_non_dropout_de_20',
+    'non_zeros_gene_idx', 'non_dropout_gene_idx', 'top_non_zero_de_20'.
+
+    Args:
+      adata: the dataset, modified in place.
+      de_backend: see :func:`rank_genes_vs_control`.
+    """
+    conditions = adata.obs["condition"].astype(str)
+    cell_types = adata.obs["cell_type"].astype(str)
+    adata.obs["dose_val"] = pd.Categorical(conditions.map(condition_dose))
+    adata.obs["control"] = (conditions == CONTROL).astype(np.int64).to_numpy()
+    adata.obs["condition_name"] = pd.Categorical(
+        [condition_name(t, c) for t, c in zip(cell_types, conditions)])
+    adata.obs["condition"] = pd.Categorical(conditions.to_numpy())
+    adata.obs["cell_type"] = pd.Categorical(cell_types.to_numpy())
+    ranked = rank_genes_vs_control(adata, backend=de_backend)
+    adata.uns[DE_KEY] = ranked
+    adata.uns.update(dropout_gene_sets(adata, ranked))
+    return adata

@@ -1,0 +1,206 @@
+"""``prepare``: any Perturb-seq AnnData with a per-cell perturbation column -> GEARS's
+processed layout (conditions, cell types, normalised log1p X, DE genes).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Sequence
+
+import anndata
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from scformer_jax.data.conditions import CONTROL, DataFormatError, parse_condition
+from scformer_jax.data.de import add_gears_annotations
+from scformer_jax.data.gears_io import (
+    check_columns,
+    check_finite,
+    check_log_values,
+    check_unique_var_names,
+    looks_like_counts,
+)
+
+_CODE_LABEL = re.compile(r"[+-]?\d+(\.0+)?")
+
+
+def _check_labels_are_genes(perturbed: Sequence[str], gene_names: Sequence[str],
+                            perturbation_key: str) -> None:
+    """Refuses perturbation labels that look like integer codes or name no measured gene."""
+    if not perturbed:
+        return
+    measured = set(gene_names)
+    if all(_CODE_LABEL.fullmatch(g) for g in perturbed):
+        why = "they look like integer codes"
+    elif not measured.intersection(perturbed):
+        why = f"none of the {len(perturbed)} perturbed genes is a measured gene"
+    else:
+        return
+    raise DataFormatError(
+        f"The perturbation labels in obs[{perturbation_key!r}] do not look like gene names: "
+        f"{why} (perturbed: {list(perturbed)[:8]}; measured genes: {list(gene_names)[:5]}). "
+        f"If they are codes, map them to gene symbols first, e.g. adata.obs["
+        f"{perturbation_key!r}] = adata.obs[{perturbation_key!r}].map(code_to_gene); if they "
+        "are the symbols of perturbed genes that were not measured, pass "
+        "--labels-are-gene-names (labels_are_gene_names=True).")
+
+
+def _user_label_to_condition(label: str, control_label: str, separator: str) -> str:
+    """One user perturbation label -> GEARS condition string (raises on malformed labels)."""
+    if label == control_label:
+        return CONTROL
+    genes = [g for g in label.split(separator) if g != CONTROL]
+    if separator != "+" and "+" in label:
+        genes = [g for part in genes for g in part.split("+") if g != CONTROL]
+    if not genes or any(g.strip() == "" for g in genes) or len(genes) > 2:
+        raise DataFormatError(
+            f"Malformed perturbation label {label!r}: expected the control label "
+            f"{control_label!r}, one gene, or two genes joined by {separator!r}.")
+    condition = f"{genes[0]}+{CONTROL}" if len(genes) == 1 else f"{genes[0]}+{genes[1]}"
+    try:
+        parse_condition(condition)
+    except DataFormatError as e:
+        raise DataFormatError(f"Perturbation label {label!r}: {e}") from None
+    return condition
+
+
+def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str,
+            cell_type_key: str | None = None, cell_type: str = "cell",
+            gene_name_key: str | None = None, combo_separator: str = "+",
+            normalize: bool | None = None, target_sum: float = 1e4,
+            min_cells: int = 2, de_backend: str = "scanpy",
+            labels_are_gene_names: bool = False) -> anndata.AnnData:
+    """A user's Perturb-seq AnnData -> a new AnnData in GEARS's processed layout.
+
+    Args:
+      adata: cells x genes; X raw counts or log1p-normalised expression, dense or sparse.
+      perturbation_key: obs column with each cell's perturbation: `control_label`, a gene
+        name, or two gene names joined by `combo_separator` (GEARS strings such as
+        ``"A+ctrl"`` are accepted too).
+      control_label: the value of `perturbation_key` that marks control cells.
+      cell_type_key: obs column with the cell type; None: every cell is `cell_type`.
+      cell_type: the cell type when `cell_type_key` is None.
+      gene_name_key: var column with gene symbols; None: the var names.
+      combo_separator: joins the two genes of a double perturbation in the user's labels.
+      normalize: True: X holds counts, normalise to `target_sum` per cell and log1p; False:
+        X is already log1p-normalised; None: decide from X (integers mean counts).
+      target_sum: total per cell after normalisation.
+      min_cells: the fewest cells a condition may have (the t-test needs 2).
+      de_backend: ``"scanpy"`` (GEARS's own call, the default) or ``"numpy"`` (same
+        statistic, faster); see :func:`rank_genes_vs_control`.
+      labels_are_gene_names: accept labels that look like integer codes or name no
+        measured gene (refused by default: such a column usually holds category codes).
+
+    Returns:
+      A new AnnData (CSR float32 X, obs with 'condition', 'cell_type', 'condition_name',
+      'dose_val', 'control' and the input's columns, var with 'gene_name', uns with GEARS's
+      DE entries). The input is not modified.
+
+    Raises:
+      DataFormatError: missing columns, duplicated var names, missing labels, malformed
+        labels, labels that are not gene names, no control cells, conditions with fewer than
+        `min_cells` cells, NaN/inf, counts declared as log values.
+    """
+    import scanpy as sc
+
+    check_columns(adata.obs, [perturbation_key], "adata.obs",
+                   "Pass the obs column that holds each cell's perturbed gene(s) as "
+                   "--perturbation-key / perturbation_key.")
+    if cell_type_key is not None:
+        check_columns(adata.obs, [cell_type_key], "adata.obs",
+                       "Pass an existing column as --cell-type-key, or leave it out to use one "
+                       "cell type for all cells (--cell-type NAME).")
+    if gene_name_key is not None:
+        check_columns(adata.var, [gene_name_key], "adata.var",
+                       "Pass the var column holding gene symbols as --gene-name-key, or leave it "
+                       "out to use the var names.")
+    check_unique_var_names(adata)
+    labels = adata.obs[perturbation_key]
+    if labels.isna().any():
+        first = adata.obs_names[labels.isna().to_numpy()][0]
+        raise DataFormatError(
+            f"obs[{perturbation_key!r}] is missing for {int(labels.isna().sum())} cells (first: "
+            f"{first!r}). Label every cell (controls with {control_label!r}) or drop them.")
+    labels = labels.astype(str).to_numpy()
+    if not np.any(labels == control_label):
+        examples = list(pd.unique(labels)[:8])
+        raise DataFormatError(
+            f"No control cells: no cell has obs[{perturbation_key!r}] == {control_label!r} "
+            f"(values include {examples}). Pass the label your data use for control cells as "
+            "--control-label.")
+    unique_labels = pd.unique(labels)
+    mapping = {label: _user_label_to_condition(label, control_label, combo_separator)
+               for label in unique_labels}
+    conditions = pd.Series(labels).map(mapping).to_numpy()
+    gene_names = (adata.var[gene_name_key].astype(str).to_numpy() if gene_name_key is not None
+                  else adata.var_names.astype(str).to_numpy())
+    if not labels_are_gene_names:
+        _check_labels_are_genes(
+            sorted({g for c in mapping.values() for g in parse_condition(c)}), gene_names,
+            perturbation_key)
+    counts = pd.Series(conditions).value_counts()
+    small = counts[counts < min_cells]
+    if len(small):
+        listed = ", ".join(f"{c!r} ({n})" for c, n in small.head(10).items())
+        raise DataFormatError(
+            f"{len(small)} condition(s) have fewer than {min_cells} cells: {listed}"
+            f"{' ...' if len(small) > 10 else ''}. The t-test behind the DE genes needs at "
+            f"least {min_cells} cells per condition; remove those cells first, e.g. "
+            f"adata = adata[adata.obs[{perturbation_key!r}].map(adata.obs[{perturbation_key!r}]"
+            f".value_counts()) >= {min_cells}].")
+
+    X = adata.X
+    if X is None:
+        raise DataFormatError("adata.X is empty; put the expression matrix in X.")
+    check_finite(X)
+    # A copy: normalisation below works in place and the input must stay as it was.
+    X = sparse.csr_matrix(X, dtype=np.float32, copy=True)
+    is_counts = looks_like_counts(X)
+    if normalize is None:
+        normalize = is_counts
+    elif normalize is False and is_counts:
+        raise DataFormatError(
+            "adata.X holds raw counts (all values are integers) but normalize=False says it is "
+            "log1p-normalised. Use --normalize auto/yes to normalise and log-transform it.")
+    if normalize and not is_counts:
+        warnings.warn("normalize=True on a matrix that is not integer counts; normalising and "
+                      "log-transforming it anyway.", stacklevel=2)
+
+    if cell_type_key is not None:
+        if adata.obs[cell_type_key].isna().any():
+            raise DataFormatError(
+                f"obs[{cell_type_key!r}] is missing for "
+                f"{int(adata.obs[cell_type_key].isna().sum())} cells; fill it or drop them.")
+        cell_types = adata.obs[cell_type_key].astype(str).to_numpy()
+    else:
+        cell_types = np.full(adata.n_obs, str(cell_type), dtype=object)
+    for t in pd.unique(cell_types):
+        if "_" in t:
+            warnings.warn(f"Cell type {t!r} contains '_', which GEARS also uses to join "
+                          "condition_name; names stay unambiguous here.", stacklevel=2)
+
+    obs = adata.obs.copy()
+    obs["condition"] = conditions
+    obs["cell_type"] = cell_types
+    var = pd.DataFrame(index=pd.Index(adata.var_names.astype(str)))
+    for column in adata.var.columns:
+        var[column] = adata.var[column].to_numpy()
+    var["gene_name"] = gene_names
+    out = anndata.AnnData(X=X, obs=obs, var=var)
+    if normalize:
+        sc.pp.normalize_total(out, target_sum=target_sum)
+        sc.pp.log1p(out)
+        out.X = sparse.csr_matrix(out.X, dtype=np.float32)
+    check_log_values(out.X)
+
+    measured = set(gene_names)
+    unmeasured = sorted({g for c in pd.unique(conditions) for g in parse_condition(c)}
+                        - measured)
+    if unmeasured:
+        warnings.warn(
+            f"{len(unmeasured)} perturbed gene(s) are not among the measured genes: "
+            f"{unmeasured[:10]}{' ...' if len(unmeasured) > 10 else ''}. They become extra "
+            "input tokens (flag 1, expression 0).", stacklevel=2)
+    return add_gears_annotations(out, de_backend=de_backend)

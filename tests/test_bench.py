@@ -1,0 +1,136 @@
+"""The benchmark scripts run: --help, tiny smoke runs, their tables and FLOP counts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import headroom, quality  # noqa: E402
+
+
+@pytest.mark.parametrize("script", ["run.py", "jax_bench.py", "data_bench.py", "gpu_bench.py",
+                                    "quality.py", "headroom.py", "diagnose.py"])
+def test_bench_help(script):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout
+
+
+def test_gpu_sh_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _json_line(text):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode,attention", [("train", "chunked"), ("eval", "full")])
+def test_jax_bench_smoke_no_recompilation(capsys, mode, attention):
+    from bench import jax_bench
+
+    assert jax_bench.main(["--seq-len", "32", "--batch", "4", "--steps", "1",
+                           "--extra-batches", "2", "--mode", mode, "--attention", attention,
+                           "--block-size", "8", "--n-genes", "50", "--json"]) == 0
+    record = _json_line(capsys.readouterr().out)
+    assert record["mode"] == mode and record["attention"] == attention
+    assert record["tokens"] == 33 and record["calls"] == 4
+    # Four calls on two different batches: traced and compiled once.
+    assert record["traces"] == 1 and record["compiles"] == 1
+    assert record["cells_per_s"] > 0 and record["peak_rss_gb"] > 0
+    assert 0 < record["fraction_of_peak"] < 1
+    if mode == "train":
+        assert np.isfinite(record["loss"])
+
+
+def test_model_flops_counts_matmuls():
+    from bench.jax_bench import model_flops
+
+    # One layer, d=2, d_hid=3, L=5, batch 1, forward: per token 8*4 + 4*6 + 4*5*2 = 96 per
+    # layer, plus 2*4 + 4*2 = 16 outside the layers.
+    assert model_flops(batch=1, tokens=5, embsize=2, d_hid=3, nlayers=1, train=False) == 5 * 112
+    assert model_flops(batch=2, tokens=5, embsize=2, d_hid=3, nlayers=1, train=True) == 3 * 1120
+
+
+def test_gpu_bench_cpu_smoke(capsys):
+    from bench import gpu_bench
+
+    assert gpu_bench.main(["--cpu-smoke", "--json"]) == 0
+    record = _json_line(capsys.readouterr().out)
+    assert record["cpu_smoke"] and record["traces"] == 1 and np.isfinite(record["loss"])
+    assert record["ms_per_step"] > 0 and record["dtype"] == "bfloat16"
+
+
+def test_data_bench_stages_on_tiny_data(tmp_path):
+    from bench import data_bench
+
+    path = data_bench.dataset_path(tmp_path, "tiny", 0)
+    data_bench.generate(path, "tiny", 0)
+    record = data_bench.measure(path, batches=2, batch_size=4, max_seq_len=32)
+    assert record["n_genes"] == 40 and record["n_paired"] == record["n_train_cells"] > 0
+    assert record["batches_timed"] == 2 and record["batch_shape"][0] == 4
+    assert record["total_s"] >= record["load_s"] > 0
+
+
+def test_run_table_and_summary():
+    from bench import run
+
+    def rec(cells, peak, **extra):
+        return {"cells_per_s": cells, "sec_per_step": 32 / cells, "peak_rss_gb": peak,
+                "batch": 32, "compile_s": 4.0, "traces": 1, "compiles": 1,
+                "fraction_of_peak": 0.3, **extra}
+
+    rows = [
+        {"case": "train-512", "seq_len": 512, "mode": "train", "ours": rec(40.0, 1.1),
+         "ref": rec(10.0, 2.6)},
+        {"case": "train-1536", "seq_len": 1536, "mode": "train", "ours": rec(6.0, 2.0),
+         "ref": rec(1.0, 17.0)},
+        {"case": "train-5045", "seq_len": 5045, "mode": "train", "ours": rec(0.8, 4.5),
+         "ref": {"error": "out of memory", "peak_rss_gb": 20.0}},
+    ]
+    table = "\n".join(run.format_table(rows, {"total_s": 1.8, "peak_rss_gb": 1.7}))
+    assert "4.0x" in table and "6.0x" in table and "OOM" in table and "1.8 s" in table
+    line = run.summary_line(rows)
+    assert line.startswith("Train step at sequence 1536") and "6.0x" in line
+    assert "5045 the original ran out of memory" in line
+
+
+# bench/quality.py and bench/headroom.py
+
+
+def test_a_cached_run_is_reused_only_for_its_own_config(tmp_path, capsys):
+    config = ROOT / "tests" / "configs" / "tiny.yaml"
+    workdir = tmp_path / "runs" / "tiny" / "recommended" / "seed1"
+    first = quality.run_one(config, ["train.epochs=1"], workdir, fresh=False)
+    stamp = (workdir / "eval" / "metrics.json").stat().st_mtime_ns
+    assert quality.run_one(config, ["train.epochs=1"], workdir, fresh=False) == first
+    assert (workdir / "eval" / "metrics.json").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    quality.run_one(config, ["train.epochs=1", "optim.lr=1e-3"], workdir, fresh=False)
+    assert "not the one asked for" in capsys.readouterr().out
+    assert (workdir / "eval" / "metrics.json").stat().st_mtime_ns != stamp
+
+
+def test_unknown_ablation_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--ablations", "no such option", "--datasets", "simulated"])
+    assert "unknown ablation" in capsys.readouterr().err
+
+
+def test_headroom_knows_the_true_direction_of_unseen_singles():
+    scores = headroom.headroom("simulated", [1])
+    true = np.mean(scores[("unseen_single", "coexpression (true direction)")], axis=0)
+    typical = np.mean(scores[("unseen_single", "coexpression (training direction)")], axis=0)
+    # The simulator's random knock-down / activation of unseen genes is what the typical
+    # direction gets wrong; knowing it, the control cells' co-expression predicts well.
+    assert true[0] > typical[0] + 0.2 and true[0] > 0.4
+    assert {"additive (measured singles)", "network joint response (replicate)"} <= {
+        predictor for subgroup, predictor in scores if subgroup == "combo_seen2"}
