@@ -22,21 +22,39 @@ from pathlib import Path
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, action="append",
-                        help="Run folder written by train.py; repeat it to evaluate several "
-                             "runs and summarise them (mean ± sd).")
-    parser.add_argument("--summary-out", default="eval_summary",
-                        help="With several --workdir: folder of summary.md / summary.csv.")
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        action="append",
+        help="Run folder written by train.py; repeat it to evaluate several "
+        "runs and summarise them (mean ± sd).",
+    )
+    parser.add_argument(
+        "--summary-out",
+        default="eval_summary",
+        help="With several --workdir: folder of summary.md / summary.csv.",
+    )
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     parser.add_argument("--out", default=None, help="Output folder (default WORKDIR/eval).")
-    parser.add_argument("--plot", nargs="*", default=[], metavar="PERTURBATION",
-                        help="Perturbations to plot besides the first --n-plots test ones.")
+    parser.add_argument(
+        "--plot",
+        nargs="*",
+        default=[],
+        metavar="PERTURBATION",
+        help="Perturbations to plot besides the first --n-plots test ones.",
+    )
     parser.add_argument("--n-plots", type=int, default=5)
-    parser.add_argument("--predict", nargs="*", default=[], metavar="PERTURBATION",
-                        help="Also predict these perturbations (e.g. A+B C) into "
-                             "OUT/predict.h5ad (mean) and OUT/predict_cells.h5ad.")
-    parser.add_argument("--pool-size", type=int, default=300,
-                        help="Control cells sampled for --predict.")
+    parser.add_argument(
+        "--predict",
+        nargs="*",
+        default=[],
+        metavar="PERTURBATION",
+        help="Also predict these perturbations (e.g. A+B C) into "
+        "OUT/predict.h5ad (mean) and OUT/predict_cells.h5ad.",
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=300, help="Control cells sampled for --predict."
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -52,14 +70,21 @@ def main(argv=None) -> int:
 
     if len(args.workdir) > 1:
         if args.out or args.predict:
-            print("eval.py: --out and --predict take one --workdir; with several, each run "
-                  "is written to its own WORKDIR/eval and the summary to --summary-out.",
-                  file=sys.stderr)
+            print(
+                "eval.py: --out and --predict take one --workdir; with several, each run "
+                "is written to its own WORKDIR/eval and the summary to --summary-out.",
+                file=sys.stderr,
+            )
             return 2
         try:
-            evaluation.evaluate_runs(args.workdir, args.summary_out, which=args.checkpoint,
-                                     plot_perturbations=args.plot, n_plots=args.n_plots,
-                                     seed=args.seed)
+            evaluation.evaluate_runs(
+                args.workdir,
+                args.summary_out,
+                which=args.checkpoint,
+                plot_perturbations=args.plot,
+                n_plots=args.n_plots,
+                seed=args.seed,
+            )
         except (FileNotFoundError, ValueError, KeyError) as e:
             print(f"eval.py: {e}", file=sys.stderr)
             return 2
@@ -79,8 +104,14 @@ def main(argv=None) -> int:
         if args.predict:
             # Bad names fail here, before the evaluation's minutes of work.
             predictor.check_perturbations(args.predict)
-        evaluation.evaluate_run(run, out_dir=args.out, plot_perturbations=args.plot,
-                                n_plots=args.n_plots, seed=args.seed, predictor=predictor)
+        evaluation.evaluate_run(
+            run,
+            out_dir=args.out,
+            plot_perturbations=args.plot,
+            n_plots=args.n_plots,
+            seed=args.seed,
+            predictor=predictor,
+        )
         if args.predict:
             result = predictor.predict(args.predict, pool_size=args.pool_size, seed=args.seed)
             write_h5ad_atomic(result.mean, out / "predict.h5ad")
@@ -94,9 +125,11 @@ def main(argv=None) -> int:
     print((out / "report.md").read_text())
     print(f"Evaluation written to {out}")
     if args.predict:
-        print(f"Predictions for {len(args.predict)} perturbation(s) written to "
-              f"{out / 'predict.h5ad'} (mean profile per perturbation) and "
-              f"{out / 'predict_cells.h5ad'} (one row per control cell)")
+        print(
+            f"Predictions for {len(args.predict)} perturbation(s) written to "
+            f"{out / 'predict.h5ad'} (mean profile per perturbation) and "
+            f"{out / 'predict_cells.h5ad'} (one row per control cell)"
+        )
     return 0
 
 

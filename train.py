@@ -14,17 +14,30 @@ import sys
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config (see configs/).")
-    parser.add_argument("--workdir", default=None,
-                        help="Run folder; default: a new folder under runs/. An existing run "
-                             "folder is resumed from its newest checkpoint.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="Override a config key (repeatable).")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="No progress bar: a log line every train.log_interval steps "
-                             "instead. The default when stderr is not a terminal (cluster job "
-                             "logs, redirected output), where a bar would fill the log.")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="Run folder; default: a new folder under runs/. An existing run "
+        "folder is resumed from its newest checkpoint.",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="Override a config key (repeatable).",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="No progress bar: a log line every train.log_interval steps "
+        "instead. The default when stderr is not a terminal (cluster job "
+        "logs, redirected output), where a bar would fill the log.",
+    )
     multi = parser.add_argument_group(
-        "multi-process (leave out on Slurm/MPI/TPU pods: detected automatically)")
+        "multi-process (leave out on Slurm/MPI/TPU pods: detected automatically)"
+    )
     multi.add_argument("--coordinator-address", default=None, help="host:port of process 0.")
     multi.add_argument("--num-processes", type=int, default=None)
     multi.add_argument("--process-id", type=int, default=None)
@@ -47,17 +60,19 @@ def main(argv=None) -> int:
     from scformer_jax.checkpoints import CheckpointWriteError
     from scformer_jax.io import RunFolderLockedError, describe_os_error
 
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes,
-                                    args.process_id)
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if args.workdir is None and jax.process_count() > 1:
         # Each process would pick its own timestamped folder.
-        print("Config error: with several processes, give every process the same --workdir.",
-              file=sys.stderr)
+        print(
+            "Config error: with several processes, give every process the same --workdir.",
+            file=sys.stderr,
+        )
         return 2
     workdir = args.workdir or str(runs.new_workdir())
     try:
         summary = training.train_and_evaluate(
-            config, workdir, progress=not args.no_progress and sys.stderr.isatty())
+            config, workdir, progress=not args.no_progress and sys.stderr.isatty()
+        )
     except training.NonFiniteError as e:
         print(f"Training stopped: {e}", file=sys.stderr)
         return 3
@@ -77,10 +92,12 @@ def main(argv=None) -> int:
         return 2
     if parallel.is_primary():
         best = summary["best_value"]
-        print(f"Done: {summary['steps']} steps, best {summary['best_metric']} "
-              f"{best if best is None else round(best, 4)} at epoch {summary['best_epoch']}. "
-              f"Run folder: {summary['workdir']} (checkpoints/, metrics.jsonl, tensorboard/, "
-              f"config.yaml). Evaluate: python eval.py --workdir {summary['workdir']}")
+        print(
+            f"Done: {summary['steps']} steps, best {summary['best_metric']} "
+            f"{best if best is None else round(best, 4)} at epoch {summary['best_epoch']}. "
+            f"Run folder: {summary['workdir']} (checkpoints/, metrics.jsonl, tensorboard/, "
+            f"config.yaml). Evaluate: python eval.py --workdir {summary['workdir']}"
+        )
     return 0
 
 

@@ -52,8 +52,19 @@ def ensure_dataset(path: Path, preset: str, seed: int, log) -> float:
         return 0.0
     log(f"data_bench: simulating the {preset!r} preset into {path} (once) ...")
     start = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--generate", str(path), "--preset", preset,
-                    "--seed", str(seed)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--generate",
+            str(path),
+            "--preset",
+            preset,
+            "--seed",
+            str(seed),
+        ],
+        check=True,
+    )
     return time.perf_counter() - start
 
 
@@ -70,8 +81,14 @@ def measure(path: Path, *, batches: int, batch_size: int, max_seq_len: int) -> d
     t1 = time.perf_counter()
     split = gears_split(data.conditions, "simulation", seed=1)
     t2 = time.perf_counter()
-    loader = BatchLoader(data, split["train"], batch_size=batch_size, include_zero_gene="all",
-                         max_seq_len=max_seq_len, seed=0)
+    loader = BatchLoader(
+        data,
+        split["train"],
+        batch_size=batch_size,
+        include_zero_gene="all",
+        max_seq_len=max_seq_len,
+        seed=0,
+    )
     partners = loader.pairing(0)
     t3 = time.perf_counter()
     assembled = 0
@@ -81,13 +98,21 @@ def measure(path: Path, *, batches: int, batch_size: int, max_seq_len: int) -> d
         assembled += 1
     t4 = time.perf_counter()
     return {
-        "load_s": t1 - t0, "split_s": t2 - t1, "pair_s": t3 - t2, "total_s": t3 - t0,
-        "batch_ms": 1e3 * (t4 - t3) / max(assembled, 1), "batches_timed": assembled,
+        "load_s": t1 - t0,
+        "split_s": t2 - t1,
+        "pair_s": t3 - t2,
+        "total_s": t3 - t0,
+        "batch_ms": 1e3 * (t4 - t3) / max(assembled, 1),
+        "batches_timed": assembled,
         "batch_shape": list(host.batch.gene_ids.shape) if assembled else None,
-        "n_cells": int(data.n_cells), "n_genes": int(data.n_genes),
-        "n_conditions": len(data.conditions), "n_train_cells": int(loader.n_cells),
-        "n_paired": int(len(partners)), "file_gb": path.stat().st_size / 2**30,
-        "peak_rss_gb": peak_rss_gb(), "rss_before_gb": rss_start,
+        "n_cells": int(data.n_cells),
+        "n_genes": int(data.n_genes),
+        "n_conditions": len(data.conditions),
+        "n_train_cells": int(loader.n_cells),
+        "n_paired": int(len(partners)),
+        "file_gb": path.stat().st_size / 2**30,
+        "peak_rss_gb": peak_rss_gb(),
+        "rss_before_gb": rss_start,
     }
 
 
@@ -95,8 +120,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="norman", help="simulation preset (default norman)")
     parser.add_argument("--seed", type=int, default=0, help="simulation seed")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                        help=f"where the simulated .h5ad is kept (default {DEFAULT_CACHE})")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help=f"where the simulated .h5ad is kept (default {DEFAULT_CACHE})",
+    )
     parser.add_argument("--batches", type=int, default=20, help="training batches to assemble")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=1536)
@@ -118,16 +147,21 @@ def main(argv=None) -> int:
         path = dataset_path(Path(tempfile.gettempdir()) / "scformer-jax", args.preset, args.seed)
         simulate_s = ensure_dataset(path, args.preset, args.seed, log)
     record = {"preset": args.preset, "path": str(path), "simulate_s": simulate_s or None}
-    record.update(measure(path, batches=args.batches, batch_size=args.batch_size,
-                          max_seq_len=args.max_seq_len))
+    record.update(
+        measure(
+            path, batches=args.batches, batch_size=args.batch_size, max_seq_len=args.max_seq_len
+        )
+    )
     if args.json:
         print(json.dumps(record))
     else:
-        print(f"{record['n_cells']} cells x {record['n_genes']} genes: load "
-              f"{record['load_s']:.1f} s, split {record['split_s']:.2f} s, pair "
-              f"{record['pair_s']:.2f} s, total {record['total_s']:.1f} s, peak "
-              f"{record['peak_rss_gb']:.2f} GB; {record['batch_ms']:.0f} ms per batch of "
-              f"{args.batch_size}")
+        print(
+            f"{record['n_cells']} cells x {record['n_genes']} genes: load "
+            f"{record['load_s']:.1f} s, split {record['split_s']:.2f} s, pair "
+            f"{record['pair_s']:.2f} s, total {record['total_s']:.1f} s, peak "
+            f"{record['peak_rss_gb']:.2f} GB; {record['batch_ms']:.0f} ms per batch of "
+            f"{args.batch_size}"
+        )
     return 0
 
 

@@ -55,8 +55,9 @@ def diagnose(workdir: Path, max_cells: int = 64) -> dict:
     for name, conditions in groups.items():
         pred = model_profiles(predictor, data, conditions, max_cells=max_cells)
         predicted[name] = pred
-        out[f"{name}_pearson_delta"] = float(np.mean(
-            [pearson(pred[c] - ctrl, data.condition_mean(c) - ctrl) for c in conditions]))
+        out[f"{name}_pearson_delta"] = float(
+            np.mean([pearson(pred[c] - ctrl, data.condition_mean(c) - ctrl) for c in conditions])
+        )
 
     snr = []
     for c in groups["train"] + groups["test"]:
@@ -97,8 +98,12 @@ def diagnose(workdir: Path, max_cells: int = 64) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workdir", type=Path)
-    parser.add_argument("--max-cells", type=int, default=64,
-                        help="cells predicted per perturbation (fewer is faster)")
+    parser.add_argument(
+        "--max-cells",
+        type=int,
+        default=64,
+        help="cells predicted per perturbation (fewer is faster)",
+    )
     args = parser.parse_args(argv)
     result = diagnose(args.workdir, max_cells=args.max_cells)
     for key, value in result.items():

@@ -54,8 +54,12 @@ def headroom(name: str, seeds: list[int]) -> dict[tuple[str, str], list[tuple[fl
     adata = simulate(simulation_config("default", **settings), seed=sim_seed)
     mode = simulation_truth(adata)["perturbation_mode"]
     data = load_dataset(adata)
-    replicate = load_dataset(simulate(simulation_config(
-        "default", interaction_probs=(1.0, 0.0, 0.0), **settings), seed=sim_seed))
+    replicate = load_dataset(
+        simulate(
+            simulation_config("default", interaction_probs=(1.0, 0.0, 0.0), **settings),
+            seed=sim_seed,
+        )
+    )
     ctrl = data.control_mean.astype(np.float64)
     scores: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for seed in seeds:
@@ -77,24 +81,25 @@ def headroom(name: str, seeds: list[int]) -> dict[tuple[str, str], list[tuple[fl
                 sign = 1.0 if mode[genes[0]] == "activation" else -1.0
                 predictions["coexpression (training direction)"] = effect
                 predictions["coexpression (true direction)"] = (
-                    effect / prior.coexpression.direct_effect * d * sign)
+                    effect / prior.coexpression.direct_effect * d * sign
+                )
             else:
                 seen = [g for g in genes if g in prior.changes]
                 if seen:
-                    predictions["additive (measured singles)"] = sum(
-                        prior.changes[g] for g in seen)
+                    predictions["additive (measured singles)"] = sum(prior.changes[g] for g in seen)
                 predictions["network joint response (replicate)"] = (
-                    replicate.condition_mean(condition) - ctrl)
+                    replicate.condition_mean(condition) - ctrl
+                )
             for predictor, change in predictions.items():
                 scores.setdefault((subgroup_of[condition], predictor), []).append(
-                    (_pearson(change, true), _pearson(change[de], true[de])))
+                    (_pearson(change, true), _pearson(change[de], true[de]))
+                )
     return scores
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS),
-                        choices=list(DATASETS))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     args = parser.parse_args(argv)
     for name in args.datasets:
@@ -103,8 +108,7 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|")
         for (subgroup, predictor), values in sorted(headroom(name, args.seeds).items()):
             mean = np.nanmean(np.asarray(values), axis=0)
-            print(f"| {subgroup} | {predictor} | {len(values)} | {mean[0]:.2f} | "
-                  f"{mean[1]:.2f} |")
+            print(f"| {subgroup} | {predictor} | {len(values)} | {mean[0]:.2f} | {mean[1]:.2f} |")
         print()
     return 0
 

@@ -54,8 +54,11 @@ def cpu_peak_flops(threads: int | None = None) -> dict:
     two FMA units gives 32. The assumption is returned with the number.
     """
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M).group(1).split()) \
-        if "flags" in cpuinfo else set()
+    flags = (
+        set(re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M).group(1).split())
+        if "flags" in cpuinfo
+        else set()
+    )
     mhz = [float(x) for x in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)]
     clock_ghz = (max(mhz) / 1000.0) if mhz else 2.0
     vendor = (re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.M) or [None, "?"])[1]
@@ -70,12 +73,18 @@ def cpu_peak_flops(threads: int | None = None) -> dict:
         flop_per_cycle, fma_units, note = 32, 2, "AVX2: two 256-bit FMA units"
     else:
         flop_per_cycle, fma_units, note = 8, 1, "no FMA: SSE estimate"
-    return {"peak_gflops": clock_ghz * cores * flop_per_cycle, "clock_ghz": clock_ghz,
-            "cores": cores, "flop_per_cycle_per_core": flop_per_cycle, "assumption": note}
+    return {
+        "peak_gflops": clock_ghz * cores * flop_per_cycle,
+        "clock_ghz": clock_ghz,
+        "cores": cores,
+        "flop_per_cycle_per_core": flop_per_cycle,
+        "assumption": note,
+    }
 
 
-def model_flops(*, batch: int, tokens: int, embsize: int, d_hid: int, nlayers: int,
-                train: bool) -> float:
+def model_flops(
+    *, batch: int, tokens: int, embsize: int, d_hid: int, nlayers: int, train: bool
+) -> float:
     """Matmul FLOPs of one step (2 per multiply-add; backward = 2 x forward).
 
     Per token and layer: q/k/v and output projections 2*4*d^2, feed-forward 2*2*d*d_hid,
@@ -92,17 +101,31 @@ def model_flops(*, batch: int, tokens: int, embsize: int, d_hid: int, nlayers: i
 # Inputs
 
 
-def random_batch(rng, *, batch: int, seq_len: int, n_genes: int, pad_frac: float,
-                 pad_token_id: int, pert_pad_id: int, first_gene_id: int):
+def random_batch(
+    rng,
+    *,
+    batch: int,
+    seq_len: int,
+    n_genes: int,
+    pad_frac: float,
+    pad_token_id: int,
+    pert_pad_id: int,
+    first_gene_id: int,
+):
     """A host PerturbBatch with the contract's shapes and plausible values."""
     import numpy as np
 
     from scformer_jax.batch import PerturbBatch
 
-    gene_ids = np.stack([rng.choice(n_genes, size=seq_len, replace=seq_len > n_genes)
-                         for _ in range(batch)]).astype(np.int32) + first_gene_id
-    control = np.where(rng.random((batch, seq_len)) < 0.6, 0.0,
-                       rng.gamma(2.0, 0.8, (batch, seq_len))).astype(np.float32)
+    gene_ids = (
+        np.stack(
+            [rng.choice(n_genes, size=seq_len, replace=seq_len > n_genes) for _ in range(batch)]
+        ).astype(np.int32)
+        + first_gene_id
+    )
+    control = np.where(
+        rng.random((batch, seq_len)) < 0.6, 0.0, rng.gamma(2.0, 0.8, (batch, seq_len))
+    ).astype(np.float32)
     flags = np.zeros((batch, seq_len), np.float32)
     flags[np.arange(batch), rng.integers(0, seq_len, batch)] = 1.0
     target = np.maximum(control + rng.normal(0, 0.3, control.shape), 0).astype(np.float32)
@@ -116,8 +139,13 @@ def random_batch(rng, *, batch: int, seq_len: int, n_genes: int, pad_frac: float
     control[padding] = 0.0
     flags[padding] = pert_pad_id
     target[padding] = 0.0
-    return PerturbBatch.from_arrays(gene_ids=gene_ids, control_values=control, pert_flags=flags,
-                                    target_values=target, padding_mask=padding)
+    return PerturbBatch.from_arrays(
+        gene_ids=gene_ids,
+        control_values=control,
+        pert_flags=flags,
+        target_values=target,
+        padding_mask=padding,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,9 +155,11 @@ def random_batch(rng, *, batch: int, seq_len: int, n_genes: int, pad_frac: float
 class CompileTimer:
     """Sums JAX's trace, lowering and backend-compile durations; counts backend compiles."""
 
-    EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-              "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
+    EVENTS = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    )
 
     def __init__(self):
         import jax
@@ -168,23 +198,44 @@ def run(args) -> dict:
     timer = CompileTimer()
     n_genes = max(args.n_genes or NORMAN_N_GENES, args.seq_len)
     config = ModelConfig(
-        ntoken=n_genes + 2, pad_token_id=0, cls_token_id=1, embsize=args.embsize,
-        d_hid=args.d_hid, nlayers=args.nlayers, nhead=args.nheads, dropout=args.dropout,
-        attention=args.attention, remat=args.remat, dtype=args.dtype,
+        ntoken=n_genes + 2,
+        pad_token_id=0,
+        cls_token_id=1,
+        embsize=args.embsize,
+        d_hid=args.d_hid,
+        nlayers=args.nlayers,
+        nhead=args.nheads,
+        dropout=args.dropout,
+        attention=args.attention,
+        remat=args.remat,
+        dtype=args.dtype,
         **({} if args.block_size is None else {"attention_block_size": args.block_size}),
-        **({} if args.eval_block_size is None
-           else {"attention_eval_block_size": args.eval_block_size}))
+        **(
+            {}
+            if args.eval_block_size is None
+            else {"attention_eval_block_size": args.eval_block_size}
+        ),
+    )
     tokens = args.seq_len + (1 if config.uses_cls_token else 0)
-    impl = resolve_implementation(config.attention, tokens,
-                                  attention_dropout=config.attn_dropout_rate)
+    impl = resolve_implementation(
+        config.attention, tokens, attention_dropout=config.attn_dropout_rate
+    )
     model = TransformerGenerator(config)
     objective = ObjectiveConfig()
     rng = np.random.default_rng(args.seed)
     host_batches = [
-        random_batch(rng, batch=args.batch, seq_len=args.seq_len, n_genes=n_genes,
-                     pad_frac=args.pad_frac, pad_token_id=config.pad_token_id,
-                     pert_pad_id=config.pert_pad_id, first_gene_id=2)
-        for _ in range(2)]
+        random_batch(
+            rng,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            n_genes=n_genes,
+            pad_frac=args.pad_frac,
+            pad_token_id=config.pad_token_id,
+            pert_pad_id=config.pert_pad_id,
+            first_gene_id=2,
+        )
+        for _ in range(2)
+    ]
 
     traces = [0]
     train = args.mode == "train"
@@ -193,8 +244,7 @@ def run(args) -> dict:
 
         def step_fn(state, batch, rng):
             traces[0] += 1  # runs only while JAX traces: counts (re)compilations
-            return train_step(state, batch, rng, model=model, objective=objective,
-                              axis_name=None)
+            return train_step(state, batch, rng, model=model, objective=objective, axis_name=None)
 
         step = jax.jit(step_fn, donate_argnums=(0,))
     else:
@@ -237,25 +287,46 @@ def run(args) -> dict:
         raise RuntimeError(f"non-finite loss {float(metrics['loss'])}")
 
     sec = statistics.median(times)
-    flops = model_flops(batch=args.batch, tokens=tokens, embsize=args.embsize,
-                        d_hid=args.d_hid, nlayers=args.nlayers, train=train)
+    flops = model_flops(
+        batch=args.batch,
+        tokens=tokens,
+        embsize=args.embsize,
+        d_hid=args.d_hid,
+        nlayers=args.nlayers,
+        train=train,
+    )
     peak = cpu_peak_flops()
     device = jax.devices()[0]
     result = {
-        "impl": "jax", "seq_len": args.seq_len, "tokens": tokens, "batch": args.batch,
-        "mode": args.mode, "sec_per_step": sec, "cells_per_s": args.batch / sec,
-        "peak_rss_gb": peak_rss_gb(), "compile_s": compile_s, "first_call_s": first_call,
-        "traces": traces[0], "compiles": compiles,
-        "calls": total_calls, "step_times": times,
+        "impl": "jax",
+        "seq_len": args.seq_len,
+        "tokens": tokens,
+        "batch": args.batch,
+        "mode": args.mode,
+        "sec_per_step": sec,
+        "cells_per_s": args.batch / sec,
+        "peak_rss_gb": peak_rss_gb(),
+        "compile_s": compile_s,
+        "first_call_s": first_call,
+        "traces": traces[0],
+        "compiles": compiles,
+        "calls": total_calls,
+        "step_times": times,
         "cpu_s_per_step": statistics.median(cpu_times),
-        "model_gflop_per_step": flops / 1e9, "achieved_gflops": flops / sec / 1e9,
-        "peak_gflops": peak["peak_gflops"], "fraction_of_peak": flops / sec / 1e9
-        / peak["peak_gflops"], "peak_assumption": peak,
-        "attention": impl, "remat": args.remat, "dtype": args.dtype,
+        "model_gflop_per_step": flops / 1e9,
+        "achieved_gflops": flops / sec / 1e9,
+        "peak_gflops": peak["peak_gflops"],
+        "fraction_of_peak": flops / sec / 1e9 / peak["peak_gflops"],
+        "peak_assumption": peak,
+        "attention": impl,
+        "remat": args.remat,
+        "dtype": args.dtype,
         # Other load on the machine at the start: timings are only comparable when low.
         "loadavg_1m": os.getloadavg()[0],
-        "jax_version": jax.__version__, "backend": jax.default_backend(),
-        "device": getattr(device, "device_kind", str(device)), "python": platform.python_version(),
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "python": platform.python_version(),
     }
     if impl == "chunked":
         block_size = config.attention_block_size_for(deterministic=not train)
@@ -271,30 +342,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512, help="genes per cell")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed steps first (the first compiles)")
-    parser.add_argument("--extra-batches", type=int, default=2,
-                        help="untimed steps after the timed ones, to show no recompilation")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps first (the first compiles)"
+    )
+    parser.add_argument(
+        "--extra-batches",
+        type=int,
+        default=2,
+        help="untimed steps after the timed ones, to show no recompilation",
+    )
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
-    parser.add_argument("--n-genes", type=int, default=None,
-                        help=f"vocabulary size (default {NORMAN_N_GENES}, Norman's gene count)")
+    parser.add_argument(
+        "--n-genes",
+        type=int,
+        default=None,
+        help=f"vocabulary size (default {NORMAN_N_GENES}, Norman's gene count)",
+    )
     parser.add_argument("--embsize", type=int, default=64)
     parser.add_argument("--nheads", type=int, default=4)
     parser.add_argument("--d-hid", type=int, default=64)
     parser.add_argument("--nlayers", type=int, default=4)
     parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--attention", default="auto",
-                        help="auto, full, chunked, xla or cudnn (model.attention)")
-    parser.add_argument("--block-size", type=int, default=None,
-                        help="model.attention_block_size (default: the config's default)")
-    parser.add_argument("--eval-block-size", type=int, default=None,
-                        help="model.attention_eval_block_size, used by --mode eval (default: "
-                             "the config's default)")
+    parser.add_argument(
+        "--attention", default="auto", help="auto, full, chunked, xla or cudnn (model.attention)"
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="model.attention_block_size (default: the config's default)",
+    )
+    parser.add_argument(
+        "--eval-block-size",
+        type=int,
+        default=None,
+        help="model.attention_eval_block_size, used by --mode eval (default: the config's default)",
+    )
     parser.add_argument("--remat", action="store_true", help="model.remat")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--pad-frac", type=float, default=0.0,
-                        help="pad up to this fraction of each row (0: no padding, like the "
-                             "reference's batch-wise batches)")
+    parser.add_argument(
+        "--pad-frac",
+        type=float,
+        default=0.0,
+        help="pad up to this fraction of each row (0: no padding, like the "
+        "reference's batch-wise batches)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)

@@ -44,14 +44,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CONFIGS = {"seed": ROOT / "configs" / "scformer.yaml",
-           "recommended": ROOT / "configs" / "default.yaml"}
+CONFIGS = {
+    "seed": ROOT / "configs" / "scformer.yaml",
+    "recommended": ROOT / "configs" / "default.yaml",
+}
 BASELINES = ("control", "train_mean", "additive", "linear", "coexpression")
 CEILING = "technical_duplicate"  # half of each test perturbation's cells predicting the other
 SUBGROUPS = ("overall", "unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 # (metric, higher is better)
-METRICS = (("pearson_delta", True), ("pearson_de_delta", True), ("pearson_delta_pert", True),
-           ("mse_de", False), ("discrimination_l1", True))
+METRICS = (
+    ("pearson_delta", True),
+    ("pearson_de_delta", True),
+    ("pearson_delta_pert", True),
+    ("mse_de", False),
+    ("discrimination_l1", True),
+)
 # Metrics that the win count and the closing line use.
 WIN_METRICS = ("pearson_delta", "pearson_de_delta")
 # The recommended config with one option set back to the seed's value (or, for the additive
@@ -61,7 +68,9 @@ ABLATIONS = {
     "no coexpression_prior": ["model.coexpression_prior=false"],
     "no seen_single_correction": ["model.seen_single_correction=false"],
     "additive_prior instead of seen_single_correction": [
-        "model.seen_single_correction=false", "model.additive_prior=true"],
+        "model.seen_single_correction=false",
+        "model.additive_prior=true",
+    ],
     "output_baseline none": ["model.output_baseline=none"],
     "no condition_mean target": ["data.train_target=cell"],
     "random gene embedding": ["model.gene_embedding_init=random"],
@@ -110,8 +119,7 @@ def run_one(config_path: Path, overrides: list[str], workdir: Path, fresh: bool)
             # Evaluated before a baseline was added: evaluate the trained run again.
             evaluation.evaluate_run(workdir, n_plots=0)
             return json.loads(metrics_path.read_text())
-        print(f"  {workdir}: its config is not the one asked for: training it again",
-              flush=True)
+        print(f"  {workdir}: its config is not the one asked for: training it again", flush=True)
     if workdir.exists():
         import shutil
 
@@ -119,8 +127,7 @@ def run_one(config_path: Path, overrides: list[str], workdir: Path, fresh: bool)
     start = time.time()
     training.train_and_evaluate(config, workdir, progress=False)
     evaluation.evaluate_run(workdir, n_plots=0)
-    print(f"  {workdir.relative_to(workdir.parents[2])}: {time.time() - start:.0f} s",
-          flush=True)
+    print(f"  {workdir.relative_to(workdir.parents[2])}: {time.time() - start:.0f} s", flush=True)
     return json.loads(metrics_path.read_text())
 
 
@@ -158,8 +165,11 @@ def wins(table: dict, row: str = "recommended") -> tuple[int, int, list[str]]:
                 continue
             total += 1
             mine = table[(row, subgroup, metric)][0]
-            best = [(table[(b, subgroup, metric)][0], b) for b in BASELINES
-                    if (b, subgroup, metric) in table]
+            best = [
+                (table[(b, subgroup, metric)][0], b)
+                for b in BASELINES
+                if (b, subgroup, metric) in table
+            ]
             better = all((mine > v) if higher[metric] else (mine < v) for v, _ in best)
             if better:
                 won += 1
@@ -174,11 +184,17 @@ def format_table(name: str, table: dict, rows: list[str], n_seeds: int) -> str:
     for subgroup in SUBGROUPS:
         if not any((r, subgroup, "pearson_delta") in table for r in rows):
             continue
-        n = max(table[(r, subgroup, "pearson_delta")][2] for r in rows
-                if (r, subgroup, "pearson_delta") in table)
-        lines += [f"{subgroup} ({n} seed(s) with this subgroup)", "",
-                  "| method | " + " | ".join(m for m, _ in METRICS) + " |",
-                  "|---|" + "---|" * len(METRICS)]
+        n = max(
+            table[(r, subgroup, "pearson_delta")][2]
+            for r in rows
+            if (r, subgroup, "pearson_delta") in table
+        )
+        lines += [
+            f"{subgroup} ({n} seed(s) with this subgroup)",
+            "",
+            "| method | " + " | ".join(m for m, _ in METRICS) + " |",
+            "|---|" + "---|" * len(METRICS),
+        ]
         for r in rows:
             cells = []
             for metric, _ in METRICS:
@@ -191,21 +207,33 @@ def format_table(name: str, table: dict, rows: list[str], n_seeds: int) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["simulated", "shifted", "screen"],
-                        choices=list(DATASETS))
+    parser.add_argument(
+        "--datasets", nargs="+", default=["simulated", "shifted", "screen"], choices=list(DATASETS)
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--ablations", nargs="*", metavar="NAME",
-                        help="also train the recommended config with each option changed "
-                             "(first dataset only); names choose some: "
-                             + "; ".join(ABLATIONS))
-    parser.add_argument("--ablations-only", action="store_true",
-                        help="train only the ablation runs (e.g. in a second process beside "
-                             "one that trains the main table into the same --out)")
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        metavar="NAME",
+        help="also train the recommended config with each option changed "
+        "(first dataset only); names choose some: " + "; ".join(ABLATIONS),
+    )
+    parser.add_argument(
+        "--ablations-only",
+        action="store_true",
+        help="train only the ablation runs (e.g. in a second process beside "
+        "one that trains the main table into the same --out)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that exist")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="an override for every run, e.g. train.epochs=2 (smoke tests)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="an override for every run, e.g. train.epochs=2 (smoke tests)",
+    )
     args = parser.parse_args(argv)
 
     # Every run first (the main table of every dataset before the ablations, so that a cut
@@ -221,14 +249,21 @@ def main(argv=None) -> int:
         unknown = [k for k in chosen if k not in ABLATIONS]
         if unknown:
             parser.error(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
-        plan += [(args.datasets[0], seed, f"recommended, {k}", CONFIGS["recommended"],
-                  ABLATIONS[k]) for seed in args.seeds for k in chosen]
+        plan += [
+            (args.datasets[0], seed, f"recommended, {k}", CONFIGS["recommended"], ABLATIONS[k])
+            for seed in args.seeds
+            for k in chosen
+        ]
     metrics_of = {}
     for dataset, seed, name, config_path, extra in plan:
         slug = name.replace(", ", "-").replace(" ", "_")
         workdir = args.out / "runs" / dataset / slug / f"seed{seed}"
-        overrides = [f"data.path={dataset_path(dataset, args.out)}", f"data.split_seed={seed}",
-                     *extra, *args.overrides]
+        overrides = [
+            f"data.path={dataset_path(dataset, args.out)}",
+            f"data.split_seed={seed}",
+            *extra,
+            *args.overrides,
+        ]
         metrics_of[(dataset, seed, name)] = run_one(config_path, overrides, workdir, args.fresh)
 
     results = []
@@ -236,11 +271,11 @@ def main(argv=None) -> int:
     for dataset in args.datasets:
         variants = [n for d, _, n, _, _ in plan if d == dataset]
         variants = list(dict.fromkeys(variants))
-        runs = {name: [metrics_of[(dataset, seed, name)] for seed in args.seeds]
-                for name in variants}
+        runs = {
+            name: [metrics_of[(dataset, seed, name)] for seed in args.seeds] for name in variants
+        }
         table = summarize(runs)
-        text = format_table(dataset, table, variants + list(BASELINES) + [CEILING],
-                            len(args.seeds))
+        text = format_table(dataset, table, variants + list(BASELINES) + [CEILING], len(args.seeds))
         print(text, flush=True)
         results.append(text)
         if not variants:
@@ -249,13 +284,18 @@ def main(argv=None) -> int:
             won, total, lost = wins(table)
             closing.append(f"{won}/{total} on {dataset}")
             if lost:
-                print(f"{dataset}: the recommended model does not beat every baseline on: "
-                      + "; ".join(lost) + "\n")
+                print(
+                    f"{dataset}: the recommended model does not beat every baseline on: "
+                    + "; ".join(lost)
+                    + "\n"
+                )
     (args.out).mkdir(parents=True, exist_ok=True)
     (args.out / "quality.md").write_text("\n\n".join(results) + "\n")
     if closing:
-        print("model wins " + ", ".join(closing) + " (subgroup, metric) cells "
-              f"({'/'.join(WIN_METRICS)}; mean over seeds {args.seeds} above every baseline)")
+        print(
+            "model wins " + ", ".join(closing) + " (subgroup, metric) cells "
+            f"({'/'.join(WIN_METRICS)}; mean over seeds {args.seeds} above every baseline)"
+        )
     return 0
 
 

@@ -89,8 +89,16 @@ def torch_available() -> bool:
 def run_cases(cases, *, batch: int, with_torch: bool, timeout: float, log) -> list[dict]:
     rows = []
     for name, seq_len, mode, steps, run_ref in cases:
-        common = ["--seq-len", str(seq_len), "--batch", str(batch), "--mode", mode,
-                  "--steps", str(steps)]
+        common = [
+            "--seq-len",
+            str(seq_len),
+            "--batch",
+            str(batch),
+            "--mode",
+            mode,
+            "--steps",
+            str(steps),
+        ]
         references = EVAL_REFERENCES if mode == "eval" else (("", []),)
         refs = []
         for suffix, extra in references:
@@ -103,8 +111,9 @@ def run_cases(cases, *, batch: int, with_torch: bool, timeout: float, log) -> li
         ours = run_script("jax_bench.py", ours_args, timeout=timeout, log=log)
         log(f"  ours:      {_brief(ours)}")
         for suffix, ref in refs:
-            rows.append({"case": name + suffix, "seq_len": seq_len, "mode": mode,
-                         "ours": ours, "ref": ref})
+            rows.append(
+                {"case": name + suffix, "seq_len": seq_len, "mode": mode, "ours": ours, "ref": ref}
+            )
     return rows
 
 
@@ -113,8 +122,10 @@ def _brief(record: dict | None) -> str:
         return "not run"
     if "error" in record and "cells_per_s" not in record:
         return record["error"]
-    return (f"{record['sec_per_step']:.3f} s/step, {record['cells_per_s']:.2f} cells/s, "
-            f"peak {record.get('peak_rss_gb', float('nan')):.2f} GB")
+    return (
+        f"{record['sec_per_step']:.3f} s/step, {record['cells_per_s']:.2f} cells/s, "
+        f"peak {record.get('peak_rss_gb', float('nan')):.2f} GB"
+    )
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -122,8 +133,17 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def format_table(rows: list[dict], data: dict | None) -> list[str]:
-    header = ("case", "ours cells/s", "orig cells/s", "ratio", "ours peak GB", "orig peak GB",
-              "compile s", "traces/compiles", "% of peak FLOP/s")
+    header = (
+        "case",
+        "ours cells/s",
+        "orig cells/s",
+        "ratio",
+        "ours peak GB",
+        "orig peak GB",
+        "compile s",
+        "traces/compiles",
+        "% of peak FLOP/s",
+    )
     lines = []
     body = []
     for row in rows:
@@ -136,25 +156,35 @@ def format_table(rows: list[dict], data: dict | None) -> list[str]:
             ref_cells = f"{ref['cells_per_s']:.2f}"
         else:
             ref_cells = "OOM" if "memory" in ref.get("error", "") else "failed"
-        ratio = (f"{ours['cells_per_s'] / ref['cells_per_s']:.1f}x"
-                 if ours_ok and ref_ok else "-")
-        body.append((
-            row["case"],
-            f"{ours['cells_per_s']:.2f}" if ours_ok else ours.get("error", "failed")[:30],
-            ref_cells,
-            ratio,
-            _fmt(ours.get("peak_rss_gb"), ".2f"),
-            _fmt(ref.get("peak_rss_gb") if ref else None, ".2f"),
-            _fmt(ours.get("compile_s"), ".1f"),
-            f"{ours['traces']}/{ours['compiles']}" if ours_ok else "-",
-            f"{100 * ours['fraction_of_peak']:.0f}%" if ours_ok else "-",
-        ))
+        ratio = f"{ours['cells_per_s'] / ref['cells_per_s']:.1f}x" if ours_ok and ref_ok else "-"
+        body.append(
+            (
+                row["case"],
+                f"{ours['cells_per_s']:.2f}" if ours_ok else ours.get("error", "failed")[:30],
+                ref_cells,
+                ratio,
+                _fmt(ours.get("peak_rss_gb"), ".2f"),
+                _fmt(ref.get("peak_rss_gb") if ref else None, ".2f"),
+                _fmt(ours.get("compile_s"), ".1f"),
+                f"{ours['traces']}/{ours['compiles']}" if ours_ok else "-",
+                f"{100 * ours['fraction_of_peak']:.0f}%" if ours_ok else "-",
+            )
+        )
     if data is not None:
         ok = "total_s" in data
-        body.append((
-            "data-prep (norman)",
-            f"{data['total_s']:.1f} s" if ok else data.get("error", "failed")[:30],
-            "-", "-", _fmt(data.get("peak_rss_gb"), ".2f"), "-", "-", "-", "-"))
+        body.append(
+            (
+                "data-prep (norman)",
+                f"{data['total_s']:.1f} s" if ok else data.get("error", "failed")[:30],
+                "-",
+                "-",
+                _fmt(data.get("peak_rss_gb"), ".2f"),
+                "-",
+                "-",
+                "-",
+                "-",
+            )
+        )
     widths = [max(len(str(r[i])) for r in body + [header]) for i in range(len(header))]
     lines.append(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines.append("-+-".join("-" * w for w in widths))
@@ -177,15 +207,23 @@ def summary_line(rows: list[dict]) -> str:
             f"Train step at sequence {best['seq_len']}, batch {ours['batch']}: "
             f"{ours['cells_per_s'] / ref['cells_per_s']:.1f}x the PyTorch original's cells/s "
             f"({ours['sec_per_step']:.2f} vs {ref['sec_per_step']:.2f} s/step), peak memory "
-            f"{ours['peak_rss_gb']:.1f} vs {ref['peak_rss_gb']:.1f} GB")
+            f"{ours['peak_rss_gb']:.1f} vs {ref['peak_rss_gb']:.1f} GB"
+        )
     longer = [r for r in train if r not in both and (not both or r["seq_len"] > best["seq_len"])]
     for row in longer:
         ref = row["ref"]
-        why = ("ran out of memory" if ref and "memory" in ref.get("error", "")
-               else "was not run" if ref is None else "failed")
-        parts.append(f"at sequence {row['seq_len']} the original {why}, ours trained at "
-                     f"{row['ours']['sec_per_step']:.1f} s/step in "
-                     f"{row['ours']['peak_rss_gb']:.1f} GB")
+        why = (
+            "ran out of memory"
+            if ref and "memory" in ref.get("error", "")
+            else "was not run"
+            if ref is None
+            else "failed"
+        )
+        parts.append(
+            f"at sequence {row['seq_len']} the original {why}, ours trained at "
+            f"{row['ours']['sec_per_step']:.1f} s/step in "
+            f"{row['ours']['peak_rss_gb']:.1f} GB"
+        )
     if not both:
         parts.insert(0, "No reference train run to compare with")
     return "; ".join(parts) + "."
@@ -226,8 +264,13 @@ def main(argv=None) -> int:
     if not args.no_torch and not with_torch:
         log("torch is not installed (pip install torch==2.13.0): reference runs skipped.")
     load_before = os.getloadavg()[0]
-    rows = run_cases(QUICK_CASES if args.quick else FULL_CASES, batch=args.batch,
-                     with_torch=with_torch, timeout=args.timeout, log=log)
+    rows = run_cases(
+        QUICK_CASES if args.quick else FULL_CASES,
+        batch=args.batch,
+        with_torch=with_torch,
+        timeout=args.timeout,
+        log=log,
+    )
     data = None
     if not args.quick and not args.no_data:
         data = run_script("data_bench.py", [], timeout=args.timeout, log=log)
@@ -239,19 +282,25 @@ def main(argv=None) -> int:
         print(line)
     if first is not None:
         peak = first["peak_assumption"]
-        print(f"\nPeak FLOP/s assumed: {peak['clock_ghz']:.2f} GHz x {peak['cores']} cores x "
-              f"{peak['flop_per_cycle_per_core']} FLOP/cycle = {peak['peak_gflops']:.0f} GFLOP/s "
-              f"({peak['assumption']}); FLOPs are the model's matmuls, backward = 2x forward.")
+        print(
+            f"\nPeak FLOP/s assumed: {peak['clock_ghz']:.2f} GHz x {peak['cores']} cores x "
+            f"{peak['flop_per_cycle_per_core']} FLOP/cycle = {peak['peak_gflops']:.0f} GFLOP/s "
+            f"({peak['assumption']}); FLOPs are the model's matmuls, backward = 2x forward."
+        )
     train = [r["ours"] for r in rows if r["mode"] == "train" and "cells_per_s" in r["ours"]]
     if train:
         ceiling = measured_matmul_gflops()
         largest = max(train, key=lambda r: r["seq_len"])
-        print(f"Measured fp32 matmul ceiling (NumPy sgemm 4096x4096, all cores): {ceiling:.0f} "
-              f"GFLOP/s; the train step at sequence {largest['seq_len']} reached "
-              f"{largest['achieved_gflops']:.0f} GFLOP/s = "
-              f"{100 * largest['achieved_gflops'] / ceiling:.0f}% of it.")
-    print(f"Load average (1 min) at start: {load_before:.2f}, at end: {os.getloadavg()[0]:.2f} "
-          f"(other processes on the machine slow both sides).")
+        print(
+            f"Measured fp32 matmul ceiling (NumPy sgemm 4096x4096, all cores): {ceiling:.0f} "
+            f"GFLOP/s; the train step at sequence {largest['seq_len']} reached "
+            f"{largest['achieved_gflops']:.0f} GFLOP/s = "
+            f"{100 * largest['achieved_gflops'] / ceiling:.0f}% of it."
+        )
+    print(
+        f"Load average (1 min) at start: {load_before:.2f}, at end: {os.getloadavg()[0]:.2f} "
+        f"(other processes on the machine slow both sides)."
+    )
     print(summary_line(rows))
     if args.json is not None:
         from scformer_jax.io import write_text_atomic

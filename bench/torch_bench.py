@@ -89,8 +89,15 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     if isinstance(error, RuntimeError):
         text = str(error).lower()
-        return any(s in text for s in ("can't allocate memory", "out of memory", "bad_alloc",
-                                       "cannot allocate memory"))
+        return any(
+            s in text
+            for s in (
+                "can't allocate memory",
+                "out of memory",
+                "bad_alloc",
+                "cannot allocate memory",
+            )
+        )
     return False
 
 
@@ -112,8 +119,9 @@ def forward_flops(batch: int, seq_len: int, d_model: int, d_hid: int, nlayers: i
     return 2.0 * tokens * (nlayers * per_layer + other)
 
 
-def make_inputs(batch: int, seq_len: int, n_genes: int, vocab: dict[str, int],
-                seed: int) -> dict[str, torch.Tensor]:
+def make_inputs(
+    batch: int, seq_len: int, n_genes: int, vocab: dict[str, int], seed: int
+) -> dict[str, torch.Tensor]:
     """Random batch shaped like the seed's batch-wise batches.
 
     Returns:
@@ -149,8 +157,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def train_step(model, optimizer, inputs) -> float:
-    output = model(inputs["gene_ids"], inputs["values"], inputs["pert_flags"],
-                   src_key_padding_mask=inputs["padding_mask"])
+    output = model(
+        inputs["gene_ids"],
+        inputs["values"],
+        inputs["pert_flags"],
+        src_key_padding_mask=inputs["padding_mask"],
+    )
     everything = torch.ones_like(inputs["values"], dtype=torch.bool)
     loss = masked_mse(output["mlm_output"], inputs["target_values"], everything)
     optimizer.zero_grad()
@@ -162,24 +174,48 @@ def train_step(model, optimizer, inputs) -> float:
 
 def eval_step(model, inputs) -> float:
     with torch.no_grad():
-        output = model(inputs["gene_ids"], inputs["values"], inputs["pert_flags"],
-                       src_key_padding_mask=inputs["padding_mask"])
+        output = model(
+            inputs["gene_ids"],
+            inputs["values"],
+            inputs["pert_flags"],
+            src_key_padding_mask=inputs["padding_mask"],
+        )
     return float(output["mlm_output"].mean())
 
 
-def run_benchmark(*, seq_len: int, batch: int, steps: int, mode: str, warmup: int,
-                  n_genes: int, d_model: int, nhead: int, d_hid: int, nlayers: int,
-                  dropout: float, attention_layout: str, seed: int,
-                  fastpath: bool = False) -> dict:
+def run_benchmark(
+    *,
+    seq_len: int,
+    batch: int,
+    steps: int,
+    mode: str,
+    warmup: int,
+    n_genes: int,
+    d_model: int,
+    nhead: int,
+    d_hid: int,
+    nlayers: int,
+    dropout: float,
+    attention_layout: str,
+    seed: int,
+    fastpath: bool = False,
+) -> dict:
     """Builds the model, runs ``warmup`` untimed and ``steps`` timed steps.
 
     Returns:
         The result record (without the common header fields).
     """
     vocab = make_vocab([f"GENE{i:05d}" for i in range(n_genes)])
-    model = build_reference_model(vocab=vocab, d_model=d_model, nhead=nhead, d_hid=d_hid,
-                                  nlayers=nlayers, dropout=dropout,
-                                  attention_layout=attention_layout, seed=seed)
+    model = build_reference_model(
+        vocab=vocab,
+        d_model=d_model,
+        nhead=nhead,
+        d_hid=d_hid,
+        nlayers=nlayers,
+        dropout=dropout,
+        attention_layout=attention_layout,
+        seed=seed,
+    )
     inputs = make_inputs(batch, seq_len, n_genes, vocab, seed)
     torch.backends.mha.set_fastpath_enabled(fastpath)
     if mode == "train":
@@ -229,21 +265,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--mode", choices=("train", "eval"), default="train")
-    parser.add_argument("--n-genes", type=int, default=None,
-                        help=f"vocabulary size (default max({NORMAN_N_GENES}, seq-len))")
+    parser.add_argument(
+        "--n-genes",
+        type=int,
+        default=None,
+        help=f"vocabulary size (default max({NORMAN_N_GENES}, seq-len))",
+    )
     parser.add_argument("--embsize", type=int, default=64)
     parser.add_argument("--nheads", type=int, default=4)
     parser.add_argument("--d-hid", type=int, default=64)
     parser.add_argument("--nlayers", type=int, default=4)
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--attention-layout", choices=("torch", "flash"), default="torch")
-    parser.add_argument("--fastpath", choices=("on", "off"), default="off",
-                        help="torch's fused inference fast path in eval mode (torch's "
-                             "default is on; off was much faster here)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default os.cpu_count())")
-    parser.add_argument("--mem-limit-gb", type=float, default=None,
-                        help="extra address space allowed, GiB (default: MemAvailable; 0: none)")
+    parser.add_argument(
+        "--fastpath",
+        choices=("on", "off"),
+        default="off",
+        help="torch's fused inference fast path in eval mode (torch's "
+        "default is on; off was much faster here)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default os.cpu_count())"
+    )
+    parser.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=None,
+        help="extra address space allowed, GiB (default: MemAvailable; 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
@@ -275,8 +324,13 @@ def main(argv=None) -> int:
         "threads": threads,
         "attention_layout": args.attention_layout,
         "fastpath": args.fastpath == "on",
-        "model": {"embsize": args.embsize, "nheads": args.nheads, "d_hid": args.d_hid,
-                  "nlayers": args.nlayers, "dropout": args.dropout},
+        "model": {
+            "embsize": args.embsize,
+            "nheads": args.nheads,
+            "d_hid": args.d_hid,
+            "nlayers": args.nlayers,
+            "dropout": args.dropout,
+        },
         "steps": args.steps,
         "warmup": args.warmup,
         "mem_limit_gb": mem_limit or None,
@@ -284,32 +338,53 @@ def main(argv=None) -> int:
         "loadavg_1m": os.getloadavg()[0],
     }
     try:
-        record.update(run_benchmark(
-            seq_len=args.seq_len, batch=args.batch, steps=args.steps, mode=args.mode,
-            warmup=args.warmup, n_genes=args.n_genes or max(NORMAN_N_GENES, args.seq_len),
-            d_model=args.embsize, nhead=args.nheads, d_hid=args.d_hid, nlayers=args.nlayers,
-            dropout=args.dropout, attention_layout=args.attention_layout, seed=args.seed,
-            fastpath=args.fastpath == "on",
-        ))
+        record.update(
+            run_benchmark(
+                seq_len=args.seq_len,
+                batch=args.batch,
+                steps=args.steps,
+                mode=args.mode,
+                warmup=args.warmup,
+                n_genes=args.n_genes or max(NORMAN_N_GENES, args.seq_len),
+                d_model=args.embsize,
+                nhead=args.nheads,
+                d_hid=args.d_hid,
+                nlayers=args.nlayers,
+                dropout=args.dropout,
+                attention_layout=args.attention_layout,
+                seed=args.seed,
+                fastpath=args.fastpath == "on",
+            )
+        )
     except (MemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
-        record.update({"error": "out of memory", "detail": str(error).splitlines()[0][:300],
-                       "peak_rss_gb": peak_rss_gib()})
-        print(f"torch_bench: out of memory at seq_len {args.seq_len}, batch {args.batch}, "
-              f"mode {args.mode} (limit {mem_limit or 'none'} GiB): "
-              f"{record['detail']}", file=sys.stderr)
+        record.update(
+            {
+                "error": "out of memory",
+                "detail": str(error).splitlines()[0][:300],
+                "peak_rss_gb": peak_rss_gib(),
+            }
+        )
+        print(
+            f"torch_bench: out of memory at seq_len {args.seq_len}, batch {args.batch}, "
+            f"mode {args.mode} (limit {mem_limit or 'none'} GiB): "
+            f"{record['detail']}",
+            file=sys.stderr,
+        )
         print(json.dumps(record) if args.json else record["detail"], flush=True)
         return EXIT_OUT_OF_MEMORY
     record["peak_rss_gb"] = peak_rss_gib()
     if args.json:
         print(json.dumps(record), flush=True)
     else:
-        print(f"{args.mode} seq {args.seq_len} batch {args.batch}: "
-              f"{record['sec_per_step']:.3f} s/step, {record['cells_per_s']:.2f} cells/s, "
-              f"peak RSS {record['peak_rss_gb']:.2f} GiB, "
-              f"{record['gflops_per_s']:.1f} GFLOP/s (torch {torch.__version__}, "
-              f"{threads} threads)")
+        print(
+            f"{args.mode} seq {args.seq_len} batch {args.batch}: "
+            f"{record['sec_per_step']:.3f} s/step, {record['cells_per_s']:.2f} cells/s, "
+            f"peak RSS {record['peak_rss_gb']:.2f} GiB, "
+            f"{record['gflops_per_s']:.1f} GFLOP/s (torch {torch.__version__}, "
+            f"{threads} threads)"
+        )
     return 0
 
 

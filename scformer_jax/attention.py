@@ -54,8 +54,9 @@ ACCELERATOR_TILE_BYTES = 512 * 2**20
 _GOLDEN = 0x9E3779B9
 
 
-def resolve_implementation(implementation: str, length: int, *, attention_dropout: float,
-                           platform: str | None = None) -> str:
+def resolve_implementation(
+    implementation: str, length: int, *, attention_dropout: float, platform: str | None = None
+) -> str:
     """Turns ``"auto"`` into a concrete kernel for this platform and sequence length."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -85,8 +86,10 @@ def _mix32(x):
 def dropout_seeds(dropout_rng):
     """Two uint32 seeds of the keep-mask hash, drawn from a PRNG key."""
     if dropout_rng is None:
-        raise ValueError("Attention dropout needs a PRNG key: pass dropout_rng (the model "
-                         "draws it from its 'dropout' stream when deterministic=False).")
+        raise ValueError(
+            "Attention dropout needs a PRNG key: pass dropout_rng (the model "
+            "draws it from its 'dropout' stream when deterministic=False)."
+        )
     return jax.random.bits(dropout_rng, (2,), jnp.uint32)
 
 
@@ -132,13 +135,16 @@ def full_attention(q, k, v, key_padding_mask, *, dropout_rate=0.0, dropout_rng=N
     weights = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0:
         # (batch, heads, q_len) global row ids, the same numbering as the chunked kernel's.
-        row_ids = (jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads, 1)
-                   * jnp.uint32(q_len) + jnp.arange(q_len, dtype=jnp.uint32))
-        keep = dropout_keep_mask(dropout_seeds(dropout_rng), row_ids,
-                                 jnp.arange(k.shape[1]), dropout_rate)
+        row_ids = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads, 1) * jnp.uint32(
+            q_len
+        ) + jnp.arange(q_len, dtype=jnp.uint32)
+        keep = dropout_keep_mask(
+            dropout_seeds(dropout_rng), row_ids, jnp.arange(k.shape[1]), dropout_rate
+        )
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
-                      preferred_element_type=jnp.float32).astype(q.dtype)
+    return jnp.einsum(
+        "bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    ).astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,23 +210,41 @@ def _tiled_forward(q, k, v, bias, seeds, rate, rows, block, q_len):
             if rate > 0.0:
                 # The normaliser uses the undropped weights, as dropout acts after softmax.
                 keep = dropout_keep_mask(
-                    seeds, _tile_row_ids(group, block_index, rows, block, q_len), key_ids, rate)
+                    seeds, _tile_row_ids(group, block_index, rows, block, q_len), key_ids, rate
+                )
                 probs = jnp.where(keep, probs, 0.0)
                 inv = 1.0 / (row_sum * (1.0 - rate))
             else:
                 inv = 1.0 / row_sum
-            out = jnp.einsum("rqk,rkd->rqd", probs.astype(v_rows.dtype), v_rows,
-                             preferred_element_type=jnp.float32) * inv[..., None]
+            out = (
+                jnp.einsum(
+                    "rqk,rkd->rqd",
+                    probs.astype(v_rows.dtype),
+                    v_rows,
+                    preferred_element_type=jnp.float32,
+                )
+                * inv[..., None]
+            )
             return None, (out, row_max, jnp.log(row_sum))
 
         _, (out, row_max, log_sum) = jax.lax.scan(
-            query_block, None, (_split_queries(q_rows, block),
-                                jnp.arange(q_pad // block, dtype=jnp.uint32)))
+            query_block,
+            None,
+            (_split_queries(q_rows, block), jnp.arange(q_pad // block, dtype=jnp.uint32)),
+        )
         return None, (_merge_queries(out), _merge_queries(row_max), _merge_queries(log_sum))
 
     _, (out, row_max, log_sum) = jax.lax.scan(
-        row_group, None, (_split_rows(q, rows), _split_rows(k, rows), _split_rows(v, rows),
-                          _split_rows(bias, rows), jnp.arange(bh // rows, dtype=jnp.uint32)))
+        row_group,
+        None,
+        (
+            _split_rows(q, rows),
+            _split_rows(k, rows),
+            _split_rows(v, rows),
+            _split_rows(bias, rows),
+            jnp.arange(bh // rows, dtype=jnp.uint32),
+        ),
+    )
     out = out.reshape(q.shape).astype(q.dtype)
     # Row max and log-normaliser separately: for a fully padded row their sum would absorb
     # the normaliser into the mask value.
@@ -249,52 +273,70 @@ def _tiled_backward(rate, rows, block, q_len, residuals, d_out):
             q_tile, do_tile, max_tile, logsum_tile, delta_tile, block_index = ys
             scores = _tile_scores(q_tile, k_rows, bias_rows)
             probs = jnp.exp((scores - max_tile[..., None]) - logsum_tile[..., None])
-            d_probs = jnp.einsum("rqd,rkd->rqk", do_tile, v_rows,
-                                 preferred_element_type=jnp.float32)
+            d_probs = jnp.einsum(
+                "rqd,rkd->rqk", do_tile, v_rows, preferred_element_type=jnp.float32
+            )
             if rate > 0.0:
                 keep = dropout_keep_mask(
-                    seeds, _tile_row_ids(group, block_index, rows, block, q_len), key_ids, rate)
+                    seeds, _tile_row_ids(group, block_index, rows, block, q_len), key_ids, rate
+                )
                 kept = jnp.where(keep, probs * (1.0 / (1.0 - rate)), 0.0)
                 d_probs = jnp.where(keep, d_probs * (1.0 / (1.0 - rate)), 0.0)
             else:
                 kept = probs
-            dv = dv + jnp.einsum("rqd,rqk->rdk", do_tile, kept.astype(do_tile.dtype),
-                                 preferred_element_type=jnp.float32)
+            dv = dv + jnp.einsum(
+                "rqd,rqk->rdk",
+                do_tile,
+                kept.astype(do_tile.dtype),
+                preferred_element_type=jnp.float32,
+            )
             d_scores = probs * (d_probs - delta_tile[..., None])
             d_scores = d_scores.astype(q_tile.dtype)
             dq = jnp.einsum("rqk,rkd->rqd", d_scores, k_rows, preferred_element_type=jnp.float32)
-            dk = dk + jnp.einsum("rqd,rqk->rdk", q_tile, d_scores,
-                                 preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum(
+                "rqd,rqk->rdk", q_tile, d_scores, preferred_element_type=jnp.float32
+            )
             return (dk, dv), dq
 
         zeros = jnp.zeros(k_rows.shape, jnp.float32).swapaxes(1, 2)
         (dk, dv), dq = jax.lax.scan(
-            query_block, (zeros, zeros),
-            (_split_queries(q_rows, block), _split_queries(do_rows, block),
-             _split_queries(max_rows, block), _split_queries(logsum_rows, block),
-             _split_queries(delta_rows, block), jnp.arange(q_pad // block, dtype=jnp.uint32)))
+            query_block,
+            (zeros, zeros),
+            (
+                _split_queries(q_rows, block),
+                _split_queries(do_rows, block),
+                _split_queries(max_rows, block),
+                _split_queries(logsum_rows, block),
+                _split_queries(delta_rows, block),
+                jnp.arange(q_pad // block, dtype=jnp.uint32),
+            ),
+        )
         return None, (_merge_queries(dq), dk.swapaxes(1, 2), dv.swapaxes(1, 2))
 
     _, (dq, dk, dv) = jax.lax.scan(
-        row_group, None,
-        tuple(_split_rows(x, rows) for x in (q, k, v, bias, d_out.astype(q.dtype), row_max,
-                                             log_sum, delta))
-        + (jnp.arange(bh // rows, dtype=jnp.uint32),))
+        row_group,
+        None,
+        tuple(
+            _split_rows(x, rows)
+            for x in (q, k, v, bias, d_out.astype(q.dtype), row_max, log_sum, delta)
+        )
+        + (jnp.arange(bh // rows, dtype=jnp.uint32),),
+    )
     # A padded key's weight is exp(mask value - max) = 0, so its score gradient vanishes,
     # except in a row whose keys are all padded: its weights are uniform whatever q and k
     # are, so q and those keys get no gradient (as through the mask of the full kernel).
-    real_key = (bias > _MASK_VALUE / 2)
+    real_key = bias > _MASK_VALUE / 2
     dk = dk.reshape(k.shape) * real_key[..., None]
     dq = dq.reshape(q.shape) * jnp.any(real_key, axis=-1)[:, None, None]
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.reshape(v.shape).astype(v.dtype),
-            None, None)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.reshape(v.shape).astype(v.dtype), None, None)
 
 
 _tiled_attention.defvjp(_tiled_forward, _tiled_backward)
 
 
-def chunk_layout(batch_heads: int, length: int, block_size: int,
-                 tile_bytes: int = TILE_BYTES) -> tuple[int, int]:
+def chunk_layout(
+    batch_heads: int, length: int, block_size: int, tile_bytes: int = TILE_BYTES
+) -> tuple[int, int]:
     """(rows, block): the chunked kernel's tile, ``rows`` of batch x heads by ``block`` queries.
 
     The queries are cut into equal blocks of at most ``block_size`` (the last block padded);
@@ -310,8 +352,17 @@ def chunk_layout(batch_heads: int, length: int, block_size: int,
     return rows, block
 
 
-def chunked_attention(q, k, v, key_padding_mask, *, block_size=128, dropout_rate=0.0,
-                      dropout_rng=None, tile_bytes=None):
+def chunked_attention(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    *,
+    block_size=128,
+    dropout_rate=0.0,
+    dropout_rng=None,
+    tile_bytes=None,
+):
     """Memory-lean attention (see the module docstring); same arguments as
     :func:`full_attention`, plus ``block_size`` (queries per tile) and ``tile_bytes`` (the
     score tile's size; default :data:`TILE_BYTES` on CPU, :data:`ACCELERATOR_TILE_BYTES`
@@ -328,12 +379,13 @@ def chunked_attention(q, k, v, key_padding_mask, *, block_size=128, dropout_rate
     q_h = head_major(q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype))
     if q_pad > length:
         q_h = jnp.pad(q_h, ((0, 0), (0, q_pad - length), (0, 0)))
-    bias = jnp.repeat(jnp.where(key_padding_mask, _MASK_VALUE, 0.0).astype(jnp.float32),
-                      heads, axis=0)
-    seeds = (dropout_seeds(dropout_rng) if dropout_rate > 0.0
-             else jnp.zeros((2,), jnp.uint32))
-    out = _tiled_attention(q_h, head_major(k), head_major(v), bias, seeds,
-                           float(dropout_rate), rows, block, length)
+    bias = jnp.repeat(
+        jnp.where(key_padding_mask, _MASK_VALUE, 0.0).astype(jnp.float32), heads, axis=0
+    )
+    seeds = dropout_seeds(dropout_rng) if dropout_rate > 0.0 else jnp.zeros((2,), jnp.uint32)
+    out = _tiled_attention(
+        q_h, head_major(k), head_major(v), bias, seeds, float(dropout_rate), rows, block, length
+    )
     return out[:, :length].reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
 
 
@@ -349,24 +401,47 @@ def library_attention(q, k, v, key_padding_mask, *, implementation):
         # pipeline pads at the end of each row, so the number of real tokens is that length.
         lengths = jnp.sum(~key_padding_mask, axis=-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(
-            q, k, v, key_value_seq_lengths=lengths, query_seq_lengths=lengths,
-            implementation="cudnn")
+            q,
+            k,
+            v,
+            key_value_seq_lengths=lengths,
+            query_seq_lengths=lengths,
+            implementation="cudnn",
+        )
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def attention(q, k, v, key_padding_mask, *, implementation="full", block_size=128,
-              dropout_rate=0.0, dropout_rng=None):
+def attention(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    *,
+    implementation="full",
+    block_size=128,
+    dropout_rate=0.0,
+    dropout_rng=None,
+):
     """Dispatches to one kernel; ``implementation`` must already be resolved (not ``auto``)."""
     if implementation == "full":
-        return full_attention(q, k, v, key_padding_mask, dropout_rate=dropout_rate,
-                              dropout_rng=dropout_rng)
+        return full_attention(
+            q, k, v, key_padding_mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng
+        )
     if implementation == "chunked":
-        return chunked_attention(q, k, v, key_padding_mask, block_size=block_size,
-                                 dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        return chunked_attention(
+            q,
+            k,
+            v,
+            key_padding_mask,
+            block_size=block_size,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
+        )
     if implementation in ("xla", "cudnn"):
         if dropout_rate > 0.0:
             raise ValueError(
                 f"attention implementation {implementation!r} has no attention-weight dropout; "
-                "set model.attention_dropout: 0.0 or use 'full' / 'chunked'.")
+                "set model.attention_dropout: 0.0 or use 'full' / 'chunked'."
+            )
         return library_attention(q, k, v, key_padding_mask, implementation=implementation)
     raise ValueError(f"Unknown attention implementation {implementation!r}.")

@@ -43,8 +43,9 @@ from scformer_jax.prior import coexpression_from
 # --------------------------------------------------------------------------------------
 
 
-def _training_changes(train_profiles: Mapping[str, Any], ctrl: np.ndarray
-                      ) -> dict[tuple[str, ...], list[np.ndarray]]:
+def _training_changes(
+    train_profiles: Mapping[str, Any], ctrl: np.ndarray
+) -> dict[tuple[str, ...], list[np.ndarray]]:
     """Training perturbations' changes over control, grouped by their gene set."""
     if not isinstance(train_profiles, Mapping):
         raise ValueError("train_profiles must be a mapping condition -> (n_genes,) profile.")
@@ -57,15 +58,19 @@ def _training_changes(train_profiles: Mapping[str, Any], ctrl: np.ndarray
         # "A+B" and "B+A" are the same perturbation.
         changes.setdefault(tuple(sorted(genes)), []).append(change)
     if not changes:
-        raise ValueError("train_profiles has no perturbed condition (only 'ctrl' or nothing); "
-                         "baselines are fitted on the training perturbations' mean profiles.")
+        raise ValueError(
+            "train_profiles has no perturbed condition (only 'ctrl' or nothing); "
+            "baselines are fitted on the training perturbations' mean profiles."
+        )
     return changes
 
 
 def _conditions(conditions: Sequence[str]) -> list[str]:
     if isinstance(conditions, str):
-        raise ValueError(f"predict expects a list of conditions, got the string {conditions!r}; "
-                         f"wrap it in a list.")
+        raise ValueError(
+            f"predict expects a list of conditions, got the string {conditions!r}; "
+            f"wrap it in a list."
+        )
     conditions = list(conditions)
     for c in conditions:
         condition_genes(c)
@@ -118,8 +123,10 @@ class MeanBaseline:
 
     def predict(self, conditions: Sequence[str]) -> dict[str, np.ndarray]:
         """condition -> (n_genes,) predicted mean profile."""
-        return {c: (self.mean_profile if condition_genes(c) else self.ctrl_mean).copy()
-                for c in _conditions(conditions)}
+        return {
+            c: (self.mean_profile if condition_genes(c) else self.ctrl_mean).copy()
+            for c in _conditions(conditions)
+        }
 
 
 def fit_mean_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any) -> MeanBaseline:
@@ -178,8 +185,12 @@ class AdditiveBaseline:
         return out
 
 
-def fit_additive_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any, *,
-                          unseen_gene: Literal["mean", "zero"] = "mean") -> AdditiveBaseline:
+def fit_additive_baseline(
+    train_profiles: Mapping[str, Any],
+    ctrl_mean: Any,
+    *,
+    unseen_gene: Literal["mean", "zero"] = "mean",
+) -> AdditiveBaseline:
     """The additive baseline: ``ctrl + change(A) + change(B)`` from training singles.
 
     A purely additive double (``true(A+B) - ctrl == change(A) + change(B)``) is predicted
@@ -207,8 +218,9 @@ def fit_additive_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any, *,
         fallback = np.mean(list(singles.values()), axis=0)
     else:
         fallback = np.mean([np.mean(v, axis=0) for v in changes.values()], axis=0)
-    return AdditiveBaseline(ctrl_mean=ctrl, single_changes=singles, fallback_change=fallback,
-                            unseen_gene=unseen_gene)
+    return AdditiveBaseline(
+        ctrl_mean=ctrl, single_changes=singles, fallback_change=fallback, unseen_gene=unseen_gene
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -236,9 +248,12 @@ class CoexpressionBaseline:
         return out
 
 
-def fit_coexpression_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any,
-                              gene_names: Sequence[str], control_expression: Any
-                              ) -> CoexpressionBaseline | None:
+def fit_coexpression_baseline(
+    train_profiles: Mapping[str, Any],
+    ctrl_mean: Any,
+    gene_names: Sequence[str],
+    control_expression: Any,
+) -> CoexpressionBaseline | None:
     """The co-expression baseline, or None when no training single perturbs a measured gene.
 
     A single is predicted from the co-expression of its gene with the others in the control
@@ -250,16 +265,18 @@ def fit_coexpression_baseline(train_profiles: Mapping[str, Any], ctrl_mean: Any,
     changes = _training_changes(train_profiles, ctrl)
     singles = {genes[0]: np.mean(v, axis=0) for genes, v in changes.items() if len(genes) == 1}
     control_expression = np.asarray(
-        control_expression.toarray() if sp.issparse(control_expression)
-        else control_expression, np.float64)
+        control_expression.toarray() if sp.issparse(control_expression) else control_expression,
+        np.float64,
+    )
     if control_expression.ndim != 2 or control_expression.shape[1] != ctrl.shape[0]:
-        raise ValueError(f"control_expression must be (n_controls, {ctrl.shape[0]}); got "
-                         f"{control_expression.shape}.")
+        raise ValueError(
+            f"control_expression must be (n_controls, {ctrl.shape[0]}); got "
+            f"{control_expression.shape}."
+        )
     coexpression = coexpression_from(control_expression, gene_names, singles)
     if coexpression is None:
         return None
-    return CoexpressionBaseline(ctrl_mean=ctrl, single_changes=singles,
-                                coexpression=coexpression)
+    return CoexpressionBaseline(ctrl_mean=ctrl, single_changes=singles, coexpression=coexpression)
 
 
 # --------------------------------------------------------------------------------------
@@ -288,27 +305,36 @@ def pca_gene_embedding(matrix: Any, n_components: int, *, seed: int = 0) -> np.n
     n_genes, n_samples = matrix.shape
     k = int(min(n_components, n_genes, n_samples))
     if k < 1:
-        raise ValueError(f"pca_gene_embedding needs n_components >= 1 and a non-empty "
-                         f"matrix, got n_components={n_components}, shape {matrix.shape}.")
+        raise ValueError(
+            f"pca_gene_embedding needs n_components >= 1 and a non-empty "
+            f"matrix, got n_components={n_components}, shape {matrix.shape}."
+        )
     fits_dense = n_genes * n_samples <= _DENSE_SVD_MAX_ENTRIES
     if fits_dense and (not sp.issparse(matrix) or k >= min(n_genes, n_samples) - 1):
         dense = np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, np.float64)
         centred = dense - dense.mean(axis=0, keepdims=True)
         scores = top_components(centred, k, exact_max=min(centred.shape))  # an exact SVD
     elif k >= min(n_genes, n_samples) - 1:
-        raise ValueError(f"pca_gene_embedding: n_components={n_components} is too large for "
-                         f"the iterative SVD of a {matrix.shape} matrix; use fewer components.")
+        raise ValueError(
+            f"pca_gene_embedding: n_components={n_components} is too large for "
+            f"the iterative SVD of a {matrix.shape} matrix; use fewer components."
+        )
     else:
         # Sparse, or too large for a dense SVD: ARPACK on the implicitly centred matrix, so
         # that sparse input stays sparse.
-        csr = (sp.csr_matrix(matrix, dtype=np.float64) if sp.issparse(matrix)
-               else np.asarray(matrix, dtype=np.float64))
+        csr = (
+            sp.csr_matrix(matrix, dtype=np.float64)
+            if sp.issparse(matrix)
+            else np.asarray(matrix, dtype=np.float64)
+        )
         col_means = np.asarray(csr.mean(axis=0)).ravel()
         ones = np.ones(n_genes)
         op = spla.LinearOperator(
-            shape=(n_genes, n_samples), dtype=np.float64,
+            shape=(n_genes, n_samples),
+            dtype=np.float64,
             matvec=lambda v: csr @ np.ravel(v) - ones * (col_means @ np.ravel(v)),
-            rmatvec=lambda v: csr.T @ np.ravel(v) - col_means * np.sum(v))
+            rmatvec=lambda v: csr.T @ np.ravel(v) - col_means * np.sum(v),
+        )
         v0 = np.random.default_rng(seed).standard_normal(min(n_genes, n_samples))
         u, s, _ = spla.svds(op, k=k, v0=v0)
         order = np.argsort(-s)
@@ -365,8 +391,11 @@ class LinearBaseline:
             elif not any(g in position for g in genes):
                 out[c] = self.ctrl_mean + self.center
             else:
-                out[c] = (self.ctrl_mean + self.center + self.gene_embedding @
-                          (self.weights @ (p - self.pert_embedding_mean)))
+                out[c] = (
+                    self.ctrl_mean
+                    + self.center
+                    + self.gene_embedding @ (self.weights @ (p - self.pert_embedding_mean))
+                )
         return out
 
 
@@ -378,8 +407,9 @@ def _close_matches(name: str, candidates: Sequence[str], n: int = 3) -> list[str
     return [by_upper[m] for m in difflib.get_close_matches(name.upper(), list(by_upper), n=n)]
 
 
-def _pert_embedding(condition: str, gene_embedding: np.ndarray, position: Mapping[str, int],
-                    unmeasured_genes: str) -> np.ndarray:
+def _pert_embedding(
+    condition: str, gene_embedding: np.ndarray, position: Mapping[str, int], unmeasured_genes: str
+) -> np.ndarray:
     p = np.zeros(gene_embedding.shape[1])
     for g in condition_genes(condition):
         if g in position:
@@ -390,7 +420,8 @@ def _pert_embedding(condition: str, gene_embedding: np.ndarray, position: Mappin
             raise ValueError(
                 f"linear baseline: perturbed gene {g!r} of condition {condition!r} is not "
                 f"among the {len(position)} measured genes, so it has no embedding.{hint} "
-                f"Fix the name, or pass unmeasured_genes='ignore' to give it no embedding.")
+                f"Fix the name, or pass unmeasured_genes='ignore' to give it no embedding."
+            )
     return p
 
 
@@ -441,16 +472,17 @@ def fit_linear_baseline(
       A :class:`LinearBaseline`.
     """
     if unmeasured_genes not in ("raise", "ignore"):
-        raise ValueError(f"unmeasured_genes must be 'raise' or 'ignore', got "
-                         f"{unmeasured_genes!r}.")
+        raise ValueError(f"unmeasured_genes must be 'raise' or 'ignore', got {unmeasured_genes!r}.")
     if not (ridge_penalty >= 0 and np.isfinite(ridge_penalty)):
         raise ValueError(f"ridge_penalty must be a finite number >= 0, got {ridge_penalty!r}.")
     ctrl = as_profile(ctrl_mean, "ctrl_mean")
     n_genes = ctrl.shape[0]
     gene_names = tuple(str(g) for g in gene_names)
     if len(gene_names) != n_genes:
-        raise ValueError(f"gene_names has {len(gene_names)} names but the profiles have "
-                         f"{n_genes} genes; pass the names of the profile columns in order.")
+        raise ValueError(
+            f"gene_names has {len(gene_names)} names but the profiles have "
+            f"{n_genes} genes; pass the names of the profile columns in order."
+        )
     if len(set(gene_names)) != n_genes:
         raise ValueError("gene_names has duplicates; gene names must identify columns uniquely.")
     position = {g: i for i, g in enumerate(gene_names)}
@@ -463,8 +495,10 @@ def fit_linear_baseline(
         if unmeasured_genes == "raise":
             _pert_embedding(cond, np.zeros((n_genes, 1)), position, "raise")
     if not any(condition_genes(c) for c in conds):
-        raise ValueError("train_profiles has no perturbed condition; the linear baseline is "
-                         "fitted on the training perturbations' mean profiles.")
+        raise ValueError(
+            "train_profiles has no perturbed condition; the linear baseline is "
+            "fitted on the training perturbations' mean profiles."
+        )
 
     if train_expression is None:
         # Genes x (training conditions + control), as the paper's pseudobulk PCA.
@@ -472,13 +506,18 @@ def fit_linear_baseline(
         gene_embedding = pca_gene_embedding(pseudobulk, n_components, seed=seed)
     else:
         if train_expression.ndim != 2 or train_expression.shape[1] != n_genes:
-            raise ValueError(f"train_expression must be (n_cells, n_genes={n_genes}), got "
-                             f"shape {train_expression.shape}.")
-        values = train_expression.data if sp.issparse(train_expression) else np.asarray(
-            train_expression)
+            raise ValueError(
+                f"train_expression must be (n_cells, n_genes={n_genes}), got "
+                f"shape {train_expression.shape}."
+            )
+        values = (
+            train_expression.data if sp.issparse(train_expression) else np.asarray(train_expression)
+        )
         if not np.all(np.isfinite(values)):
-            raise ValueError("train_expression contains NaN/inf values; clean the training "
-                             "expression matrix before fitting the linear baseline.")
+            raise ValueError(
+                "train_expression contains NaN/inf values; clean the training "
+                "expression matrix before fitting the linear baseline."
+            )
         gene_embedding = pca_gene_embedding(train_expression.T, n_components, seed=seed)
 
     # Training columns: control (zero change, zero embedding) and every perturbation with
@@ -490,8 +529,8 @@ def fit_linear_baseline(
             continue
         changes.append(profile - ctrl)
         embeddings.append(_pert_embedding(cond, gene_embedding, position, unmeasured_genes))
-    y = np.column_stack(changes)                      # (n_genes, n_train)
-    p = np.vstack(embeddings)                         # (n_train, k)
+    y = np.column_stack(changes)  # (n_genes, n_train)
+    p = np.vstack(embeddings)  # (n_train, k)
     center = y.mean(axis=1)
     p_mean = p.mean(axis=0)
     yc = y - center[:, None]
@@ -502,9 +541,15 @@ def fit_linear_baseline(
     # lstsq rather than solve: with lambda = 0 and a rank-deficient P the minimum-norm W.
     left = np.linalg.lstsq(gram_g, gene_embedding.T @ yc @ pc, rcond=None)[0]
     weights = np.linalg.lstsq(gram_p.T, left.T, rcond=None)[0].T
-    return LinearBaseline(ctrl_mean=ctrl, gene_names=gene_names, gene_embedding=gene_embedding,
-                          weights=weights, center=center, pert_embedding_mean=p_mean,
-                          unmeasured_genes=unmeasured_genes)
+    return LinearBaseline(
+        ctrl_mean=ctrl,
+        gene_names=gene_names,
+        gene_embedding=gene_embedding,
+        weights=weights,
+        center=center,
+        pert_embedding_mean=p_mean,
+        unmeasured_genes=unmeasured_genes,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -549,11 +594,18 @@ def fit_baselines(
         fit_control_baseline(ctrl_mean),
         fit_mean_baseline(train_profiles, ctrl_mean),
         fit_additive_baseline(train_profiles, ctrl_mean, unseen_gene=unseen_gene),
-        fit_linear_baseline(train_profiles, ctrl_mean, gene_names,
-                            train_expression=train_expression, n_components=n_components,
-                            ridge_penalty=ridge_penalty, unmeasured_genes=unmeasured_genes),
+        fit_linear_baseline(
+            train_profiles,
+            ctrl_mean,
+            gene_names,
+            train_expression=train_expression,
+            n_components=n_components,
+            ridge_penalty=ridge_penalty,
+            unmeasured_genes=unmeasured_genes,
+        ),
     ]
     if control_expression is not None:
-        baselines.append(fit_coexpression_baseline(train_profiles, ctrl_mean, gene_names,
-                                                   control_expression))
+        baselines.append(
+            fit_coexpression_baseline(train_profiles, ctrl_mean, gene_names, control_expression)
+        )
     return {b.name: b for b in baselines if b is not None}

@@ -41,8 +41,9 @@ _FLAG_HOWTO = (
 )
 
 
-def input_shape_error(given: tuple[int, ...], batch: int | None = None,
-                      length: int | None = None) -> str:
+def input_shape_error(
+    given: tuple[int, ...], batch: int | None = None, length: int | None = None
+) -> str:
     """The message for an input that breaks the two-channel contract."""
     rows = "batch" if batch is None else batch
     expected = f"({rows}, {'seq_len' if length is None else length}, 2)"
@@ -50,9 +51,13 @@ def input_shape_error(given: tuple[int, ...], batch: int | None = None,
         f"scformer-jax expects the per-gene input `inputs` of shape {expected}: channel 0 = the "
         f"control cell's expression, channel 1 = the perturbation flag (0/1, pert_pad_id at "
         f"padding); got shape {tuple(given)}. "
-        + ("A last axis of size 1 is the GEARS >= 0.0.3 layout (expression only, which made the "
-           "original script fail with 'IndexError: index 1 is out of bounds for dimension 1 "
-           "with size 1'). " if len(given) >= 1 and given[-1] == 1 else "")
+        + (
+            "A last axis of size 1 is the GEARS >= 0.0.3 layout (expression only, which made the "
+            "original script fail with 'IndexError: index 1 is out of bounds for dimension 1 "
+            "with size 1'). "
+            if len(given) >= 1 and given[-1] == 1
+            else ""
+        )
         + _FLAG_HOWTO
     )
 
@@ -129,8 +134,18 @@ class PerturbBatch:
         chex.assert_shape(self.target_mask, (batch, length))
 
     @classmethod
-    def from_arrays(cls, *, gene_ids, control_values, pert_flags, target_values, padding_mask,
-                    cell_weights=None, labels=None, target_mask=None) -> "PerturbBatch":
+    def from_arrays(
+        cls,
+        *,
+        gene_ids,
+        control_values,
+        pert_flags,
+        target_values,
+        padding_mask,
+        cell_weights=None,
+        labels=None,
+        target_mask=None,
+    ) -> "PerturbBatch":
         """Builds a NumPy batch from separate channels (the usual way to make one)."""
         gene_ids = np.asarray(gene_ids, dtype=np.int32)
         control_values = np.asarray(control_values, dtype=np.float32)
@@ -147,10 +162,15 @@ class PerturbBatch:
             inputs=np.stack([control_values, pert_flags.astype(np.float32)], axis=-1),
             target_values=np.asarray(target_values, dtype=np.float32),
             padding_mask=padding_mask,
-            cell_weights=(np.ones(batch, np.float32) if cell_weights is None
-                          else np.asarray(cell_weights, np.float32)),
-            labels=(np.zeros(batch, np.int32) if labels is None
-                    else np.asarray(labels, np.int32)),
-            target_mask=(~padding_mask if target_mask is None
-                         else np.asarray(target_mask, bool) & ~padding_mask),
+            cell_weights=(
+                np.ones(batch, np.float32)
+                if cell_weights is None
+                else np.asarray(cell_weights, np.float32)
+            ),
+            labels=(np.zeros(batch, np.int32) if labels is None else np.asarray(labels, np.int32)),
+            target_mask=(
+                ~padding_mask
+                if target_mask is None
+                else np.asarray(target_mask, bool) & ~padding_mask
+            ),
         )

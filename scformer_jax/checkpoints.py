@@ -123,8 +123,14 @@ class Checkpoints:
       primary_only: in multi-process runs, only process 0 writes (``state`` is host data).
     """
 
-    def __init__(self, directory: str | Path, *, best_mode: str = "max", keep_latest: int = 1,
-                 primary_only: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        best_mode: str = "max",
+        keep_latest: int = 1,
+        primary_only: bool = True,
+    ):
         self.directory = Path(directory).absolute()
         self.best_mode = best_mode
 
@@ -132,25 +138,37 @@ class Checkpoints:
             value = m.get(METRIC_KEY) if m else None
             return float(value) if value is not None and math.isfinite(value) else None
 
-        policy = cm.AnyPreservationPolicy([
-            # BestN's `reverse=True` keeps the lowest values, `False` the highest.
-            cm.BestN(get_metric_fn=lambda m: metric(m) if metric(m) is not None else
-                     (-math.inf if best_mode == "max" else math.inf),
-                     reverse=best_mode == "min", n=1),
-            cm.LatestN(n=keep_latest),
-        ])
+        policy = cm.AnyPreservationPolicy(
+            [
+                # BestN's `reverse=True` keeps the lowest values, `False` the highest.
+                cm.BestN(
+                    get_metric_fn=lambda m: (
+                        metric(m)
+                        if metric(m) is not None
+                        else (-math.inf if best_mode == "max" else math.inf)
+                    ),
+                    reverse=best_mode == "min",
+                    n=1,
+                ),
+                cm.LatestN(n=keep_latest),
+            ]
+        )
         multi = jax.process_count() > 1
         # Across hosts each process gets a manager of its own (no cross-process barriers):
         # process 0 writes host (NumPy) state, the others only read it back on resume.
         multiprocessing = ocp.options.MultiprocessingOptions(
             primary_host=jax.process_index() if multi else 0,
-            active_processes={jax.process_index()} if multi else None)
+            active_processes={jax.process_index()} if multi else None,
+        )
         if multi:
             self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
-            best_fn=lambda m: (metric(m) if metric(m) is not None else
-                               (-math.inf if best_mode == "max" else math.inf)),
+            best_fn=lambda m: (
+                metric(m)
+                if metric(m) is not None
+                else (-math.inf if best_mode == "max" else math.inf)
+            ),
             best_mode=best_mode,
             multiprocessing_options=multiprocessing,
             create=not multi,
@@ -172,14 +190,20 @@ class Checkpoints:
             return
         state = jax.device_get(state)
         self._check_space(step, state)
-        metrics = {METRIC_KEY: float(metric)} if metric is not None and math.isfinite(
-            metric) else {}
+        metrics = (
+            {METRIC_KEY: float(metric)} if metric is not None and math.isfinite(metric) else {}
+        )
         threads_before = set(threading.enumerate())
         with _quiet_orbax_errors():
             try:
-                self.manager.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                    metrics=metrics, force=True)
+                self.manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                    ),
+                    metrics=metrics,
+                    force=True,
+                )
                 self.manager.wait_until_finished()
             except Exception as e:  # noqa: BLE001 - any write failure ends the run here
                 # The first failed item raises while the others may still be writing in
@@ -189,24 +213,34 @@ class Checkpoints:
                 raise CheckpointWriteError(step, self.directory, e) from e
         if not (self.directory / str(step)).is_dir():
             self._discard(step)
-            raise CheckpointWriteError(step, self.directory, RuntimeError(
-                "the save ended without an error but the step folder is missing"))
+            raise CheckpointWriteError(
+                step,
+                self.directory,
+                RuntimeError("the save ended without an error but the step folder is missing"),
+            )
 
     def _check_space(self, step: int, state: Any) -> None:
         """Refuses to start a save that cannot fit: the size of the newest checkpoint on disk
         (or of the arrays, for the first) plus a margin."""
         steps = self.steps()
-        needed = max(_tree_nbytes(state),
-                     _folder_bytes(self.directory / str(steps[-1])) if steps else 0)
+        needed = max(
+            _tree_nbytes(state), _folder_bytes(self.directory / str(steps[-1])) if steps else 0
+        )
         needed += SPACE_MARGIN_BYTES
         try:
             free = shutil.disk_usage(self.directory).free
         except OSError:
             return  # the save itself will report what is wrong with the folder
         if free < needed:
-            raise CheckpointWriteError(step, self.directory, OSError(
-                errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (needs about "
-                f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)"))
+            raise CheckpointWriteError(
+                step,
+                self.directory,
+                OSError(
+                    errno.ENOSPC,
+                    f"{os.strerror(errno.ENOSPC)} (needs about "
+                    f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)",
+                ),
+            )
 
     def _discard(self, step: int) -> None:
         """Removes what a failed save left of `step` (its temporary folder)."""
@@ -231,8 +265,9 @@ class Checkpoints:
         self.manager.reload()
         return self.manager.best_step()
 
-    def restore(self, target: Any, step: int | None = None, *,
-                move_unreadable: bool = False) -> tuple[int, Any, dict] | None:
+    def restore(
+        self, target: Any, step: int | None = None, *, move_unreadable: bool = False
+    ) -> tuple[int, Any, dict] | None:
         """Restores `step` (default: the newest readable one) into the structure of `target`.
 
         Args:
@@ -246,18 +281,30 @@ class Checkpoints:
         step folders (a killed save, a corrupt file) are skipped with a warning.
         """
         candidates = [step] if step is not None else list(reversed(self.steps()))
-        abstract = None if target is None else jax.tree_util.tree_map(
-            lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), jax.device_get(target))
+        abstract = (
+            None
+            if target is None
+            else jax.tree_util.tree_map(
+                lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), jax.device_get(target)
+            )
+        )
         for candidate in candidates:
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                restored = self.manager.restore(
+                    candidate,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 where = ""
                 if move_unreadable and self._writes:
                     where = f"; moved it to {self._move_aside(candidate)}"
-                warnings.warn(f"Skipping unreadable checkpoint step {candidate} in "
-                              f"{self.directory}: {type(e).__name__}: {e}{where}", stacklevel=2)
+                warnings.warn(
+                    f"Skipping unreadable checkpoint step {candidate} in "
+                    f"{self.directory}: {type(e).__name__}: {e}{where}",
+                    stacklevel=2,
+                )
                 continue
             return candidate, restored["state"], dict(restored["meta"])
         return None
@@ -280,8 +327,9 @@ class Checkpoints:
             self.manager.close()
 
 
-def restore_params(directory: str | Path, *, which: str = "best", best_mode: str = "max"
-                   ) -> tuple[int, Any, dict]:
+def restore_params(
+    directory: str | Path, *, which: str = "best", best_mode: str = "max"
+) -> tuple[int, Any, dict]:
     """The parameters of the best (or latest) checkpoint in `directory`, read without an
     optimiser: the saved state is read as stored and its ``params`` returned.
 

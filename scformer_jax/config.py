@@ -28,8 +28,15 @@ GENE_EMBEDDING_INITS = ("random", "data")
 OUTPUT_BASELINES = ("none", "control_input", "gene_mean")
 TRAIN_TARGETS = ("cell", "condition_mean")
 # Validation metrics computed every epoch (train.best_metric picks one, with or without val_).
-VALIDATION_METRICS = ("mse", "mre", "pearson", "pearson_delta", "pearson_de",
-                      "pearson_de_delta", "mse_de")
+VALIDATION_METRICS = (
+    "mse",
+    "mre",
+    "pearson",
+    "pearson_delta",
+    "pearson_de",
+    "pearson_de_delta",
+    "mse_de",
+)
 
 
 class ConfigError(ValueError):
@@ -41,8 +48,14 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}.")
 
 
-def _check_range(name: str, value: float, low: float | None = None, high: float | None = None,
-                 *, low_open: bool = False) -> None:
+def _check_range(
+    name: str,
+    value: float,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+) -> None:
     if low is not None and (value < low or (low_open and value == low)):
         raise ConfigError(f"{name}: {value!r} must be {'>' if low_open else '>='} {low}.")
     if high is not None and value > high:
@@ -114,12 +127,21 @@ class ModelConfig:
     coexpression_prior: bool = False
 
     def __post_init__(self):
-        for name in ("embsize", "d_hid", "nlayers", "nhead", "nlayers_cls", "n_cls",
-                     "attention_block_size", "attention_eval_block_size"):
+        for name in (
+            "embsize",
+            "d_hid",
+            "nlayers",
+            "nhead",
+            "nlayers_cls",
+            "n_cls",
+            "attention_block_size",
+            "attention_eval_block_size",
+        ):
             _check_range(f"model.{name}", getattr(self, name), 1)
         if self.embsize % self.nhead:
             raise ConfigError(
-                f"model.embsize ({self.embsize}) must be divisible by model.nhead ({self.nhead}).")
+                f"model.embsize ({self.embsize}) must be divisible by model.nhead ({self.nhead})."
+            )
         _check_range("model.dropout", self.dropout, 0.0, 0.999)
         if self.attention_dropout is not None:
             _check_range("model.attention_dropout", self.attention_dropout, 0.0, 0.999)
@@ -133,14 +155,17 @@ class ModelConfig:
             raise ConfigError(
                 f"model.attention {self.attention!r} has no attention-weight dropout but the "
                 f"config asks for {self.attn_dropout_rate}; set model.attention_dropout: 0.0 "
-                "(or model.dropout: 0.0), or use attention 'chunked' / 'full'.")
+                "(or model.dropout: 0.0), or use attention 'chunked' / 'full'."
+            )
         if self.additive_prior and self.seen_single_correction:
             raise ConfigError(
                 "model.additive_prior and model.seen_single_correction both correct multi-gene "
-                "predictions by the measured singles: set one of them to false.")
+                "predictions by the measured singles: set one of them to false."
+            )
         if self.pert_pad_id in (0, 1) or not 0 <= self.pert_pad_id <= 2:
             raise ConfigError(
-                f"model.pert_pad_id must be 2 (flags 0 and 1 are taken); got {self.pert_pad_id}.")
+                f"model.pert_pad_id must be 2 (flags 0 and 1 are taken); got {self.pert_pad_id}."
+            )
 
     @property
     def attn_dropout_rate(self) -> float:
@@ -159,8 +184,12 @@ class ModelConfig:
         ``cls_token_id``, e.g. a :class:`~scformer_jax.data.dataset.PerturbData`); `n_cls`
         also sets the classifier's classes."""
         return dataclasses.replace(
-            self, ntoken=vocab.n_tokens, pad_token_id=vocab.pad_token_id,
-            cls_token_id=vocab.cls_token_id, n_cls=self.n_cls if n_cls is None else n_cls)
+            self,
+            ntoken=vocab.n_tokens,
+            pad_token_id=vocab.pad_token_id,
+            cls_token_id=vocab.cls_token_id,
+            n_cls=self.n_cls if n_cls is None else n_cls,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +217,8 @@ class ObjectiveConfig:
         if not self.mlm:
             raise ConfigError(
                 "objective.mlm: the expression MSE is the perturbation objective and is always "
-                "on; set objective.mlm: true (use objective.mse_weight to rescale it).")
+                "on; set objective.mlm: true (use objective.mse_weight to rescale it)."
+            )
         for name in ("mse_weight", "cls_weight", "cce_weight", "mvc_weight", "ecs_weight"):
             _check_range(f"objective.{name}", getattr(self, name), 0.0)
         _check_range("objective.cce_temperature", self.cce_temperature, 0.0, low_open=True)
@@ -228,8 +258,7 @@ class DataConfig:
     train_target: str = "cell"
 
     def __post_init__(self):
-        _check_choice("data.include_zero_gene", self.include_zero_gene,
-                      INCLUDE_ZERO_GENE_MODES)
+        _check_choice("data.include_zero_gene", self.include_zero_gene, INCLUDE_ZERO_GENE_MODES)
         _check_choice("data.train_target", self.train_target, TRAIN_TARGETS)
         _check_range("data.max_seq_len", self.max_seq_len, 2)
         _check_range("data.train_gene_set_size", self.train_gene_set_size, 0.0, 1.0, low_open=True)
@@ -295,7 +324,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.best_mode {self.best_mode!r} would keep the worst checkpoint by "
                 f"{self.best_metric!r} (lower is better for mse/mre, higher for pearson); set "
-                f"train.best_mode: {natural} or leave it out.")
+                f"train.best_mode: {natural} or leave it out."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,8 +340,13 @@ class Config:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_TYPES = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig,
-                  "optim": OptimConfig, "train": TrainConfig}
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "objective": ObjectiveConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
 
 
 def _unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
@@ -407,7 +442,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     """``"optim.lr=3e-4"`` -> ``("optim", "lr", 3e-4)``; the value is read as YAML."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(
-            f"Override {text!r} must look like section.key=value, e.g. optim.lr=3e-4.")
+            f"Override {text!r} must look like section.key=value, e.g. optim.lr=3e-4."
+        )
     path, value = text.split("=", 1)
     section, key = path.strip().split(".", 1)
     return section, key, yaml.safe_load(value)

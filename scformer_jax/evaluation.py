@@ -38,11 +38,24 @@ from scformer_jax.io import make_temp_dir, write_text_atomic
 from scformer_jax.predict import Predictor, normalize_perturbation, run_predictor
 from scformer_jax.runs import Run, load_run
 
-REPORT_METRICS = ("pearson_delta", "pearson_de_delta", "mse_de", "pearson_de",
-                  "frac_correct_direction_20", "frac_correct_direction_non_dropout")
-CALIBRATED_REPORT_METRICS = ("pearson_delta_pert", "pearson_de_delta_pert", "r2_w_delta",
-                             "wmse_delta", "de_overlap_top20", "de_sign_agreement",
-                             "discrimination_l1", "energy_distance")
+REPORT_METRICS = (
+    "pearson_delta",
+    "pearson_de_delta",
+    "mse_de",
+    "pearson_de",
+    "frac_correct_direction_20",
+    "frac_correct_direction_non_dropout",
+)
+CALIBRATED_REPORT_METRICS = (
+    "pearson_delta_pert",
+    "pearson_de_delta_pert",
+    "r2_w_delta",
+    "wmse_delta",
+    "de_overlap_top20",
+    "de_sign_agreement",
+    "discrimination_l1",
+    "energy_distance",
+)
 MODEL = "model"
 CEILING = "technical_duplicate"
 # Cells per side for the energy distance (its cost grows with the square).
@@ -54,26 +67,41 @@ def _test_conditions(split: dict, dataset: PerturbData) -> list[str]:
     if not test:
         raise ValueError(
             "The run's split has no test perturbations (split 'no_test'?); evaluate a run "
-            "trained with a split that holds some out, e.g. data.split: simulation.")
+            "trained with a split that holds some out, e.g. data.split: simulation."
+        )
     missing = [c for c in test if c not in dataset.condition_cells]
     if missing:
-        raise ValueError(f"Test condition(s) {missing[:10]} are not in the dataset; was the "
-                         "run trained on other data than config.yaml's data.path?")
+        raise ValueError(
+            f"Test condition(s) {missing[:10]} are not in the dataset; was the "
+            "run trained on other data than config.yaml's data.path?"
+        )
     return test
 
 
-def model_profiles(predictor: Predictor, dataset: PerturbData, conditions: Sequence[str], *,
-                   seed: int = 0, max_cells: int | None = None) -> dict[str, np.ndarray]:
+def model_profiles(
+    predictor: Predictor,
+    dataset: PerturbData,
+    conditions: Sequence[str],
+    *,
+    seed: int = 0,
+    max_cells: int | None = None,
+) -> dict[str, np.ndarray]:
     """Mean predicted profile per condition, each test cell predicted from a paired control
     cell (seeded), as GEARS evaluates."""
-    return model_predictions(predictor, dataset, conditions, seed=seed,
-                             max_cells=max_cells, keep_cells=0)[0]
+    return model_predictions(
+        predictor, dataset, conditions, seed=seed, max_cells=max_cells, keep_cells=0
+    )[0]
 
 
-def model_predictions(predictor: Predictor, dataset: PerturbData, conditions: Sequence[str],
-                      *, seed: int = 0, max_cells: int | None = None,
-                      keep_cells: int = ENERGY_MAX_CELLS
-                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def model_predictions(
+    predictor: Predictor,
+    dataset: PerturbData,
+    conditions: Sequence[str],
+    *,
+    seed: int = 0,
+    max_cells: int | None = None,
+    keep_cells: int = ENERGY_MAX_CELLS,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Mean predicted profiles and a sample of the predicted cells, per condition.
 
     Every test cell (at most ``max_cells``) is predicted from a paired control cell
@@ -143,8 +171,13 @@ class Reference:
     seed: int = 0
 
 
-def build_reference(dataset: PerturbData, train_conditions: Sequence[str],
-                    test_conditions: Sequence[str], *, seed: int = 0) -> Reference:
+def build_reference(
+    dataset: PerturbData,
+    train_conditions: Sequence[str],
+    test_conditions: Sequence[str],
+    *,
+    seed: int = 0,
+) -> Reference:
     """Everything the metrics need besides the predictions (see :class:`Reference`).
 
     Args:
@@ -156,8 +189,10 @@ def build_reference(dataset: PerturbData, train_conditions: Sequence[str],
     rng = np.random.default_rng(seed)
     train = [c for c in train_conditions if c != CONTROL and c in dataset.condition_cells]
     if not train:
-        raise ValueError("The split has no perturbed training condition, so there is no "
-                         "perturbed reference (mean of the perturbed training cells).")
+        raise ValueError(
+            "The split has no perturbed training condition, so there is no "
+            "perturbed reference (mean of the perturbed training cells)."
+        )
     train_cells = dataset.cells_of(train)
     pert_ref = np.asarray(dataset.mean_expression(train_cells), np.float64)
     ctrl_mean = np.asarray(dataset.control_mean, np.float64)
@@ -165,22 +200,33 @@ def build_reference(dataset: PerturbData, train_conditions: Sequence[str],
     # Welch t of each test condition against control: one pass over their cells.
     groups = [CONTROL] + list(test_conditions)
     cells = np.concatenate([dataset.condition_cells[c] for c in groups])
-    codes = np.concatenate([np.full(len(dataset.condition_cells[c]), i)
-                            for i, c in enumerate(groups)])
+    codes = np.concatenate(
+        [np.full(len(dataset.condition_cells[c]), i) for i, c in enumerate(groups)]
+    )
     counts, means, variances = group_stats(dataset.X[cells], codes, len(groups))
-    weights = {c: metrics_lib.de_weights(metrics_lib.welch_t(
-        means[i], variances[i], int(counts[i]), means[0], variances[0], int(counts[0])))
-        for i, c in enumerate(groups) if i}
+    weights = {
+        c: metrics_lib.de_weights(
+            metrics_lib.welch_t(
+                means[i], variances[i], int(counts[i]), means[0], variances[0], int(counts[0])
+            )
+        )
+        for i, c in enumerate(groups)
+        if i
+    }
 
     true_mean, true_cells, control_cells, halves, exclude = {}, {}, {}, {}, {}
     for c in test_conditions:
         members = dataset.condition_cells[c]
         true_mean[c] = np.asarray(dataset.condition_mean(c), np.float64)
-        sample = (members if len(members) <= ENERGY_MAX_CELLS else
-                  np.sort(rng.choice(members, ENERGY_MAX_CELLS, replace=False)))
+        sample = (
+            members
+            if len(members) <= ENERGY_MAX_CELLS
+            else np.sort(rng.choice(members, ENERGY_MAX_CELLS, replace=False))
+        )
         true_cells[c] = dataset.dense_rows(sample).astype(np.float64)
         control_cells[c] = dataset.dense_rows(pair_controls(dataset, sample, rng)).astype(
-            np.float64)
+            np.float64
+        )
         order = rng.permutation(members)
         half = len(order) // 2
         halves[c] = (np.sort(order[:half]), np.sort(order[half:]))
@@ -188,21 +234,31 @@ def build_reference(dataset: PerturbData, train_conditions: Sequence[str],
         exclude[c] = np.asarray([i for i in columns if i >= 0], np.int64)
 
     def per_condition(table: dict) -> dict | None:
-        return {c: table[c] for c in test_conditions} if all(
-            c in table for c in test_conditions) else None
+        return (
+            {c: table[c] for c in test_conditions}
+            if all(c in table for c in test_conditions)
+            else None
+        )
 
     return Reference(
-        ctrl_mean=ctrl_mean, pert_ref=pert_ref, n_pert_ref_cells=len(train_cells),
-        true_mean=true_mean, true_cells=true_cells, control_cells=control_cells,
+        ctrl_mean=ctrl_mean,
+        pert_ref=pert_ref,
+        n_pert_ref_cells=len(train_cells),
+        true_mean=true_mean,
+        true_cells=true_cells,
+        control_cells=control_cells,
         de_idx={c: dataset.de_rank[c] for c in test_conditions},
         non_dropout_de_idx=per_condition(dataset.top_non_dropout_de_20),
         non_zero_idx=per_condition(dataset.non_zeros_gene_idx),
         non_dropout_idx=per_condition(dataset.non_dropout_gene_idx),
-        de_weights=weights, exclude_idx=exclude, halves=halves, seed=seed)
+        de_weights=weights,
+        exclude_idx=exclude,
+        halves=halves,
+        seed=seed,
+    )
 
 
-def observed_reference(dataset: PerturbData, cells: Mapping[str, Sequence[int]]
-                       ) -> Reference:
+def observed_reference(dataset: PerturbData, cells: Mapping[str, Sequence[int]]) -> Reference:
     """The reference of GEARS's metrics for the cells a pass predicted (validation).
 
     Each condition's truth is the mean of its `cells`; the control mean is the dataset's.
@@ -214,18 +270,31 @@ def observed_reference(dataset: PerturbData, cells: Mapping[str, Sequence[int]]
       cells: condition -> the indices of its cells that were predicted.
     """
     return Reference(
-        ctrl_mean=dataset.control_mean, pert_ref=None, n_pert_ref_cells=0,
+        ctrl_mean=dataset.control_mean,
+        pert_ref=None,
+        n_pert_ref_cells=0,
         true_mean={c: dataset.mean_expression(np.asarray(cells[c])) for c in cells},
-        true_cells=None, control_cells=None, de_idx={c: dataset.de_rank[c] for c in cells},
-        non_dropout_de_idx=None, non_zero_idx=None, non_dropout_idx=None, de_weights=None,
-        exclude_idx=None, halves={})
+        true_cells=None,
+        control_cells=None,
+        de_idx={c: dataset.de_rank[c] for c in cells},
+        non_dropout_de_idx=None,
+        non_zero_idx=None,
+        non_dropout_idx=None,
+        de_weights=None,
+        exclude_idx=None,
+        halves={},
+    )
 
 
-def score(ref: Reference, pred_mean: Mapping[str, np.ndarray],
-          pred_cells: Mapping[str, np.ndarray] | None = None, *,
-          true_mean: Mapping[str, np.ndarray] | None = None,
-          true_cells: Mapping[str, np.ndarray] | None = None,
-          subgroups: Mapping[str, Sequence[str]] | None = None) -> metrics_lib.EvalResult:
+def score(
+    ref: Reference,
+    pred_mean: Mapping[str, np.ndarray],
+    pred_cells: Mapping[str, np.ndarray] | None = None,
+    *,
+    true_mean: Mapping[str, np.ndarray] | None = None,
+    true_cells: Mapping[str, np.ndarray] | None = None,
+    subgroups: Mapping[str, Sequence[str]] | None = None,
+) -> metrics_lib.EvalResult:
     """Every metric of one method against ``ref``.
 
     The one profile -> metrics path of evaluation and validation. A method that predicts
@@ -237,18 +306,30 @@ def score(ref: Reference, pred_mean: Mapping[str, np.ndarray],
     true_mean = ref.true_mean if true_mean is None else true_mean
     true_cells = ref.true_cells if true_cells is None else true_cells
     if pred_cells is None and ref.control_cells is not None:
-        pred_cells = {c: ref.control_cells[c] + (np.asarray(pred_mean[c], np.float64)
-                                                  - ref.ctrl_mean) for c in true_mean}
+        pred_cells = {
+            c: ref.control_cells[c] + (np.asarray(pred_mean[c], np.float64) - ref.ctrl_mean)
+            for c in true_mean
+        }
     return metrics_lib.evaluate_profiles(
-        pred_mean, true_mean, ref.ctrl_mean, ref.de_idx, ref.non_dropout_de_idx, subgroups,
-        non_zero_idx=ref.non_zero_idx, non_dropout_idx=ref.non_dropout_idx,
-        pert_ref=ref.pert_ref, de_weights=ref.de_weights, pred_cells=pred_cells,
-        true_cells=true_cells, exclude_idx=ref.exclude_idx)
+        pred_mean,
+        true_mean,
+        ref.ctrl_mean,
+        ref.de_idx,
+        ref.non_dropout_de_idx,
+        subgroups,
+        non_zero_idx=ref.non_zero_idx,
+        non_dropout_idx=ref.non_dropout_idx,
+        pert_ref=ref.pert_ref,
+        de_weights=ref.de_weights,
+        pred_cells=pred_cells,
+        true_cells=true_cells,
+        exclude_idx=ref.exclude_idx,
+    )
 
 
-def technical_duplicate(ref: Reference, dataset: PerturbData,
-                        subgroups: Mapping[str, Sequence[str]] | None = None
-                        ) -> metrics_lib.EvalResult:
+def technical_duplicate(
+    ref: Reference, dataset: PerturbData, subgroups: Mapping[str, Sequence[str]] | None = None
+) -> metrics_lib.EvalResult:
     """The ceiling: one half of each condition's cells predicting the other half.
 
     The halves are a seeded random split (:attr:`Reference.halves`); the first half's mean
@@ -263,8 +344,9 @@ def technical_duplicate(ref: Reference, dataset: PerturbData,
         true_mean[c] = np.asarray(dataset.mean_expression(second), np.float64)
         pred_cells[c] = _sample_rows(dataset.dense_rows(first), ENERGY_MAX_CELLS, rng)
         true_cells[c] = _sample_rows(dataset.dense_rows(second), ENERGY_MAX_CELLS, rng)
-    return score(ref, pred_mean, pred_cells, true_mean=true_mean, true_cells=true_cells,
-                 subgroups=subgroups)
+    return score(
+        ref, pred_mean, pred_cells, true_mean=true_mean, true_cells=true_cells, subgroups=subgroups
+    )
 
 
 def _first_occurrence_names(gene_names) -> list[str]:
@@ -292,8 +374,9 @@ def _group_values(result: metrics_lib.EvalResult, group: str) -> dict[str, float
     return result.overall if group == "overall" else result.per_subgroup.get(group, {})
 
 
-def _best_baseline(results: Mapping[str, metrics_lib.EvalResult], group: str, metric: str
-                   ) -> tuple[str | None, float | None]:
+def _best_baseline(
+    results: Mapping[str, metrics_lib.EvalResult], group: str, metric: str
+) -> tuple[str | None, float | None]:
     """The baseline with the best value of `metric` in `group` (direction per metric)."""
     higher = metrics_lib.CALIBRATED_METRICS.get(metric, not metric.startswith("mse"))
     best: tuple[str | None, float | None] = (None, None)
@@ -309,11 +392,16 @@ def _best_baseline(results: Mapping[str, metrics_lib.EvalResult], group: str, me
 
 
 def _calibrated_table(results: Mapping[str, metrics_lib.EvalResult], group: str) -> list[str]:
-    names = [m for m in CALIBRATED_REPORT_METRICS
-             if any(m in _group_values(r, group) for r in results.values())]
+    names = [
+        m
+        for m in CALIBRATED_REPORT_METRICS
+        if any(m in _group_values(r, group) for r in results.values())
+    ]
     arrows = ["↑" if metrics_lib.CALIBRATED_METRICS[m] else "↓" for m in names]
-    lines = ["| | " + " | ".join(f"{m} {a}" for m, a in zip(names, arrows)) + " |",
-             "|---" * (len(names) + 1) + "|"]
+    lines = [
+        "| | " + " | ".join(f"{m} {a}" for m, a in zip(names, arrows)) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for method, label in ((MODEL, "model"), (CEILING, f"{CEILING} (ceiling)")):
         values = _group_values(results[method], group)
         lines.append(f"| {label} | " + " | ".join(_fmt(values.get(m)) for m in names) + " |")
@@ -325,21 +413,30 @@ def _calibrated_table(results: Mapping[str, metrics_lib.EvalResult], group: str)
     return lines
 
 
-def _report(results: dict[str, metrics_lib.EvalResult], workdir: Path,
-            sizes: dict[str, int], notes: list[str], n_ref_cells: int) -> str:
+def _report(
+    results: dict[str, metrics_lib.EvalResult],
+    workdir: Path,
+    sizes: dict[str, int],
+    notes: list[str],
+    n_ref_cells: int,
+) -> str:
     groups = ["overall"] + [g for g in SUBGROUP_NAMES if g in sizes]
 
     def heading(group: str) -> str:
         size = sum(sizes.values()) if group == "overall" else sizes[group]
         return f"{group} ({size} perturbation{'s' if size != 1 else ''})"
 
-    lines = [f"# Evaluation of {workdir.name}", "",
-             "Calibrated metrics first (↑ higher is better, ↓ lower): `*_pert` correlations "
-             f"take the change over the mean of all {n_ref_cells} perturbed training cells, "
-             "so predicting the average perturbation scores about 0 there. The ceiling row "
-             f"(`{CEILING}`) is half of each perturbation's cells predicting the other half; "
-             "the best baseline is chosen per metric. Definitions: README, section "
-             "\"Metrics\".", ""]
+    lines = [
+        f"# Evaluation of {workdir.name}",
+        "",
+        "Calibrated metrics first (↑ higher is better, ↓ lower): `*_pert` correlations "
+        f"take the change over the mean of all {n_ref_cells} perturbed training cells, "
+        "so predicting the average perturbation scores about 0 there. The ceiling row "
+        f"(`{CEILING}`) is half of each perturbation's cells predicting the other half; "
+        "the best baseline is chosen per metric. Definitions: README, section "
+        '"Metrics".',
+        "",
+    ]
     for group in groups:
         lines += [f"## Calibrated: {heading(group)}", ""] + _calibrated_table(results, group)
         lines.append("")
@@ -347,34 +444,55 @@ def _report(results: dict[str, metrics_lib.EvalResult], workdir: Path,
     best_name, best_value = _best_baseline(results, "overall", "pearson_delta_pert")
     if model_pd is not None and best_name is not None:
         verdict = "beats" if model_pd > best_value else "does not beat"
-        lines += [f"**pearson_delta_pert: the model ({model_pd:.4f}) {verdict} the best "
-                  f"baseline ({best_name}, {best_value:.4f}); ceiling "
-                  f"{_fmt(results[CEILING].overall.get('pearson_delta_pert'))}.**", ""]
-    lines += ["## GEARS metrics", "",
-              "GEARS's metrics on mean profiles per test perturbation (change over the "
-              "control mean; higher is better for pearson and frac, lower for mse).", ""]
+        lines += [
+            f"**pearson_delta_pert: the model ({model_pd:.4f}) {verdict} the best "
+            f"baseline ({best_name}, {best_value:.4f}); ceiling "
+            f"{_fmt(results[CEILING].overall.get('pearson_delta_pert'))}.**",
+            "",
+        ]
+    lines += [
+        "## GEARS metrics",
+        "",
+        "GEARS's metrics on mean profiles per test perturbation (change over the "
+        "control mean; higher is better for pearson and frac, lower for mse).",
+        "",
+    ]
     for group in groups:
-        lines += [f"### {heading(group)}", "",
-                  "| method | " + " | ".join(REPORT_METRICS) + " |",
-                  "|---" * (len(REPORT_METRICS) + 1) + "|"]
+        lines += [
+            f"### {heading(group)}",
+            "",
+            "| method | " + " | ".join(REPORT_METRICS) + " |",
+            "|---" * (len(REPORT_METRICS) + 1) + "|",
+        ]
         for method, result in results.items():
             values = _group_values(result, group)
             label = f"{method} (ceiling)" if method == CEILING else method
-            lines.append(f"| {label} | " + " | ".join(_fmt(values.get(m))
-                                                     for m in REPORT_METRICS) + " |")
+            lines.append(
+                f"| {label} | " + " | ".join(_fmt(values.get(m)) for m in REPORT_METRICS) + " |"
+            )
         lines.append("")
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes[:20]] + [""]
-    lines += ["Files: `metrics.json`, `per_perturbation.csv`, `predictions.h5ad`, `plots/` "
-              "(`calibrated_by_subgroup.png`, `metrics_by_subgroup.png`).", ""]
+    lines += [
+        "Files: `metrics.json`, `per_perturbation.csv`, `predictions.h5ad`, `plots/` "
+        "(`calibrated_by_subgroup.png`, `metrics_by_subgroup.png`).",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def evaluate_run(run: Run | str | Path, *, which: str = "best",
-                 out_dir: str | Path | None = None, plot_perturbations: Sequence[str] = (),
-                 n_plots: int = 5, batch_size: int | None = None, seed: int = 0,
-                 max_cells_per_condition: int | None = None,
-                 predictor: Predictor | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run: Run | str | Path,
+    *,
+    which: str = "best",
+    out_dir: str | Path | None = None,
+    plot_perturbations: Sequence[str] = (),
+    n_plots: int = 5,
+    batch_size: int | None = None,
+    seed: int = 0,
+    max_cells_per_condition: int | None = None,
+    predictor: Predictor | None = None,
+) -> dict[str, Any]:
     """Evaluates a run folder's checkpoint on its test split and writes the report.
 
     Args:
@@ -404,19 +522,24 @@ def evaluate_run(run: Run | str | Path, *, which: str = "best",
     ref = build_reference(dataset, split["train"], test, seed=seed)
     ctrl_mean, true_mean = ref.ctrl_mean, ref.true_mean
 
-    model_mean, model_cells = model_predictions(predictor, dataset, test, seed=seed,
-                                                max_cells=max_cells_per_condition)
+    model_mean, model_cells = model_predictions(
+        predictor, dataset, test, seed=seed, max_cells=max_cells_per_condition
+    )
     predictions = {MODEL: model_mean}
     train_profiles = {c: dataset.condition_mean(c) for c in split["train"] if c != CONTROL}
     fitted = baselines_lib.fit_baselines(
-        train_profiles, ctrl_mean, _first_occurrence_names(dataset.gene_names),
-        control_expression=dataset.dense_rows(dataset.control_cells))
+        train_profiles,
+        ctrl_mean,
+        _first_occurrence_names(dataset.gene_names),
+        control_expression=dataset.dense_rows(dataset.control_cells),
+    )
     for name, baseline in fitted.items():
         predictions[name] = baseline.predict(test)
 
-    results = {name: score(ref, pred, model_cells if name == MODEL else None,
-                           subgroups=subgroups)
-               for name, pred in predictions.items()}
+    results = {
+        name: score(ref, pred, model_cells if name == MODEL else None, subgroups=subgroups)
+        for name, pred in predictions.items()
+    }
     results[CEILING] = technical_duplicate(ref, dataset, subgroups)
     sizes = results[MODEL].subgroup_sizes
     notes = list(results[MODEL].notes)
@@ -426,17 +549,22 @@ def evaluate_run(run: Run | str | Path, *, which: str = "best",
     staging = make_temp_dir(out_dir.parent, prefix=".eval-")
     try:
         summary = {
-            "workdir": str(workdir), "checkpoint": run.which, "n_test_perturbations": len(test),
-            "split": config.data.split, "split_seed": config.data.split_seed,
+            "workdir": str(workdir),
+            "checkpoint": run.which,
+            "n_test_perturbations": len(test),
+            "split": config.data.split,
+            "split_seed": config.data.split_seed,
             "subgroup_sizes": sizes,
             "perturbed_reference_cells": ref.n_pert_ref_cells,
             "model": results[MODEL].to_dict(),
-            "baselines": {name: r.to_dict() for name, r in results.items()
-                          if name not in (MODEL, CEILING)},
+            "baselines": {
+                name: r.to_dict() for name, r in results.items() if name not in (MODEL, CEILING)
+            },
             "ceiling": {CEILING: results[CEILING].to_dict()},
         }
-        write_text_atomic(staging / "metrics.json", json.dumps(summary, indent=2,
-                                                                 allow_nan=False, default=float))
+        write_text_atomic(
+            staging / "metrics.json", json.dumps(summary, indent=2, allow_nan=False, default=float)
+        )
         tables = []
         for name, result in results.items():
             table = result.per_perturbation.copy()
@@ -444,14 +572,21 @@ def evaluate_run(run: Run | str | Path, *, which: str = "best",
             tables.append(table)
         pd.concat(tables).to_csv(staging / "per_perturbation.csv")
 
-        subgroup_of = {c: ";".join(g for g, members in subgroups.items() if c in members)
-                       for c in test}
+        subgroup_of = {
+            c: ";".join(g for g, members in subgroups.items() if c in members) for c in test
+        }
         pred_ad = anndata.AnnData(
             X=np.stack([predictions[MODEL][c] for c in test]).astype(np.float32),
-            obs=pd.DataFrame({"condition": test, "subgroup": [subgroup_of[c] for c in test],
-                              "n_cells": [len(dataset.condition_cells[c]) for c in test]},
-                             index=[str(i) for i in range(len(test))]),
-            var=pd.DataFrame(index=pd.Index(dataset.gene_names.astype(str), name="gene_name")))
+            obs=pd.DataFrame(
+                {
+                    "condition": test,
+                    "subgroup": [subgroup_of[c] for c in test],
+                    "n_cells": [len(dataset.condition_cells[c]) for c in test],
+                },
+                index=[str(i) for i in range(len(test))],
+            ),
+            var=pd.DataFrame(index=pd.Index(dataset.gene_names.astype(str), name="gene_name")),
+        )
         pred_ad.layers["true_mean"] = np.stack([true_mean[c] for c in test]).astype(np.float32)
         pred_ad.uns["control_mean"] = ctrl_mean.astype(np.float32)
         pred_ad.write_h5ad(staging / "predictions.h5ad")
@@ -470,29 +605,40 @@ def evaluate_run(run: Run | str | Path, *, which: str = "best",
             pred = predictions[MODEL].get(c)
             if pred is None:
                 pred = predictor.predict_cells(
-                    c, pair_controls(dataset, dataset.condition_cells[c],
-                                     np.random.default_rng(seed))).mean(axis=0)
+                    c,
+                    pair_controls(dataset, dataset.condition_cells[c], np.random.default_rng(seed)),
+                ).mean(axis=0)
             idx = dataset.top_non_dropout_de_20.get(c, dataset.de_rank[c][:20])
             plots_lib.plot_perturbation(
-                plots / f"perturbation_{c.replace('+', '_')}.png", c,
-                dataset.dense_rows(dataset.condition_cells[c]), pred, ctrl_mean, idx, gene_names)
+                plots / f"perturbation_{c.replace('+', '_')}.png",
+                c,
+                dataset.dense_rows(dataset.condition_cells[c]),
+                pred,
+                ctrl_mean,
+                idx,
+                gene_names,
+            )
         plots_lib.plot_change_scatter(
             plots / "change_scatter.png",
             np.concatenate([predictions[MODEL][c] - ctrl_mean for c in test]),
             np.concatenate([true_mean[c] - ctrl_mean for c in test]),
-            title="Predicted vs true change over control (test perturbations)")
+            title="Predicted vs true change over control (test perturbations)",
+        )
         bars = {name: {"overall": r.overall, **r.per_subgroup} for name, r in results.items()}
         plots_lib.plot_metric_bars(plots / "metrics_by_subgroup.png", bars)
-        plots_lib.plot_metric_bars(plots / "calibrated_by_subgroup.png", bars,
-                                   CALIBRATED_REPORT_METRICS)
+        plots_lib.plot_metric_bars(
+            plots / "calibrated_by_subgroup.png", bars, CALIBRATED_REPORT_METRICS
+        )
         if (workdir / "metrics.jsonl").is_file():
             try:
-                plots_lib.plot_training_curves(plots / "training_curves.png",
-                                               workdir / "metrics.jsonl")
+                plots_lib.plot_training_curves(
+                    plots / "training_curves.png", workdir / "metrics.jsonl"
+                )
             except ValueError as e:  # too few records to draw a curve
                 notes.append(f"training curves not drawn: {e}")
-        write_text_atomic(staging / "report.md", _report(results, workdir, sizes, notes,
-                                                            ref.n_pert_ref_cells))
+        write_text_atomic(
+            staging / "report.md", _report(results, workdir, sizes, notes, ref.n_pert_ref_cells)
+        )
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -509,15 +655,17 @@ def evaluate_run(run: Run | str | Path, *, which: str = "best",
 
 def _methods_of(summary: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     if "model" not in summary:
-        raise ValueError("summarize_runs expects metrics.json contents (keys 'model', "
-                         "'baselines', 'ceiling'), got keys "
-                         f"{sorted(summary)[:8]}; pass the dicts evaluate_run returns.")
-    return {MODEL: summary["model"], **summary.get("baselines", {}),
-            **summary.get("ceiling", {})}
+        raise ValueError(
+            "summarize_runs expects metrics.json contents (keys 'model', "
+            "'baselines', 'ceiling'), got keys "
+            f"{sorted(summary)[:8]}; pass the dicts evaluate_run returns."
+        )
+    return {MODEL: summary["model"], **summary.get("baselines", {}), **summary.get("ceiling", {})}
 
 
-def summarize_runs(summaries: Sequence[Mapping[str, Any]], *,
-                   metrics: Sequence[str] | None = None) -> pd.DataFrame:
+def summarize_runs(
+    summaries: Sequence[Mapping[str, Any]], *, metrics: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Mean and standard deviation of every metric over several evaluated runs.
 
     Args:
@@ -539,8 +687,7 @@ def summarize_runs(summaries: Sequence[Mapping[str, Any]], *,
     values: dict[tuple[str, str, str], list[float]] = {}
     for summary in summaries:
         for method, result in _methods_of(summary).items():
-            groups = {"overall": result.get("overall", {}),
-                      **result.get("per_subgroup", {})}
+            groups = {"overall": result.get("overall", {}), **result.get("per_subgroup", {})}
             for group, table in groups.items():
                 for metric, value in table.items():
                     if metrics is not None and metric not in metrics:
@@ -550,21 +697,29 @@ def summarize_runs(summaries: Sequence[Mapping[str, Any]], *,
     rows = []
     for (method, group, metric), vals in values.items():
         arr = np.asarray(vals)
-        rows.append({"method": method, "group": group, "metric": metric,
-                     "mean": float(arr.mean()),
-                     "sd": float(arr.std(ddof=1)) if arr.size > 1 else float("nan"),
-                     "n_runs": int(arr.size)})
+        rows.append(
+            {
+                "method": method,
+                "group": group,
+                "metric": metric,
+                "mean": float(arr.mean()),
+                "sd": float(arr.std(ddof=1)) if arr.size > 1 else float("nan"),
+                "n_runs": int(arr.size),
+            }
+        )
     return pd.DataFrame(rows, columns=["method", "group", "metric", "mean", "sd", "n_runs"])
 
 
-def summary_markdown(table: pd.DataFrame, *, group: str = "overall",
-                     metrics: Sequence[str] = CALIBRATED_REPORT_METRICS + REPORT_METRICS[:3]
-                     ) -> str:
+def summary_markdown(
+    table: pd.DataFrame,
+    *,
+    group: str = "overall",
+    metrics: Sequence[str] = CALIBRATED_REPORT_METRICS + REPORT_METRICS[:3],
+) -> str:
     """A markdown table ``mean ± sd`` (methods as rows) of :func:`summarize_runs`'s output."""
     part = table[(table["group"] == group) & table["metric"].isin(metrics)]
     metrics = [m for m in metrics if m in set(part["metric"])]
-    lines = ["| method | n | " + " | ".join(metrics) + " |",
-             "|---" * (len(metrics) + 2) + "|"]
+    lines = ["| method | n | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
     for method in dict.fromkeys(part["method"]):
         rows = part[part["method"] == method].set_index("metric")
         cells = []
@@ -578,8 +733,9 @@ def summary_markdown(table: pd.DataFrame, *, group: str = "overall",
     return "\n".join(lines)
 
 
-def evaluate_runs(workdirs: Sequence[str | Path], summary_dir: str | Path, **kwargs
-                  ) -> pd.DataFrame:
+def evaluate_runs(
+    workdirs: Sequence[str | Path], summary_dir: str | Path, **kwargs
+) -> pd.DataFrame:
     """Evaluates several runs (each into its own ``eval/``) and writes their mean ± sd.
 
     Args:
@@ -591,18 +747,22 @@ def evaluate_runs(workdirs: Sequence[str | Path], summary_dir: str | Path, **kwa
       The :func:`summarize_runs` table.
     """
     if "out_dir" in kwargs:
-        raise ValueError("evaluate_runs writes each run into its own WORKDIR/eval; out_dir "
-                         "is not accepted.")
+        raise ValueError(
+            "evaluate_runs writes each run into its own WORKDIR/eval; out_dir is not accepted."
+        )
     summaries = [evaluate_run(w, **kwargs) for w in workdirs]
     table = summarize_runs(summaries)
     summary_dir = Path(summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(summary_dir / "summary.csv", table.to_csv(index=False))
     seeds = ", ".join(str(s.get("split_seed")) for s in summaries)
-    lines = [f"# Evaluation over {len(summaries)} runs", "",
-             "Runs: " + ", ".join(f"`{w}`" for w in workdirs) + f" (split seeds {seeds}).",
-             "Mean ± sample standard deviation over the runs; n = runs reporting the value.",
-             ""]
+    lines = [
+        f"# Evaluation over {len(summaries)} runs",
+        "",
+        "Runs: " + ", ".join(f"`{w}`" for w in workdirs) + f" (split seeds {seeds}).",
+        "Mean ± sample standard deviation over the runs; n = runs reporting the value.",
+        "",
+    ]
     groups = list(dict.fromkeys(table["group"]))
     for group in groups:
         lines += [f"## {group}", "", summary_markdown(table, group=group), ""]

@@ -33,8 +33,9 @@ MAX_CONTROL_CELLS = 20_000
 EXACT_SVD_MAX = 1500
 
 
-def top_components(matrix: np.ndarray, k: int, *, seed: int = 0,
-                   exact_max: int | None = None) -> np.ndarray:
+def top_components(
+    matrix: np.ndarray, k: int, *, seed: int = 0, exact_max: int | None = None
+) -> np.ndarray:
     """(n_rows, k) row coordinates ``U * S`` of the top-k principal axes of a centred matrix,
     zero-filled when the matrix has rank below k.
 
@@ -63,12 +64,13 @@ def top_components(matrix: np.ndarray, k: int, *, seed: int = 0,
 
 
 def _unit_rms(block: np.ndarray) -> np.ndarray:
-    rms = float(np.sqrt(np.mean(block ** 2))) if block.size else 0.0
+    rms = float(np.sqrt(np.mean(block**2))) if block.size else 0.0
     return block / rms if rms > 0 else block
 
 
-def data_gene_embedding(dataset, train_conditions: Sequence[str], dim: int, *,
-                        seed: int = 0) -> np.ndarray:
+def data_gene_embedding(
+    dataset, train_conditions: Sequence[str], dim: int, *, seed: int = 0
+) -> np.ndarray:
     """Per-gene features from the control cells and the training perturbations.
 
     Args:
@@ -96,19 +98,28 @@ def data_gene_embedding(dataset, train_conditions: Sequence[str], dim: int, *,
     # Gene loadings: right singular vectors scaled by the singular values (the transpose view).
     ctrl_part = top_components(ctrl.T / np.sqrt(max(len(cells) - 1, 1)), k_ctrl, seed=seed)
 
-    changes = [dataset.condition_mean(c) - dataset.control_mean
-               for c in dict.fromkeys(train_conditions) if condition_genes(c)]
+    changes = [
+        dataset.condition_mean(c) - dataset.control_mean
+        for c in dict.fromkeys(train_conditions)
+        if condition_genes(c)
+    ]
     if changes:
         profiles = np.stack(changes, axis=1).astype(np.float64)  # (n_genes, n_perts)
         pert_part = top_components(profiles - profiles.mean(axis=1, keepdims=True), k_pert)
     else:
         pert_part = np.zeros((dataset.n_genes, k_pert))
-    return np.concatenate([_unit_rms(ctrl_part), _unit_rms(pert_part)], axis=1).astype(
-        np.float32)
+    return np.concatenate([_unit_rms(ctrl_part), _unit_rms(pert_part)], axis=1).astype(np.float32)
 
 
-def init_from_data(params: Any, model_config, dataset, train_conditions: Sequence[str], *,
-                   seed: int = 0, embedding: bool = True) -> Any:
+def init_from_data(
+    params: Any,
+    model_config,
+    dataset,
+    train_conditions: Sequence[str],
+    *,
+    seed: int = 0,
+    embedding: bool = True,
+) -> Any:
     """``params`` with the data-initialised parts the config asks for: the gene embedding
     (``gene_embedding_init: data``, unless ``embedding`` is False, e.g. when it comes from a
     pretrained checkpoint) and the per-gene output baseline (``output_baseline:
@@ -122,8 +133,9 @@ def init_from_data(params: Any, model_config, dataset, train_conditions: Sequenc
     return params
 
 
-def init_gene_embedding_from_data(params: Any, dataset, train_conditions: Sequence[str], *,
-                                  scale: float = 0.1, seed: int = 0) -> Any:
+def init_gene_embedding_from_data(
+    params: Any, dataset, train_conditions: Sequence[str], *, scale: float = 0.1, seed: int = 0
+) -> Any:
     """``params`` with the measured genes' rows of the gene embedding (``encoder``) replaced
     by :func:`data_gene_embedding`, scaled to root-mean-square ``scale / sqrt(3)`` (the
     random rows' uniform(-scale, scale) spread)."""

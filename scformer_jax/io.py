@@ -57,8 +57,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}",
-                                   dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     except OSError as e:
         raise _naming(e, path) from e
     os.close(fd)
@@ -133,8 +132,10 @@ class RunFolderLock:
     def _holder_text(self, holder: dict | None) -> str:
         if not holder:
             return "an unknown process"
-        return (f"pid {holder.get('pid')} on host {holder.get('host')!r} (started "
-                f"{holder.get('started')})")
+        return (
+            f"pid {holder.get('pid')} on host {holder.get('host')!r} (started "
+            f"{holder.get('started')})"
+        )
 
     def _read_holder(self, fd: int) -> dict | None:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -152,7 +153,8 @@ class RunFolderLock:
             f"Run folder {self.workdir} is in use: {reason} {self._holder_text(holder)} holds "
             f"{self.path}. Two writers would mix their checkpoints and metrics: wait for it to "
             f"finish, stop it, or train into another --workdir. If no such process runs any "
-            f"more, clear the lock with: rm {self.path}")
+            f"more, clear the lock with: rm {self.path}"
+        )
 
     def acquire(self) -> "RunFolderLock":
         """Takes the lock or raises :class:`RunFolderLockedError` naming the holder."""
@@ -194,7 +196,8 @@ class RunFolderLock:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise self._locked_error(holder, "a running process,") from None
                 raise self._locked_error(
-                    holder, f"this file system cannot lock files ({e.strerror}), and") from None
+                    holder, f"this file system cannot lock files ({e.strerror}), and"
+                ) from None
             # The holder may have removed the file between our open and flock: then we hold
             # a lock on a deleted file, and must try again on the new one.
             try:
@@ -210,8 +213,11 @@ class RunFolderLock:
 
     def _hold(self, fd: int, *, holder: dict | None) -> None:
         self.stale_holder = holder
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(record) + "\n").encode())
@@ -221,8 +227,10 @@ class RunFolderLock:
         """What was taken over, when the lock file was left behind by a dead process."""
         if self.stale_holder is None:
             return None
-        return (f"Took over a stale lock in {self.path}: {self._holder_text(self.stale_holder)} "
-                "no longer holds it (it was killed or crashed).")
+        return (
+            f"Took over a stale lock in {self.path}: {self._holder_text(self.stale_holder)} "
+            "no longer holds it (it was killed or crashed)."
+        )
 
     def release(self, *, remove_empty: bool = True) -> None:
         """Removes the lock file and lets go of the lock; with `remove_empty`, also the

@@ -44,8 +44,7 @@ __all__ = [
 def safe_divide(numerator, denominator):
     """numerator / denominator, and 0 where the denominator is 0."""
     denominator = jnp.asarray(denominator, jnp.float32)
-    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0),
-                     0.0)
+    return jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.0)
 
 
 def _check_masked(pred, target, mask):
@@ -98,8 +97,11 @@ def classification_terms(logits, labels, *, weights=None):
     """(weighted sum of cross-entropies, sum of weights)."""
     chex.assert_rank(logits, 2)
     chex.assert_shape(labels, logits.shape[:1])
-    weights = (jnp.ones(labels.shape, jnp.float32) if weights is None
-               else jnp.asarray(weights, jnp.float32))
+    weights = (
+        jnp.ones(labels.shape, jnp.float32)
+        if weights is None
+        else jnp.asarray(weights, jnp.float32)
+    )
     chex.assert_shape(weights, labels.shape)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
@@ -127,8 +129,9 @@ def _l2_normalize(x, eps=1e-8):
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
-def contrastive_cell_embedding_terms(emb_a, emb_b, *, temperature=0.5, axis_name=None,
-                                     weights=None):
+def contrastive_cell_embedding_terms(
+    emb_a, emb_b, *, temperature=0.5, axis_name=None, weights=None
+):
     """(sum of per-row cross-entropies, number of rows) of the CCE objective.
 
     With ``axis_name``, the keys ``emb_b`` (and their weights) are gathered from every device
@@ -138,8 +141,9 @@ def contrastive_cell_embedding_terms(emb_a, emb_b, *, temperature=0.5, axis_name
     chex.assert_rank(emb_a, 2)
     chex.assert_equal_shape([emb_a, emb_b])
     n_local = emb_a.shape[0]
-    weights = (jnp.ones((n_local,), jnp.float32) if weights is None
-               else jnp.asarray(weights, jnp.float32))
+    weights = (
+        jnp.ones((n_local,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    )
     chex.assert_shape(weights, (n_local,))
     queries = _l2_normalize(emb_a)
     keys = _l2_normalize(emb_b)
@@ -158,8 +162,7 @@ def contrastive_cell_embedding_terms(emb_a, emb_b, *, temperature=0.5, axis_name
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def contrastive_cell_embedding_loss(emb_a, emb_b, *, temperature=0.5, axis_name=None,
-                                    weights=None):
+def contrastive_cell_embedding_loss(emb_a, emb_b, *, temperature=0.5, axis_name=None, weights=None):
     """Contrastive cell embedding (CCE), SimCSE-style.
 
     Cosine similarities between the cell embeddings of two forward passes with different
@@ -178,12 +181,14 @@ def contrastive_cell_embedding_loss(emb_a, emb_b, *, temperature=0.5, axis_name=
     Returns:
       Scalar loss (0 when every weight is 0).
     """
-    return safe_divide(*contrastive_cell_embedding_terms(
-        emb_a, emb_b, temperature=temperature, axis_name=axis_name, weights=weights))
+    return safe_divide(
+        *contrastive_cell_embedding_terms(
+            emb_a, emb_b, temperature=temperature, axis_name=axis_name, weights=weights
+        )
+    )
 
 
-def elastic_cell_similarity_terms(cell_emb, *, ecs_threshold=0.85, axis_name=None,
-                                  weights=None):
+def elastic_cell_similarity_terms(cell_emb, *, ecs_threshold=0.85, axis_name=None, weights=None):
     """(sum over cell pairs, number of pairs) of the ECS objective.
 
     With ``axis_name``, this device's cells are paired with the cells of every device along
@@ -191,8 +196,7 @@ def elastic_cell_similarity_terms(cell_emb, *, ecs_threshold=0.85, axis_name=Non
     """
     chex.assert_rank(cell_emb, 2)
     n = cell_emb.shape[0]
-    weights = (jnp.ones((n,), jnp.float32) if weights is None
-               else jnp.asarray(weights, jnp.float32))
+    weights = jnp.ones((n,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     chex.assert_shape(weights, (n,))
     normed = _l2_normalize(cell_emb)
     others, other_weights, offset = normed, weights, 0
@@ -208,8 +212,7 @@ def elastic_cell_similarity_terms(cell_emb, *, ecs_threshold=0.85, axis_name=Non
     return jnp.sum(per_pair * pair_weights), jnp.sum(pair_weights)
 
 
-def elastic_cell_similarity_loss(cell_emb, *, ecs_threshold=0.85, axis_name=None,
-                                 weights=None):
+def elastic_cell_similarity_loss(cell_emb, *, ecs_threshold=0.85, axis_name=None, weights=None):
     """Elastic cell similarity (ECS).
 
     ``mean(1 - (relu(cos_sim) - ecs_threshold)^2)`` over all cell pairs of the batch, with the
@@ -225,8 +228,11 @@ def elastic_cell_similarity_loss(cell_emb, *, ecs_threshold=0.85, axis_name=None
     Returns:
       Scalar (0 when no pair counts).
     """
-    return safe_divide(*elastic_cell_similarity_terms(
-        cell_emb, ecs_threshold=ecs_threshold, axis_name=axis_name, weights=weights))
+    return safe_divide(
+        *elastic_cell_similarity_terms(
+            cell_emb, ecs_threshold=ecs_threshold, axis_name=axis_name, weights=weights
+        )
+    )
 
 
 def combine_losses(losses: Mapping[str, jnp.ndarray], weights: Mapping[str, float]):

@@ -149,8 +149,11 @@ def _metric_names(with_non_dropout: bool) -> list[str]:
 def _gene_set_direction_names(with_gene_sets: bool) -> list[str]:
     if not with_gene_sets:
         return []
-    return [f"frac_{kind}_direction_{subset}" for subset in ("non_zero", "non_dropout")
-            for kind in ("correct", "opposite", "0/1")]
+    return [
+        f"frac_{kind}_direction_{subset}"
+        for subset in ("non_zero", "non_dropout")
+        for kind in ("correct", "opposite", "0/1")
+    ]
 
 
 METRIC_NAMES = tuple(_metric_names(with_non_dropout=True) + _gene_set_direction_names(True))
@@ -235,13 +238,17 @@ def direction_fractions(pred_change: Any, true_change: Any) -> tuple[float, floa
       (two zeros agree), opposite (+ vs -), or where exactly one change is zero; they sum
       to 1. NaNs for empty inputs.
     """
-    diff = np.abs(np.sign(np.asarray(pred_change, np.float64)) -
-                  np.sign(np.asarray(true_change, np.float64))).ravel()
+    diff = np.abs(
+        np.sign(np.asarray(pred_change, np.float64)) - np.sign(np.asarray(true_change, np.float64))
+    ).ravel()
     if diff.size == 0:
         return float("nan"), float("nan"), float("nan")
     n = diff.size
-    return (float(np.sum(diff == 0) / n), float(np.sum(diff == 2) / n),
-            float(np.sum(diff == 1) / n))
+    return (
+        float(np.sum(diff == 0) / n),
+        float(np.sum(diff == 2) / n),
+        float(np.sum(diff == 1) / n),
+    )
 
 
 def de_weights(t_statistic: Any) -> np.ndarray:
@@ -260,8 +267,9 @@ def de_weights(t_statistic: Any) -> np.ndarray:
     return (t / top) ** 2 if top > 0 else np.zeros_like(t)
 
 
-def welch_t(pert_mean: Any, pert_var: Any, n_pert: int, ctrl_mean: Any, ctrl_var: Any,
-            n_ctrl: int) -> np.ndarray:
+def welch_t(
+    pert_mean: Any, pert_var: Any, n_pert: int, ctrl_mean: Any, ctrl_var: Any, n_ctrl: int
+) -> np.ndarray:
     """Welch's t of each gene, perturbed cells against control cells (scanpy's ``t-test``).
 
     Args:
@@ -274,8 +282,10 @@ def welch_t(pert_mean: Any, pert_var: Any, n_pert: int, ctrl_mean: Any, ctrl_var
       (n_genes,) t statistics; 0 where both variances are 0.
     """
     diff = np.asarray(pert_mean, np.float64) - np.asarray(ctrl_mean, np.float64)
-    scale = np.sqrt(np.asarray(pert_var, np.float64) / max(n_pert, 1)
-                    + np.asarray(ctrl_var, np.float64) / max(n_ctrl, 1))
+    scale = np.sqrt(
+        np.asarray(pert_var, np.float64) / max(n_pert, 1)
+        + np.asarray(ctrl_var, np.float64) / max(n_ctrl, 1)
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         t = diff / scale
     return np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
@@ -343,13 +353,17 @@ def sign_agreement(pred_change: Any, true_change: Any) -> float:
     return float(np.mean(np.sign(p[keep]) == np.sign(t[keep])))
 
 
-def _pairwise_euclidean_mean(a: np.ndarray, b: np.ndarray | None = None, *,
-                             unbiased: bool = False) -> float:
+def _pairwise_euclidean_mean(
+    a: np.ndarray, b: np.ndarray | None = None, *, unbiased: bool = False
+) -> float:
     """Mean Euclidean distance over the pairs of rows of ``a`` and ``b``; ``b=None``: of
     ``a`` with itself (the zero diagonal exact, and left out when ``unbiased``)."""
     other = a if b is None else b
-    sq = (np.einsum("ij,ij->i", a, a)[:, None] + np.einsum("ij,ij->i", other, other)[None, :]
-          - 2.0 * a @ other.T)
+    sq = (
+        np.einsum("ij,ij->i", a, a)[:, None]
+        + np.einsum("ij,ij->i", other, other)[None, :]
+        - 2.0 * a @ other.T
+    )
     if b is None:
         np.fill_diagonal(sq, 0.0)
     total = np.sqrt(np.maximum(sq, 0.0)).sum()
@@ -380,16 +394,24 @@ def energy_distance(x: Any, y: Any, *, unbiased: bool = True) -> float:
     a = np.asarray(x, np.float64)
     b = np.asarray(y, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
-        raise ValueError(f"energy_distance needs two non-empty (cells, genes) arrays with the "
-                         f"same genes, got shapes {a.shape} and {b.shape}.")
-    return (2.0 * _pairwise_euclidean_mean(a, b)
-            - _pairwise_euclidean_mean(a, unbiased=unbiased)
-            - _pairwise_euclidean_mean(b, unbiased=unbiased))
+        raise ValueError(
+            f"energy_distance needs two non-empty (cells, genes) arrays with the "
+            f"same genes, got shapes {a.shape} and {b.shape}."
+        )
+    return (
+        2.0 * _pairwise_euclidean_mean(a, b)
+        - _pairwise_euclidean_mean(a, unbiased=unbiased)
+        - _pairwise_euclidean_mean(b, unbiased=unbiased)
+    )
 
 
-def discrimination_scores(pred_mean: Mapping[str, Any], true_mean: Mapping[str, Any], *,
-                          exclude_idx: Mapping[str, Any] | None = None,
-                          metric: str = "l1") -> dict[str, float]:
+def discrimination_scores(
+    pred_mean: Mapping[str, Any],
+    true_mean: Mapping[str, Any],
+    *,
+    exclude_idx: Mapping[str, Any] | None = None,
+    metric: str = "l1",
+) -> dict[str, float]:
     """How well each prediction picks out its own perturbation among all evaluated ones.
 
     For condition ``p``, the true profiles of all conditions are ranked by their distance to
@@ -422,8 +444,11 @@ def discrimination_scores(pred_mean: Mapping[str, Any], true_mean: Mapping[str, 
         if exclude_idx is not None and cond in exclude_idx:
             keep[np.asarray(exclude_idx[cond], np.int64)] = False
         diff = truth[:, keep] - np.asarray(pred_mean[cond], np.float64)[keep]
-        dist = (np.abs(diff).sum(axis=1) if metric == "l1"
-                else np.sqrt(np.einsum("ij,ij->i", diff, diff)))
+        dist = (
+            np.abs(diff).sum(axis=1)
+            if metric == "l1"
+            else np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        )
         own = dist[i]
         others = np.delete(dist, i)
         rank = np.sum(others < own) + 0.5 * np.sum(others == own)
@@ -436,12 +461,17 @@ def discrimination_scores(pred_mean: Mapping[str, Any], true_mean: Mapping[str, 
 # --------------------------------------------------------------------------------------
 
 
-def _perturbation_metrics(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray,
-                          de_idx: np.ndarray, non_dropout_de_idx: np.ndarray | None, *,
-                          gene_sets: tuple[np.ndarray, np.ndarray] | None = None,
-                          pert_ref: np.ndarray | None = None,
-                          weights: np.ndarray | None = None,
-                          ) -> tuple[dict[str, float], list[str]]:
+def _perturbation_metrics(
+    pred: np.ndarray,
+    true: np.ndarray,
+    ctrl: np.ndarray,
+    de_idx: np.ndarray,
+    non_dropout_de_idx: np.ndarray | None,
+    *,
+    gene_sets: tuple[np.ndarray, np.ndarray] | None = None,
+    pert_ref: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+) -> tuple[dict[str, float], list[str]]:
     """Metrics of one condition and the names of the Pearsons that met a constant vector.
 
     ``gene_sets``: (non-zero, non-dropout) gene indices for GEARS's direction fractions on
@@ -488,13 +518,15 @@ def _perturbation_metrics(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray,
     for k in DE_TOP_KS:
         idx = de_idx[:k]
         out[f"frac_correct_direction_{k}"] = (
-            direction_fractions(pred_change[idx], true_change[idx])[0]
-            if de_idx.size >= k else nan)
+            direction_fractions(pred_change[idx], true_change[idx])[0] if de_idx.size >= k else nan
+        )
     if top is not None:
         nonzero = top[true[top] != 0]
         out["frac_correct_direction_20_nonzero"] = (
             direction_fractions(pred_change[nonzero], true_change[nonzero])[0]
-            if nonzero.size else nan)
+            if nonzero.size
+            else nan
+        )
     else:
         out["frac_correct_direction_20_nonzero"] = nan
 
@@ -506,8 +538,11 @@ def _perturbation_metrics(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray,
             out["mse_top20_de_non_dropout"] = mse(pred_change[idx], true_change[idx])
             correct, opposite, half = direction_fractions(pred_change[idx], true_change[idx])
         else:
-            for name in ("pearson_top20_de_non_dropout", "pearson_delta_top20_de_non_dropout",
-                         "mse_top20_de_non_dropout"):
+            for name in (
+                "pearson_top20_de_non_dropout",
+                "pearson_delta_top20_de_non_dropout",
+                "mse_top20_de_non_dropout",
+            ):
                 out[name] = nan
             correct = opposite = half = nan
         out["frac_correct_direction_top20_non_dropout"] = correct
@@ -530,15 +565,24 @@ def _perturbation_metrics(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray,
             out["r2_w_delta"] = weighted_r2(pred_change, true_change, weights)
         for k in DE_OVERLAP_KS:
             out[f"de_overlap_top{k}"] = top_k_overlap(pred_change, de_idx, k)
-        out["de_sign_agreement"] = (sign_agreement(pred_change[top], true_change[top])
-                                    if top is not None else nan)
+        out["de_sign_agreement"] = (
+            sign_agreement(pred_change[top], true_change[top]) if top is not None else nan
+        )
     return out, constant
 
 
-def perturbation_metrics(pred_mean: Any, true_mean: Any, ctrl_mean: Any, de_idx: Any,
-                         non_dropout_de_idx: Any = None, *, non_zero_idx: Any = None,
-                         non_dropout_idx: Any = None, pert_ref: Any = None,
-                         de_weights: Any = None) -> dict[str, float]:
+def perturbation_metrics(
+    pred_mean: Any,
+    true_mean: Any,
+    ctrl_mean: Any,
+    de_idx: Any,
+    non_dropout_de_idx: Any = None,
+    *,
+    non_zero_idx: Any = None,
+    non_dropout_idx: Any = None,
+    pert_ref: Any = None,
+    de_weights: Any = None,
+) -> dict[str, float]:
     """Every metric of one perturbation (see the module docstring for the list).
 
     Args:
@@ -564,24 +608,33 @@ def perturbation_metrics(pred_mean: Any, true_mean: Any, ctrl_mean: Any, de_idx:
     pred = as_profile(pred_mean, "pred_mean", n_genes)
     true = as_profile(true_mean, "true_mean", n_genes)
     de = _as_index(de_idx, "de_idx", n_genes)
-    nd = None if non_dropout_de_idx is None else _as_index(non_dropout_de_idx,
-                                                           "non_dropout_de_idx", n_genes)
+    nd = (
+        None
+        if non_dropout_de_idx is None
+        else _as_index(non_dropout_de_idx, "non_dropout_de_idx", n_genes)
+    )
     gene_sets = _gene_sets(non_zero_idx, non_dropout_idx, n_genes, "")
     ref = None if pert_ref is None else as_profile(pert_ref, "pert_ref", n_genes)
     weights = None if de_weights is None else as_profile(de_weights, "de_weights", n_genes)
-    return _perturbation_metrics(pred, true, ctrl, de, nd, gene_sets=gene_sets,
-                                 pert_ref=ref, weights=weights)[0]
+    return _perturbation_metrics(
+        pred, true, ctrl, de, nd, gene_sets=gene_sets, pert_ref=ref, weights=weights
+    )[0]
 
 
-def _gene_sets(non_zero_idx: Any, non_dropout_idx: Any, n_genes: int, where: str
-               ) -> tuple[np.ndarray, np.ndarray] | None:
+def _gene_sets(
+    non_zero_idx: Any, non_dropout_idx: Any, n_genes: int, where: str
+) -> tuple[np.ndarray, np.ndarray] | None:
     if (non_zero_idx is None) != (non_dropout_idx is None):
-        raise ValueError("non_zero_idx and non_dropout_idx go together (GEARS's "
-                         "non_zeros_gene_idx and non_dropout_gene_idx); pass both or neither.")
+        raise ValueError(
+            "non_zero_idx and non_dropout_idx go together (GEARS's "
+            "non_zeros_gene_idx and non_dropout_gene_idx); pass both or neither."
+        )
     if non_zero_idx is None:
         return None
-    return (_as_index(non_zero_idx, f"non_zero_idx{where}", n_genes),
-            _as_index(non_dropout_idx, f"non_dropout_idx{where}", n_genes))
+    return (
+        _as_index(non_zero_idx, f"non_zero_idx{where}", n_genes),
+        _as_index(non_dropout_idx, f"non_dropout_idx{where}", n_genes),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -628,31 +681,42 @@ def as_profile(x: Any, what: str, n_genes: int | None = None) -> np.ndarray:
     if arr.ndim == 2 and arr.shape[0] == 1:  # np.matrix rows from sparse means
         arr = arr[0]
     if arr.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D profile of shape (n_genes,), got shape "
-                         f"{arr.shape}. Average the cells first (see mean_profiles).")
+        raise ValueError(
+            f"{what} must be a 1-D profile of shape (n_genes,), got shape "
+            f"{arr.shape}. Average the cells first (see mean_profiles)."
+        )
     if n_genes is not None and arr.shape[0] != n_genes:
-        raise ValueError(f"{what} has {arr.shape[0]} genes but ctrl_mean has {n_genes}; all "
-                         f"profiles must use the same gene columns in the same order.")
+        raise ValueError(
+            f"{what} has {arr.shape[0]} genes but ctrl_mean has {n_genes}; all "
+            f"profiles must use the same gene columns in the same order."
+        )
     if not np.all(np.isfinite(arr)):
         bad = int(np.sum(~np.isfinite(arr)))
-        raise ValueError(f"{what} contains {bad} NaN/inf values; metrics and baselines need "
-                         f"finite profiles (check the model output or the input data).")
+        raise ValueError(
+            f"{what} contains {bad} NaN/inf values; metrics and baselines need "
+            f"finite profiles (check the model output or the input data)."
+        )
     return arr
 
 
 def _as_index(idx: Any, what: str, n_genes: int) -> np.ndarray:
     arr = np.asarray(idx)
     if arr.ndim != 1:
-        raise ValueError(f"{what} must be a 1-D array of gene column indices, got shape "
-                         f"{arr.shape}.")
+        raise ValueError(
+            f"{what} must be a 1-D array of gene column indices, got shape {arr.shape}."
+        )
     if arr.size == 0:
         return arr.astype(np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what} must hold integer gene column indices, got dtype "
-                         f"{arr.dtype}; map gene names with de_indices_from_gene_lists.")
+        raise ValueError(
+            f"{what} must hold integer gene column indices, got dtype "
+            f"{arr.dtype}; map gene names with de_indices_from_gene_lists."
+        )
     if arr.min() < 0 or arr.max() >= n_genes:
-        raise ValueError(f"{what} has indices outside [0, {n_genes}); they must index the "
-                         f"profiles' gene columns.")
+        raise ValueError(
+            f"{what} has indices outside [0, {n_genes}); they must index the "
+            f"profiles' gene columns."
+        )
     if np.unique(arr).size != arr.size:
         raise ValueError(f"{what} repeats gene indices; each DE gene must appear once.")
     return arr.astype(np.int64)
@@ -727,35 +791,58 @@ def evaluate_profiles(
     ctrl = as_profile(ctrl_mean, "ctrl_mean")
     n_genes = ctrl.shape[0]
     conditions = list(true_mean)
-    required = [("pred_mean", pred_mean, "no prediction", "pred_mean must cover every "
-                 "condition of true_mean."),
-                ("de_idx", de_idx, "no DE gene indices", "pass de_idx for every condition."),
-                ("non_dropout_de_idx", non_dropout_de_idx, "no non-dropout DE indices",
-                 "pass them for every condition or none."),
-                ("non_zero_idx", non_zero_idx, "no non-zero gene indices",
-                 "pass them for every condition or none."),
-                ("non_dropout_idx", non_dropout_idx, "no non-dropout gene indices",
-                 "pass them for every condition or none."),
-                ("de_weights", de_weights, "no DE weights",
-                 "pass them for every condition or none.")]
+    required = [
+        (
+            "pred_mean",
+            pred_mean,
+            "no prediction",
+            "pred_mean must cover every condition of true_mean.",
+        ),
+        ("de_idx", de_idx, "no DE gene indices", "pass de_idx for every condition."),
+        (
+            "non_dropout_de_idx",
+            non_dropout_de_idx,
+            "no non-dropout DE indices",
+            "pass them for every condition or none.",
+        ),
+        (
+            "non_zero_idx",
+            non_zero_idx,
+            "no non-zero gene indices",
+            "pass them for every condition or none.",
+        ),
+        (
+            "non_dropout_idx",
+            non_dropout_idx,
+            "no non-dropout gene indices",
+            "pass them for every condition or none.",
+        ),
+        ("de_weights", de_weights, "no DE weights", "pass them for every condition or none."),
+    ]
     for _, table, what, fix in required:
         if table is None:
             continue
         missing = [c for c in conditions if c not in table]
         if missing:
-            raise ValueError(f"evaluate_profiles: {what} for {len(missing)} condition(s) "
-                             f"{missing[:5]}; {fix}")
+            raise ValueError(
+                f"evaluate_profiles: {what} for {len(missing)} condition(s) {missing[:5]}; {fix}"
+            )
     if (non_zero_idx is None) != (non_dropout_idx is None):
-        raise ValueError("evaluate_profiles: non_zero_idx and non_dropout_idx go together; "
-                         "pass both or neither.")
+        raise ValueError(
+            "evaluate_profiles: non_zero_idx and non_dropout_idx go together; pass both or neither."
+        )
     ref = None if pert_ref is None else as_profile(pert_ref, "pert_ref", n_genes)
 
-    metric_names = (_metric_names(non_dropout_de_idx is not None)
-                    + _gene_set_direction_names(non_zero_idx is not None))
+    metric_names = _metric_names(non_dropout_de_idx is not None) + _gene_set_direction_names(
+        non_zero_idx is not None
+    )
     if ref is not None:
-        metric_names += [m for m in CALIBRATED_METRIC_NAMES
-                         if (de_weights is not None or m not in ("wmse_delta", "r2_w_delta"))
-                         and (pred_cells is not None or m != "energy_distance")]
+        metric_names += [
+            m
+            for m in CALIBRATED_METRIC_NAMES
+            if (de_weights is not None or m not in ("wmse_delta", "r2_w_delta"))
+            and (pred_cells is not None or m != "energy_distance")
+        ]
     rows = []
     notes: list[str] = []
     preds = {}
@@ -764,19 +851,29 @@ def evaluate_profiles(
         true = as_profile(true_mean[cond], f"true_mean[{cond!r}]", n_genes)
         preds[cond] = pred
         de = _as_index(de_idx[cond], f"de_idx[{cond!r}]", n_genes)
-        nd = (None if non_dropout_de_idx is None else
-              _as_index(non_dropout_de_idx[cond], f"non_dropout_de_idx[{cond!r}]", n_genes))
-        gene_sets = (None if non_zero_idx is None else
-                     _gene_sets(non_zero_idx[cond], non_dropout_idx[cond], n_genes,
-                                f"[{cond!r}]"))
-        weights = (None if de_weights is None or ref is None else
-                   as_profile(de_weights[cond], f"de_weights[{cond!r}]", n_genes))
-        values, constant = _perturbation_metrics(pred, true, ctrl, de, nd,
-                                                 gene_sets=gene_sets, pert_ref=ref,
-                                                 weights=weights)
+        nd = (
+            None
+            if non_dropout_de_idx is None
+            else _as_index(non_dropout_de_idx[cond], f"non_dropout_de_idx[{cond!r}]", n_genes)
+        )
+        gene_sets = (
+            None
+            if non_zero_idx is None
+            else _gene_sets(non_zero_idx[cond], non_dropout_idx[cond], n_genes, f"[{cond!r}]")
+        )
+        weights = (
+            None
+            if de_weights is None or ref is None
+            else as_profile(de_weights[cond], f"de_weights[{cond!r}]", n_genes)
+        )
+        values, constant = _perturbation_metrics(
+            pred, true, ctrl, de, nd, gene_sets=gene_sets, pert_ref=ref, weights=weights
+        )
         if constant:
-            notes.append(f"{cond}: a constant vector made {', '.join(constant)} 0 "
-                         f"(Pearson is undefined there; GEARS also reports 0).")
+            notes.append(
+                f"{cond}: a constant vector made {', '.join(constant)} 0 "
+                f"(Pearson is undefined there; GEARS also reports 0)."
+            )
         rows.append(values)
     if ref is not None:
         truths = {c: as_profile(true_mean[c], f"true_mean[{c!r}]", n_genes) for c in conditions}
@@ -789,28 +886,33 @@ def evaluate_profiles(
         if pred_cells is not None:
             for row, cond in zip(rows, conditions):
                 if cond in pred_cells and true_cells is not None and cond in true_cells:
-                    row["energy_distance"] = energy_distance(pred_cells[cond],
-                                                             true_cells[cond])
+                    row["energy_distance"] = energy_distance(pred_cells[cond], true_cells[cond])
 
     membership: dict[str, list[str]] = {c: [] for c in conditions}
     per_subgroup: dict[str, dict[str, float]] = {}
     sizes: dict[str, int] = {}
-    table = pd.DataFrame(rows, index=pd.Index(conditions, name="condition"),
-                         columns=metric_names)
+    table = pd.DataFrame(rows, index=pd.Index(conditions, name="condition"), columns=metric_names)
     for name, members in (subgroups or {}).items():
         present = [c for c in members if c in membership]
         absent = [c for c in members if c not in membership]
         if absent:
-            notes.append(f"subgroup {name}: {len(absent)} member(s) without predictions "
-                         f"skipped, e.g. {absent[:3]}.")
+            notes.append(
+                f"subgroup {name}: {len(absent)} member(s) without predictions "
+                f"skipped, e.g. {absent[:3]}."
+            )
         for c in present:
             membership[c].append(name)
         if present:
             per_subgroup[name] = _aggregate(table.loc[present], metric_names)
             sizes[name] = len(present)
     table.insert(0, "subgroup", [";".join(membership[c]) for c in conditions])
-    return EvalResult(overall=_aggregate(table, metric_names), per_subgroup=per_subgroup,
-                      per_perturbation=table, subgroup_sizes=sizes, notes=tuple(notes))
+    return EvalResult(
+        overall=_aggregate(table, metric_names),
+        per_subgroup=per_subgroup,
+        per_perturbation=table,
+        subgroup_sizes=sizes,
+        notes=tuple(notes),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -832,16 +934,20 @@ def mean_profiles(values: Any, conditions: Sequence[str]) -> dict[str, np.ndarra
     if not sp.issparse(values):
         values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2:
-        raise ValueError(f"mean_profiles: values must be (n_cells, n_genes), got shape "
-                         f"{values.shape}.")
+        raise ValueError(
+            f"mean_profiles: values must be (n_cells, n_genes), got shape {values.shape}."
+        )
     if conditions.shape != (values.shape[0],):
-        raise ValueError(f"mean_profiles: conditions has shape {conditions.shape} but values "
-                         f"has {values.shape[0]} cells; give one condition name per cell.")
+        raise ValueError(
+            f"mean_profiles: conditions has shape {conditions.shape} but values "
+            f"has {values.shape[0]} cells; give one condition name per cell."
+        )
     codes, names = pd.factorize(conditions)
     counts = np.bincount(codes, minlength=len(names)).astype(np.float64)
     # A sparse (groups x cells) averaging matrix handles dense and sparse values alike.
-    averaging = sp.csr_matrix((1.0 / counts[codes], (codes, np.arange(codes.size))),
-                              shape=(len(names), codes.size))
+    averaging = sp.csr_matrix(
+        (1.0 / counts[codes], (codes, np.arange(codes.size))), shape=(len(names), codes.size)
+    )
     means = averaging @ values
     means = np.asarray(means.toarray() if sp.issparse(means) else means, dtype=np.float64)
     if not np.all(np.isfinite(means)):
@@ -854,8 +960,9 @@ def _close_matches(name: str, candidates: Sequence[str]) -> str:
     return f" (close matches: {', '.join(close)})" if close else ""
 
 
-def de_indices_from_gene_lists(de_genes: Mapping[str, Sequence[str]],
-                               gene_names: Sequence[str]) -> dict[str, np.ndarray]:
+def de_indices_from_gene_lists(
+    de_genes: Mapping[str, Sequence[str]], gene_names: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Turns ranked DE gene lists (e.g. ``adata.uns["rank_genes_groups_cov_all"]``) into indices.
 
     Args:
@@ -875,9 +982,11 @@ def de_indices_from_gene_lists(de_genes: Mapping[str, Sequence[str]],
         idx = []
         for g in genes:
             if g not in position:
-                raise ValueError(f"DE gene {g!r} of condition {cond!r} is not among the "
-                                 f"{len(position)} gene columns{_close_matches(g, position)}; "
-                                 f"use the same gene identifiers as the profile columns.")
+                raise ValueError(
+                    f"DE gene {g!r} of condition {cond!r} is not among the "
+                    f"{len(position)} gene columns{_close_matches(g, position)}; "
+                    f"use the same gene identifiers as the profile columns."
+                )
             idx.append(position[g])
         out[cond] = np.asarray(idx, dtype=np.int64)
     return out
@@ -937,20 +1046,30 @@ def evaluate_gears_results(
     """
     for key in ("pert_cat", "pred", "truth"):
         if key not in test_res:
-            raise ValueError(f"evaluate_gears_results: test_res has no {key!r}; expected "
-                             f"GEARS's evaluate() output with pert_cat, pred and truth.")
+            raise ValueError(
+                f"evaluate_gears_results: test_res has no {key!r}; expected "
+                f"GEARS's evaluate() output with pert_cat, pred and truth."
+            )
     pert_cat = np.asarray(test_res["pert_cat"]).astype(str)
     pred = np.asarray(test_res["pred"], dtype=np.float64)
     truth = np.asarray(test_res["truth"], dtype=np.float64)
     if pred.shape != truth.shape or pred.ndim != 2 or pred.shape[0] != pert_cat.shape[0]:
-        raise ValueError(f"evaluate_gears_results: pred {pred.shape}, truth {truth.shape} and "
-                         f"pert_cat {pert_cat.shape} must be (n_cells, n_genes), "
-                         f"(n_cells, n_genes) and (n_cells,).")
+        raise ValueError(
+            f"evaluate_gears_results: pred {pred.shape}, truth {truth.shape} and "
+            f"pert_cat {pert_cat.shape} must be (n_cells, n_genes), "
+            f"(n_cells, n_genes) and (n_cells,)."
+        )
     keep = pert_cat != CONTROL
-    return evaluate_profiles(mean_profiles(pred[keep], pert_cat[keep]),
-                             mean_profiles(truth[keep], pert_cat[keep]), ctrl_mean,
-                             de_idx, non_dropout_de_idx, subgroups,
-                             non_zero_idx=non_zero_idx, non_dropout_idx=non_dropout_idx)
+    return evaluate_profiles(
+        mean_profiles(pred[keep], pert_cat[keep]),
+        mean_profiles(truth[keep], pert_cat[keep]),
+        ctrl_mean,
+        de_idx,
+        non_dropout_de_idx,
+        subgroups,
+        non_zero_idx=non_zero_idx,
+        non_dropout_idx=non_dropout_idx,
+    )
 
 
 def to_gears_names(metrics: Mapping[str, float]) -> dict[str, float]:

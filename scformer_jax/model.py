@@ -52,8 +52,11 @@ class PaddedEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, ids):
-        init = (_uniform(self.init_scale) if self.init_scale is not None
-                else nn.initializers.normal(1.0))
+        init = (
+            _uniform(self.init_scale)
+            if self.init_scale is not None
+            else nn.initializers.normal(1.0)
+        )
 
         def table_init(key, shape, dtype=jnp.float32):
             return init(key, shape, dtype).at[self.padding_idx].set(0.0)
@@ -95,10 +98,10 @@ class ValueEncoder(nn.Module):
     @nn.compact
     def __call__(self, values, *, deterministic: bool):
         x = jnp.minimum(values, self.max_value)[..., None]
-        x = nn.relu(nn.Dense(self.d_model, name="linear1",
-                             bias_init=_torch_linear_bias_init(1))(x))
-        x = nn.Dense(self.d_model, name="linear2",
-                     bias_init=_torch_linear_bias_init(self.d_model))(x)
+        x = nn.relu(nn.Dense(self.d_model, name="linear1", bias_init=_torch_linear_bias_init(1))(x))
+        x = nn.Dense(self.d_model, name="linear2", bias_init=_torch_linear_bias_init(self.d_model))(
+            x
+        )
         x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x)
         return Dropout(self.dropout)(x, deterministic=deterministic)
 
@@ -117,20 +120,32 @@ class SelfAttention(nn.Module):
     def __call__(self, x, key_padding_mask, *, deterministic: bool):
         batch, length, _ = x.shape
         head_dim = self.d_model // self.nhead
-        qkv = nn.Dense(3 * self.d_model, name="in_proj", dtype=self.dtype,
-                       kernel_init=nn.initializers.xavier_uniform(),
-                       bias_init=nn.initializers.zeros)(x)
+        qkv = nn.Dense(
+            3 * self.d_model,
+            name="in_proj",
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.zeros,
+        )(x)
         # (batch, length, 3 * d) -> three (batch, length, heads, head_dim)
         q, k, v = jnp.split(qkv.reshape(batch, length, 3, self.nhead, head_dim), 3, axis=2)
         q, k, v = (t[:, :, 0] for t in (q, k, v))
         rate = 0.0 if deterministic else self.dropout
         dropout_rng = self.make_rng("dropout") if rate > 0.0 else None
-        out = attn_lib.attention(q, k, v, key_padding_mask, implementation=self.implementation,
-                                 block_size=self.block_size, dropout_rate=rate,
-                                 dropout_rng=dropout_rng)
+        out = attn_lib.attention(
+            q,
+            k,
+            v,
+            key_padding_mask,
+            implementation=self.implementation,
+            block_size=self.block_size,
+            dropout_rate=rate,
+            dropout_rng=dropout_rng,
+        )
         out = out.reshape(batch, length, self.d_model)
-        return nn.Dense(self.d_model, name="out_proj", dtype=self.dtype,
-                        bias_init=nn.initializers.zeros)(out)
+        return nn.Dense(
+            self.d_model, name="out_proj", dtype=self.dtype, bias_init=nn.initializers.zeros
+        )(out)
 
 
 class EncoderLayer(nn.Module):
@@ -144,14 +159,22 @@ class EncoderLayer(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         drop = functools.partial(Dropout(c.dropout), deterministic=deterministic)
-        h = SelfAttention(c.embsize, c.nhead, c.attn_dropout_rate, self.implementation,
-                          c.attention_block_size_for(deterministic), dtype, name="self_attn")(
-            x, key_padding_mask, deterministic=deterministic)
+        h = SelfAttention(
+            c.embsize,
+            c.nhead,
+            c.attn_dropout_rate,
+            self.implementation,
+            c.attention_block_size_for(deterministic),
+            dtype,
+            name="self_attn",
+        )(x, key_padding_mask, deterministic=deterministic)
         x = nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x + drop(h))
-        h = nn.Dense(c.d_hid, name="linear1", dtype=dtype,
-                     bias_init=_torch_linear_bias_init(c.embsize))(x)
-        h = nn.Dense(c.embsize, name="linear2", dtype=dtype,
-                     bias_init=_torch_linear_bias_init(c.d_hid))(drop(nn.relu(h)))
+        h = nn.Dense(
+            c.d_hid, name="linear1", dtype=dtype, bias_init=_torch_linear_bias_init(c.embsize)
+        )(x)
+        h = nn.Dense(
+            c.embsize, name="linear2", dtype=dtype, bias_init=_torch_linear_bias_init(c.d_hid)
+        )(drop(nn.relu(h)))
         return nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x + drop(h)).astype(jnp.float32)
 
 
@@ -166,7 +189,8 @@ class ClsDecoder(nn.Module):
     def __call__(self, x):
         for i in range(self.nlayers - 1):
             x = nn.LayerNorm(epsilon=LN_EPS, name=f"norm_{i}")(
-                nn.relu(nn.Dense(self.d_model, name=f"dense_{i}")(x)))
+                nn.relu(nn.Dense(self.d_model, name=f"dense_{i}")(x))
+            )
         return nn.Dense(self.n_cls, name="out_layer")(x)
 
 
@@ -209,52 +233,69 @@ class TransformerGenerator(nn.Module):
 
     def _layers(self, length: int):
         c = self.config
-        impl = attn_lib.resolve_implementation(c.attention, length,
-                                               attention_dropout=c.attn_dropout_rate)
+        impl = attn_lib.resolve_implementation(
+            c.attention, length, attention_dropout=c.attn_dropout_rate
+        )
         layer_cls = nn.remat(EncoderLayer, static_argnums=(3,)) if c.remat else EncoderLayer
         return [layer_cls(c, impl, name=f"layers_{i}") for i in range(c.nlayers)]
 
     @nn.compact
-    def __call__(self, gene_ids, inputs, padding_mask, *, deterministic: bool = True,
-                 compute_cls: bool = False, compute_mvc: bool = False):
+    def __call__(
+        self,
+        gene_ids,
+        inputs,
+        padding_mask,
+        *,
+        deterministic: bool = True,
+        compute_cls: bool = False,
+        compute_mvc: bool = False,
+    ):
         """Args:
-          gene_ids: int (batch, seq_len) token ids.
-          inputs: float (batch, seq_len, 2): control expression and perturbation flag.
-          padding_mask: bool (batch, seq_len), True at padding.
-          deterministic: no dropout when True (evaluation).
-          compute_cls / compute_mvc: also run the classification / MVC decoders.
+        gene_ids: int (batch, seq_len) token ids.
+        inputs: float (batch, seq_len, 2): control expression and perturbation flag.
+        padding_mask: bool (batch, seq_len), True at padding.
+        deterministic: no dropout when True (evaluation).
+        compute_cls / compute_mvc: also run the classification / MVC decoders.
         """
         check_inputs(gene_ids, inputs, padding_mask)
         c = self.config
         if c.ntoken <= max(c.pad_token_id, c.cls_token_id):
             raise ValueError(
                 f"model.ntoken ({c.ntoken}) must exceed the special token ids (pad "
-                f"{c.pad_token_id}, cls {c.cls_token_id}); set it from the dataset's vocabulary.")
+                f"{c.pad_token_id}, cls {c.cls_token_id}); set it from the dataset's vocabulary."
+            )
         values = inputs[..., VALUE_CHANNEL].astype(jnp.float32)
         flags = inputs[..., FLAG_CHANNEL].astype(jnp.int32)
         if c.uses_cls_token:
             batch = gene_ids.shape[0]
             gene_ids = jnp.concatenate(
-                [jnp.full((batch, 1), c.cls_token_id, gene_ids.dtype), gene_ids], axis=1)
+                [jnp.full((batch, 1), c.cls_token_id, gene_ids.dtype), gene_ids], axis=1
+            )
             values = jnp.concatenate([jnp.full((batch, 1), c.pad_value, values.dtype), values], 1)
             flags = jnp.concatenate([jnp.full((batch, 1), c.pert_pad_id, flags.dtype), flags], 1)
             padding_mask = jnp.concatenate([jnp.zeros((batch, 1), bool), padding_mask], 1)
 
-        gene_embs = PaddedEmbedding(c.ntoken, c.embsize, c.pad_token_id, init_scale=0.1,
-                                    name="encoder")(gene_ids)
+        gene_embs = PaddedEmbedding(
+            c.ntoken, c.embsize, c.pad_token_id, init_scale=0.1, name="encoder"
+        )(gene_ids)
         gene_embs = nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(gene_embs)
         values_emb = ValueEncoder(c.embsize, c.dropout, c.max_value, name="value_encoder")(
-            values, deterministic=deterministic)
-        x = gene_embs + values_emb + PaddedEmbedding(3, c.embsize, c.pert_pad_id,
-                                                     name="pert_encoder")(flags)
+            values, deterministic=deterministic
+        )
+        x = (
+            gene_embs
+            + values_emb
+            + PaddedEmbedding(3, c.embsize, c.pert_pad_id, name="pert_encoder")(flags)
+        )
         for layer in self._layers(x.shape[1]):
             x = layer(x, padding_mask, deterministic)
 
         cell_emb = self._cell_embedding(x, values, padding_mask)
         if c.uses_cls_token:
             x, gene_embs = x[:, 1:], gene_embs[:, 1:]
-        decoder = nn.Dense(1, kernel_init=_uniform(0.1), bias_init=nn.initializers.zeros,
-                           name="decoder")
+        decoder = nn.Dense(
+            1, kernel_init=_uniform(0.1), bias_init=nn.initializers.zeros, name="decoder"
+        )
         mlm_output = decoder(x)[..., 0]
         if c.output_baseline == "control_input":
             mlm_output = mlm_output + (values[:, 1:] if c.uses_cls_token else values)
@@ -265,11 +306,13 @@ class TransformerGenerator(nn.Module):
             mlm_output = mlm_output + jnp.take(baseline, ids)
         out = {"mlm_output": mlm_output, "cell_emb": cell_emb}
         if compute_cls:
-            out["cls_output"] = ClsDecoder(c.embsize, c.n_cls, c.nlayers_cls,
-                                           name="cls_decoder")(cell_emb)
+            out["cls_output"] = ClsDecoder(c.embsize, c.n_cls, c.nlayers_cls, name="cls_decoder")(
+                cell_emb
+            )
         if compute_mvc:
-            out["mvc_output"] = MVCDecoder(c.embsize, c.mvc_decoder_style,
-                                           name="mvc_decoder")(cell_emb, gene_embs)
+            out["mvc_output"] = MVCDecoder(c.embsize, c.mvc_decoder_style, name="mvc_decoder")(
+                cell_emb, gene_embs
+            )
         return out
 
     def _cell_embedding(self, x, values, padding_mask):
@@ -288,11 +331,23 @@ class TransformerGenerator(nn.Module):
 def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
     """Initial parameters (a plain pytree), with every decoder present."""
     model = TransformerGenerator(config)
-    gene_ids = jnp.full((1, seq_len), config.pad_token_id + 1 if config.pad_token_id + 1
-                        != config.cls_token_id else config.cls_token_id + 1, jnp.int32)
+    gene_ids = jnp.full(
+        (1, seq_len),
+        config.pad_token_id + 1
+        if config.pad_token_id + 1 != config.cls_token_id
+        else config.cls_token_id + 1,
+        jnp.int32,
+    )
     gene_ids = gene_ids % config.ntoken
     inputs = jnp.zeros((1, seq_len, 2), jnp.float32)
     padding_mask = jnp.zeros((1, seq_len), bool)
-    variables = model.init({"params": rng, "dropout": rng}, gene_ids, inputs, padding_mask,
-                           deterministic=True, compute_cls=True, compute_mvc=True)
+    variables = model.init(
+        {"params": rng, "dropout": rng},
+        gene_ids,
+        inputs,
+        padding_mask,
+        deterministic=True,
+        compute_cls=True,
+        compute_mvc=True,
+    )
     return variables["params"]

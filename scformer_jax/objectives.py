@@ -18,9 +18,16 @@ from scformer_jax.config import ObjectiveConfig
 from scformer_jax.model import TransformerGenerator
 
 
-def loss_terms(model: TransformerGenerator, params: Any, batch: PerturbBatch, dropout_rng,
-               objective: ObjectiveConfig, *, deterministic: bool = False,
-               axis_name: str | None = None):
+def loss_terms(
+    model: TransformerGenerator,
+    params: Any,
+    batch: PerturbBatch,
+    dropout_rng,
+    objective: ObjectiveConfig,
+    *,
+    deterministic: bool = False,
+    axis_name: str | None = None,
+):
     """Runs the model and returns ``{name: (numerator, denominator)}`` and the outputs.
 
     Names: ``mse`` and ``mre`` (metric only) always; ``cls``, ``cce``, ``mvc``, ``ecs`` when
@@ -28,9 +35,16 @@ def loss_terms(model: TransformerGenerator, params: Any, batch: PerturbBatch, dr
     """
     batch.check()
     rng_a, rng_b = jax.random.split(dropout_rng)
-    out = model.apply({"params": params}, batch.gene_ids, batch.inputs, batch.padding_mask,
-                      deterministic=deterministic, compute_cls=objective.cls,
-                      compute_mvc=objective.mvc, rngs={"dropout": rng_a})
+    out = model.apply(
+        {"params": params},
+        batch.gene_ids,
+        batch.inputs,
+        batch.padding_mask,
+        deterministic=deterministic,
+        compute_cls=objective.cls,
+        compute_mvc=objective.mvc,
+        rngs={"dropout": rng_a},
+    )
     mask = batch.loss_mask
     terms = {
         "mse": losses.masked_mse_terms(out["mlm_output"], batch.target_values, mask),
@@ -38,22 +52,33 @@ def loss_terms(model: TransformerGenerator, params: Any, batch: PerturbBatch, dr
     }
     weights = batch.cell_weights
     if objective.cls:
-        terms["cls"] = losses.classification_terms(out["cls_output"], batch.labels,
-                                                   weights=weights)
+        terms["cls"] = losses.classification_terms(out["cls_output"], batch.labels, weights=weights)
     if objective.cce:
         # SimCSE: the same cells through a second dropout pass are the positives.
-        second = model.apply({"params": params}, batch.gene_ids, batch.inputs,
-                             batch.padding_mask, deterministic=deterministic,
-                             rngs={"dropout": rng_b})
+        second = model.apply(
+            {"params": params},
+            batch.gene_ids,
+            batch.inputs,
+            batch.padding_mask,
+            deterministic=deterministic,
+            rngs={"dropout": rng_b},
+        )
         terms["cce"] = losses.contrastive_cell_embedding_terms(
-            out["cell_emb"], second["cell_emb"], temperature=objective.cce_temperature,
-            axis_name=axis_name, weights=weights)
+            out["cell_emb"],
+            second["cell_emb"],
+            temperature=objective.cce_temperature,
+            axis_name=axis_name,
+            weights=weights,
+        )
     if objective.mvc:
         terms["mvc"] = losses.masked_mse_terms(out["mvc_output"], batch.target_values, mask)
     if objective.ecs:
         terms["ecs"] = losses.elastic_cell_similarity_terms(
-            out["cell_emb"], ecs_threshold=objective.ecs_threshold, axis_name=axis_name,
-            weights=weights)
+            out["cell_emb"],
+            ecs_threshold=objective.ecs_threshold,
+            axis_name=axis_name,
+            weights=weights,
+        )
     return terms, out
 
 
@@ -81,12 +106,14 @@ def objective_value(terms, objective: ObjectiveConfig, *, axis_name: str | None 
     weights = objective.weights()
     loss = losses.combine_losses({k: v for k, v in values.items() if k in weights}, weights)
     metrics["loss"] = losses.combine_losses(
-        {k: v for k, v in metrics.items() if k in weights}, weights)
+        {k: v for k, v in metrics.items() if k in weights}, weights
+    )
     return loss, metrics
 
 
 def predict_expression(model: TransformerGenerator, params: Any, batch: PerturbBatch):
     """Eval-mode predicted expression of every input token, (batch, seq_len)."""
-    out = model.apply({"params": params}, batch.gene_ids, batch.inputs, batch.padding_mask,
-                      deterministic=True)
+    out = model.apply(
+        {"params": params}, batch.gene_ids, batch.inputs, batch.padding_mask, deterministic=True
+    )
     return jnp.where(batch.padding_mask, 0.0, out["mlm_output"])

@@ -22,13 +22,20 @@ from scformer_jax.batch import PerturbBatch
 AXIS = "batch"
 log = logging.getLogger(__name__)
 
-_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                "JAX_COORDINATOR_ADDRESS", "KUBERNETES_SERVICE_HOST")
+_CLUSTER_ENV = (
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "JAX_COORDINATOR_ADDRESS",
+    "KUBERNETES_SERVICE_HOST",
+)
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
     """Calls ``jax.distributed.initialize`` when this is one process of several.
 
     Explicit arguments win; otherwise JAX auto-detects Slurm, Open MPI, Kubernetes and Cloud
@@ -38,21 +45,30 @@ def initialize_distributed(coordinator_address: str | None = None,
     explicit = coordinator_address is not None or (num_processes or 1) > 1
     slurm_multi = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
     detected = slurm_multi or any(
-        os.environ.get(k) for k in _CLUSTER_ENV if k not in ("SLURM_NTASKS",))
+        os.environ.get(k) for k in _CLUSTER_ENV if k not in ("SLURM_NTASKS",)
+    )
     if not explicit and not detected:
         return False
     if explicit:
         if coordinator_address is None or num_processes is None or process_id is None:
             raise ValueError(
                 "Multi-process training needs all of --coordinator-address, --num-processes "
-                "and --process-id (or none of them, to auto-detect Slurm/MPI/TPU).")
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+                "and --process-id (or none of them, to auto-detect Slurm/MPI/TPU)."
+            )
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
     else:
         jax.distributed.initialize()
-    log.info("distributed: process %d of %d, %d local / %d global devices",
-             jax.process_index(), jax.process_count(), jax.local_device_count(),
-             jax.device_count())
+    log.info(
+        "distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -67,12 +83,14 @@ def check_batch_size(global_batch: int, *, what: str = "train.batch_size") -> in
         raise ValueError(
             f"{what} ({global_batch}) must be divisible by the number of devices ({n} = "
             f"{jax.process_count()} process(es) x {jax.local_device_count()} local device(s)); "
-            f"use e.g. {max(n, global_batch // n * n)}.")
+            f"use e.g. {max(n, global_batch // n * n)}."
+        )
     return global_batch // n
 
 
-def process_rows(tree: Any, *, process_index: int | None = None,
-                 process_count: int | None = None) -> Any:
+def process_rows(
+    tree: Any, *, process_index: int | None = None, process_count: int | None = None
+) -> Any:
     """This process's contiguous share of the rows of a global host batch."""
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -81,7 +99,7 @@ def process_rows(tree: Any, *, process_index: int | None = None,
 
     def take(x):
         rows = x.shape[0] // count
-        return x[index * rows:(index + 1) * rows]
+        return x[index * rows : (index + 1) * rows]
 
     return jax.tree_util.tree_map(take, tree)
 

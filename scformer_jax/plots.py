@@ -89,13 +89,19 @@ def plot_perturbation(
     pred = _vector(pred_mean, "pred_mean", n_genes)
     cells = true_cells.toarray() if sp.issparse(true_cells) else np.asarray(true_cells, float)
     if cells.ndim != 2 or cells.shape[1] != n_genes or cells.shape[0] == 0:
-        raise ValueError(f"true_cells must be (n_cells >= 1, n_genes={n_genes}), got "
-                         f"{cells.shape}.")
+        raise ValueError(
+            f"true_cells must be (n_cells >= 1, n_genes={n_genes}), got {cells.shape}."
+        )
     idx = np.asarray(de_idx)
-    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or (
-            idx.min() < 0 or idx.max() >= n_genes):
-        raise ValueError(f"de_idx must be a non-empty 1-D int array of indices in "
-                         f"[0, {n_genes}), got {idx!r}.")
+    if (
+        idx.ndim != 1
+        or idx.size == 0
+        or not np.issubdtype(idx.dtype, np.integer)
+        or (idx.min() < 0 or idx.max() >= n_genes)
+    ):
+        raise ValueError(
+            f"de_idx must be a non-empty 1-D int array of indices in [0, {n_genes}), got {idx!r}."
+        )
     if len(gene_names) != n_genes:
         raise ValueError(f"gene_names has {len(gene_names)} names for {n_genes} genes.")
     true_change = cells[:, idx] - ctrl[idx]
@@ -104,8 +110,13 @@ def plot_perturbation(
     fig = Figure(figsize=(max(4.0, 0.45 * idx.size + 1.5), 4.2))
     ax = fig.add_subplot()
     positions = np.arange(1, idx.size + 1)
-    ax.boxplot(list(true_change.T), positions=positions, showfliers=False, widths=0.6,
-               medianprops={"color": "black"})
+    ax.boxplot(
+        list(true_change.T),
+        positions=positions,
+        showfliers=False,
+        widths=0.6,
+        medianprops={"color": "black"},
+    )
     ax.scatter(positions, pred_change, color="red", zorder=3, s=22, label="predicted")
     ax.axhline(0.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xticks(positions)
@@ -140,8 +151,10 @@ def plot_change_scatter(
     p = np.asarray(pred_change, dtype=np.float64).ravel()
     t = np.asarray(true_change, dtype=np.float64).ravel()
     if p.shape != t.shape or p.size == 0:
-        raise ValueError(f"pred_change and true_change must be non-empty and of one shape, "
-                         f"got {np.shape(pred_change)} and {np.shape(true_change)}.")
+        raise ValueError(
+            f"pred_change and true_change must be non-empty and of one shape, "
+            f"got {np.shape(pred_change)} and {np.shape(true_change)}."
+        )
     finite = np.isfinite(p) & np.isfinite(t)
     if not finite.all():
         raise ValueError(f"{int((~finite).sum())} NaN/inf values in pred_change/true_change.")
@@ -150,8 +163,7 @@ def plot_change_scatter(
     ax.scatter(t, p, s=8, alpha=0.6, label=label)
     lo, hi = float(min(p.min(), t.min())), float(max(p.max(), t.max()))
     pad = 0.05 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", linewidth=0.8,
-            linestyle="--")
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", linewidth=0.8, linestyle="--")
     ax.axhline(0.0, color="lightgrey", linewidth=0.6)
     ax.axvline(0.0, color="lightgrey", linewidth=0.6)
     ax.set_xlabel("true change")
@@ -192,13 +204,15 @@ def plot_metric_bars(
         subgroups = list(dict.fromkeys(g for m in methods for g in results[m]))
     if not subgroups:
         raise ValueError("plot_metric_bars: no group found in results.")
-    if not any(name in results[m].get(g, {}) for m in methods for g in subgroups
-               for name in metric_names):
+    if not any(
+        name in results[m].get(g, {}) for m in methods for g in subgroups for name in metric_names
+    ):
         raise ValueError(f"plot_metric_bars: none of {list(metric_names)} is in results.")
 
     n_panels = len(metric_names)
-    fig = Figure(figsize=(max(4.5, 1.1 * len(subgroups) * max(1, len(methods)) / 2 + 2),
-                          3.2 * n_panels))
+    fig = Figure(
+        figsize=(max(4.5, 1.1 * len(subgroups) * max(1, len(methods)) / 2 + 2), 3.2 * n_panels)
+    )
     width = 0.8 / len(methods)
     x = np.arange(len(subgroups))
     for row, name in enumerate(metric_names):
@@ -230,11 +244,14 @@ def read_metrics_jsonl(path: PathLike) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); each line of "
-                                 f"the metrics file must be one JSON object.") from None
+                raise ValueError(
+                    f"{path}:{number}: not valid JSON ({err.msg}); each line of "
+                    f"the metrics file must be one JSON object."
+                ) from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got "
-                                 f"{type(record).__name__}.")
+                raise ValueError(
+                    f"{path}:{number}: expected a JSON object, got {type(record).__name__}."
+                )
             records.append(record)
     return records
 
@@ -270,21 +287,28 @@ def plot_training_curves(
     """
     records = read_metrics_jsonl(metrics_file)
     if not records:
-        raise ValueError(f"{metrics_file}: no records; train first (the metrics file is "
-                         f"written by train.py).")
+        raise ValueError(
+            f"{metrics_file}: no records; train first (the metrics file is written by train.py)."
+        )
     if x_key is None:
         x_key = next((k for k in ("step", "epoch") if any(k in r for r in records)), None)
     axis_keys = {"step", "epoch", "time", "wall_time", "timestamp"}
     if keys is None:
-        keys = list(dict.fromkeys(k for r in records for k, v in r.items()
-                                  if k not in axis_keys and k != x_key and _is_number(v)))
+        keys = list(
+            dict.fromkeys(
+                k
+                for r in records
+                for k, v in r.items()
+                if k not in axis_keys and k != x_key and _is_number(v)
+            )
+        )
     if not keys:
         raise ValueError(f"{metrics_file}: no numeric metric to plot.")
 
     def family(key: str) -> str:
         for prefix in ("train_", "val_", "valid_", "test_"):
             if key.startswith(prefix):
-                return key[len(prefix):]
+                return key[len(prefix) :]
         return key
 
     panels: dict[str, list[str]] = {}
@@ -298,8 +322,11 @@ def plot_training_curves(
     for i, (fam, members) in enumerate(panels.items()):
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
         for k in members:
-            pts = [(r.get(x_key, j) if x_key else j, r[k]) for j, r in enumerate(records)
-                   if _is_number(r.get(k)) and (x_key is None or _is_number(r.get(x_key)))]
+            pts = [
+                (r.get(x_key, j) if x_key else j, r[k])
+                for j, r in enumerate(records)
+                if _is_number(r.get(k)) and (x_key is None or _is_number(r.get(x_key)))
+            ]
             if not pts:
                 continue
             xs, ys = zip(*pts)
@@ -312,8 +339,9 @@ def plot_training_curves(
         if ax.get_lines():
             ax.legend(fontsize=7, frameon=False)
     if plotted == 0:
-        raise ValueError(f"{metrics_file}: none of {list(keys)} has a numeric value "
-                         f"with {x_key!r}.")
+        raise ValueError(
+            f"{metrics_file}: none of {list(keys)} has a numeric value with {x_key!r}."
+        )
     fig.tight_layout()
     return save_figure(fig, path)
 

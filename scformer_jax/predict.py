@@ -46,7 +46,8 @@ def normalize_perturbation(text: str, dataset: PerturbData) -> str:
     except ValueError as e:
         raise UnknownPerturbationError(
             f"Perturbation {text!r} is malformed ({e}): write one gene ('A' or 'A+ctrl'), two "
-            "genes ('A+B') or 'ctrl'.") from None
+            "genes ('A+B') or 'ctrl'."
+        ) from None
     known = [name for name in dataset.vocab if not name.startswith("<")]
     for gene in genes:
         if gene not in dataset.vocab or gene.startswith("<"):
@@ -54,7 +55,8 @@ def normalize_perturbation(text: str, dataset: PerturbData) -> str:
             hint = f" Close matches: {close}." if close else ""
             raise UnknownPerturbationError(
                 f"Unknown gene {gene!r} in perturbation {text!r}: the model has no token for it "
-                f"(it is neither a measured gene nor a perturbed gene of {dataset.name!r}).{hint}")
+                f"(it is neither a measured gene nor a perturbed gene of {dataset.name!r}).{hint}"
+            )
     if len(genes) == 1:
         return f"{genes[0]}+ctrl"
     a, b = genes
@@ -64,8 +66,9 @@ def normalize_perturbation(text: str, dataset: PerturbData) -> str:
     return f"{a}+{b}"
 
 
-def full_profiles(control_rows: np.ndarray, token_pred: np.ndarray,
-                  gene_index: np.ndarray) -> np.ndarray:
+def full_profiles(
+    control_rows: np.ndarray, token_pred: np.ndarray, gene_index: np.ndarray
+) -> np.ndarray:
     """Per-token predictions -> whole-gene profiles.
 
     Args:
@@ -88,16 +91,27 @@ def full_profiles(control_rows: np.ndarray, token_pred: np.ndarray,
 class Predictor:
     """A trained model bound to a dataset's vocabulary, predicting full gene profiles."""
 
-    def __init__(self, model_config: ModelConfig, params: Any, dataset: PerturbData, *,
-                 batch_size: int = 32, include_zero_gene: str = "all",
-                 prior: AdditivePrior | None = None):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: Any,
+        dataset: PerturbData,
+        *,
+        batch_size: int = 32,
+        include_zero_gene: str = "all",
+        prior: AdditivePrior | None = None,
+    ):
         if uses_prior(model_config) and prior is None:
-            option = next(k for k in ("additive_prior", "seen_single_correction",
-                                      "coexpression_prior") if getattr(model_config, k))
+            option = next(
+                k
+                for k in ("additive_prior", "seen_single_correction", "coexpression_prior")
+                if getattr(model_config, k)
+            )
             raise ValueError(
                 "This model predicts multi-gene perturbations from the measured training "
                 f"singles (model.{option}): pass prior=fit_additive_prior(dataset, "
-                "split['train']) with the run's training split.")
+                "split['train']) with the run's training split."
+            )
         self.prior = prior if uses_prior(model_config) else None
         self.model_config = model_config
         self.params = params
@@ -115,8 +129,9 @@ class Predictor:
 
     def predict_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
         """(n, n_genes) predicted profiles of `control_cells` under `condition`."""
-        return self._model_cells(condition, control_cells) + self.prior_part(condition,
-                                                                              control_cells)
+        return self._model_cells(condition, control_cells) + self.prior_part(
+            condition, control_cells
+        )
 
     def prior_part(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
         """(n, n_genes) what the priors add to the network's output for `condition` on each
@@ -135,8 +150,7 @@ class Predictor:
             ctrl = np.asarray(self.dataset.control_mean, np.float32)
             for gene in condition_genes(condition):
                 if gene in self.prior.changes:
-                    out += (ctrl + self.prior.changes[gene]
-                            - self._single_cells(gene, control_cells))
+                    out += ctrl + self.prior.changes[gene] - self._single_cells(gene, control_cells)
         elif self.model_config.additive_prior:
             offset, missing = self.prior.parts(condition, n_genes)
             out += offset
@@ -151,18 +165,25 @@ class Predictor:
         prior)."""
         single = f"{gene}+ctrl"
         return self._model_cells(single, control_cells) + self.prior.effect_offset(
-            single, self.dataset.n_genes)
+            single, self.dataset.n_genes
+        )
 
     def _model_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
         results = []
         for start in range(0, len(control_cells), self.batch_size):
-            chunk = np.asarray(control_cells[start:start + self.batch_size], dtype=np.int64)
+            chunk = np.asarray(control_cells[start : start + self.batch_size], dtype=np.int64)
             host = assemble_batch(
-                self.dataset, chunk, chunk, conditions=[condition] * len(chunk),
-                include_zero_gene=self.include_zero_gene, max_seq_len=None,
-                batch_size=self.batch_size, pad_value=self.model_config.pad_value,
+                self.dataset,
+                chunk,
+                chunk,
+                conditions=[condition] * len(chunk),
+                include_zero_gene=self.include_zero_gene,
+                max_seq_len=None,
+                batch_size=self.batch_size,
+                pad_value=self.model_config.pad_value,
                 pert_pad_id=self.model_config.pert_pad_id,
-                bucket_sizes=self._buckets)
+                bucket_sizes=self._buckets,
+            )
             results.append(self._run(host, self.dataset.dense_rows(chunk)))
         return np.concatenate(results) if results else np.zeros((0, self.dataset.n_genes))
 
@@ -173,8 +194,14 @@ class Predictor:
             perturbations = [perturbations]
         return [normalize_perturbation(p, self.dataset) for p in perturbations]
 
-    def predict(self, perturbations: Sequence[str], *, pool_size: int = 300, seed: int = 0,
-                return_cells: bool = True) -> "Prediction":
+    def predict(
+        self,
+        perturbations: Sequence[str],
+        *,
+        pool_size: int = 300,
+        seed: int = 0,
+        return_cells: bool = True,
+    ) -> "Prediction":
         """Predicts each perturbation on a pool of control cells.
 
         Args:
@@ -204,17 +231,27 @@ class Predictor:
         var = pd.DataFrame(index=pd.Index(self.dataset.gene_names.astype(str), name="gene_name"))
         mean = anndata.AnnData(
             X=np.stack(means).astype(np.float32) if means else np.zeros((0, len(var)), np.float32),
-            obs=pd.DataFrame({"condition": conditions, "n_control_cells": len(pool)},
-                             index=[str(i) for i in range(len(conditions))]),
-            var=var.copy())
+            obs=pd.DataFrame(
+                {"condition": conditions, "n_control_cells": len(pool)},
+                index=[str(i) for i in range(len(conditions))],
+            ),
+            var=var.copy(),
+        )
         cell_data = None
         if return_cells:
-            obs = pd.concat(cell_obs, ignore_index=True) if cell_obs else pd.DataFrame(
-                {"condition": [], "control_cell": []})
+            obs = (
+                pd.concat(cell_obs, ignore_index=True)
+                if cell_obs
+                else pd.DataFrame({"condition": [], "control_cell": []})
+            )
             obs.index = obs.index.astype(str)
             cell_data = anndata.AnnData(
-                X=np.concatenate(cells).astype(np.float32) if cells
-                else np.zeros((0, len(var)), np.float32), obs=obs, var=var.copy())
+                X=np.concatenate(cells).astype(np.float32)
+                if cells
+                else np.zeros((0, len(var)), np.float32),
+                obs=obs,
+                var=var.copy(),
+            )
         return Prediction(mean=mean, cells=cell_data)
 
 
@@ -227,14 +264,28 @@ class Prediction:
     cells: anndata.AnnData | None
 
 
-def predict(model_config: ModelConfig, params: Any, dataset: PerturbData,
-            perturbations: Sequence[str], *, pool_size: int = 300, seed: int = 0,
-            batch_size: int = 32, include_zero_gene: str = "all",
-            return_cells: bool = True, prior: AdditivePrior | None = None) -> Prediction:
+def predict(
+    model_config: ModelConfig,
+    params: Any,
+    dataset: PerturbData,
+    perturbations: Sequence[str],
+    *,
+    pool_size: int = 300,
+    seed: int = 0,
+    batch_size: int = 32,
+    include_zero_gene: str = "all",
+    return_cells: bool = True,
+    prior: AdditivePrior | None = None,
+) -> Prediction:
     """Functional form of :meth:`Predictor.predict`."""
-    return Predictor(model_config, params, dataset, batch_size=batch_size,
-                     include_zero_gene=include_zero_gene, prior=prior).predict(
-        perturbations, pool_size=pool_size, seed=seed, return_cells=return_cells)
+    return Predictor(
+        model_config,
+        params,
+        dataset,
+        batch_size=batch_size,
+        include_zero_gene=include_zero_gene,
+        prior=prior,
+    ).predict(perturbations, pool_size=pool_size, seed=seed, return_cells=return_cells)
 
 
 def run_predictor(run: Run, *, batch_size: int | None = None) -> Predictor:
@@ -247,9 +298,14 @@ def run_predictor(run: Run, *, batch_size: int | None = None) -> Predictor:
       batch_size: prediction batch (default: the run's ``train.eval_batch_size``).
     """
     prior = prior_for(run.model_config, run.dataset, run.split["train"])
-    return Predictor(run.model_config, run.params, run.dataset,
-                     batch_size=batch_size or run.config.train.eval_batch_size,
-                     include_zero_gene=run.config.data.include_zero_gene, prior=prior)
+    return Predictor(
+        run.model_config,
+        run.params,
+        run.dataset,
+        batch_size=batch_size or run.config.train.eval_batch_size,
+        include_zero_gene=run.config.data.include_zero_gene,
+        prior=prior,
+    )
 
 
 def load_predictor(workdir: str, *, which: str = "best", batch_size: int = 32) -> Predictor:

@@ -124,19 +124,24 @@ class AdditivePrior:
                 missing.append(gene)
         return offset, tuple(missing)
 
-    def offsets(self, conditions: Sequence[str], n_genes: int, *, additive: bool = True
-                ) -> dict[str, np.ndarray]:
+    def offsets(
+        self, conditions: Sequence[str], n_genes: int, *, additive: bool = True
+    ) -> dict[str, np.ndarray]:
         """condition -> what training takes off its targets: the co-expression prior and,
         with `additive`, the measured singles' part of multi-gene conditions."""
-        return {c: self.effect_offset(c, n_genes)
-                + (self.parts(c, n_genes)[0] if additive else 0.0)
-                for c in dict.fromkeys(conditions)}
+        return {
+            c: self.effect_offset(c, n_genes) + (self.parts(c, n_genes)[0] if additive else 0.0)
+            for c in dict.fromkeys(conditions)
+        }
 
 
 def uses_prior(model_config) -> bool:
     """Whether a model's predictions need the training singles (:class:`AdditivePrior`)."""
-    return bool(model_config.additive_prior or model_config.seen_single_correction
-                or model_config.coexpression_prior)
+    return bool(
+        model_config.additive_prior
+        or model_config.seen_single_correction
+        or model_config.coexpression_prior
+    )
 
 
 def prior_for(model_config, dataset, train_conditions: Sequence[str]) -> AdditivePrior | None:
@@ -144,12 +149,14 @@ def prior_for(model_config, dataset, train_conditions: Sequence[str]) -> Additiv
     it) when the model config uses them, else None."""
     if not uses_prior(model_config):
         return None
-    return fit_additive_prior(dataset, train_conditions,
-                              coexpression=model_config.coexpression_prior)
+    return fit_additive_prior(
+        dataset, train_conditions, coexpression=model_config.coexpression_prior
+    )
 
 
-def fit_additive_prior(dataset, train_conditions: Sequence[str], *,
-                       coexpression: bool = False) -> AdditivePrior:
+def fit_additive_prior(
+    dataset, train_conditions: Sequence[str], *, coexpression: bool = False
+) -> AdditivePrior:
     """The training singles' mean changes over the control mean (training cells only) and,
     with `coexpression`, the co-expression prior (:func:`fit_coexpression`)."""
     ctrl = np.asarray(dataset.control_mean, np.float32)
@@ -158,36 +165,44 @@ def fit_additive_prior(dataset, train_conditions: Sequence[str], *,
         genes = condition_genes(condition)
         if condition != CONTROL and len(genes) == 1:
             changes[genes[0]] = (dataset.condition_mean(condition) - ctrl).astype(np.float32)
-    return AdditivePrior(changes=changes, coexpression=fit_coexpression(dataset, changes)
-                         if coexpression else None)
+    return AdditivePrior(
+        changes=changes, coexpression=fit_coexpression(dataset, changes) if coexpression else None
+    )
 
 
-def fit_coexpression(dataset, changes: Mapping[str, np.ndarray], *,
-                     ridge: float = RIDGE) -> CoexpressionPrior | None:
+def fit_coexpression(
+    dataset, changes: Mapping[str, np.ndarray], *, ridge: float = RIDGE
+) -> CoexpressionPrior | None:
     """The co-expression prior of a dataset's control cells and the training singles
     `changes` (None when no training single perturbs a measured gene: no direct effect to
     scale by)."""
-    return coexpression_from(dataset.dense_rows(dataset.control_cells), dataset.gene_names,
-                             changes, ridge=ridge)
+    return coexpression_from(
+        dataset.dense_rows(dataset.control_cells), dataset.gene_names, changes, ridge=ridge
+    )
 
 
-def coexpression_from(controls: np.ndarray, gene_names: Sequence[str],
-                      changes: Mapping[str, np.ndarray], *, ridge: float = RIDGE
-                      ) -> CoexpressionPrior | None:
+def coexpression_from(
+    controls: np.ndarray,
+    gene_names: Sequence[str],
+    changes: Mapping[str, np.ndarray],
+    *,
+    ridge: float = RIDGE,
+) -> CoexpressionPrior | None:
     """The co-expression prior from control cells (n_controls, n_genes) with columns
     `gene_names` and training singles' changes (gene -> (n_genes,)); None when no training
     single perturbs a measured gene."""
     columns: dict[str, int] = {}
     for column, gene in enumerate(gene_names):
         columns.setdefault(str(gene), column)
-    direct = [float(change[columns[gene]]) for gene, change in changes.items()
-              if gene in columns]
+    direct = [float(change[columns[gene]]) for gene, change in changes.items() if gene in columns]
     if not direct:
         return None
     controls = np.asarray(controls, np.float64)
     centred = controls - controls.mean(axis=0)
-    var = (centred ** 2).sum(axis=0) / max(len(controls) - 1, 1)
+    var = (centred**2).sum(axis=0) / max(len(controls) - 1, 1)
     return CoexpressionPrior(
         centred=centred.astype(np.float32),
         denominator=(var + ridge * max(float(var.mean()), 1e-12)).astype(np.float32),
-        direct_effect=float(np.mean(direct)), columns=columns)
+        direct_effect=float(np.mean(direct)),
+        columns=columns,
+    )

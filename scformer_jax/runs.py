@@ -40,9 +40,17 @@ TENSORBOARD_DIR = "tensorboard"
 # Keys that may change when a run is resumed: how long it runs, how it logs and how the
 # attention kernel tiles its work. Anything else would make the resumed run a different run
 # than its checkpoints.
-RESUMABLE_CHANGES = ({("train", k) for k in ("epochs", "early_stop", "max_steps", "log_interval",
-                                             "max_val_batches", "keep_checkpoints")}
-                     | {("model", "attention_block_size"), ("model", "attention_eval_block_size")})
+RESUMABLE_CHANGES = {
+    ("train", k)
+    for k in (
+        "epochs",
+        "early_stop",
+        "max_steps",
+        "log_interval",
+        "max_val_batches",
+        "keep_checkpoints",
+    )
+} | {("model", "attention_block_size"), ("model", "attention_eval_block_size")}
 
 
 @dataclasses.dataclass
@@ -81,7 +89,8 @@ def read_config(workdir: str | Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: --workdir must be a folder written by train.py or "
-            "python -m scformer_jax.convert.")
+            "python -m scformer_jax.convert."
+        )
     return load_config(path)
 
 
@@ -94,14 +103,16 @@ def load_data(config: Config) -> tuple[PerturbData, dict]:
 def split_of(config: Config, dataset: PerturbData) -> dict:
     """GEARS's split of `dataset` as ``config.data`` describes it."""
     return gears_split(
-        dataset.conditions, split=config.data.split, seed=config.data.split_seed,
+        dataset.conditions,
+        split=config.data.split,
+        seed=config.data.split_seed,
         train_gene_set_size=config.data.train_gene_set_size,
         combo_seen2_train_frac=config.data.combo_seen2_train_frac,
-        split_path=config.data.split_path)
+        split_path=config.data.split_path,
+    )
 
 
-def restore_params(workdir: str | Path, *, which: str = "best"
-                   ) -> tuple[ModelConfig, Any, dict]:
+def restore_params(workdir: str | Path, *, which: str = "best") -> tuple[ModelConfig, Any, dict]:
     """(model config, params, meta) of a run folder's best (or latest) checkpoint, in the
     checkpoint's own vocabulary. Reads no optimiser state's structure."""
     workdir = Path(workdir)
@@ -109,8 +120,9 @@ def restore_params(workdir: str | Path, *, which: str = "best"
     if (workdir / CONFIG_FILE).is_file():
         best_mode = load_config(workdir / CONFIG_FILE).train.best_mode
     try:
-        _, params, meta = checkpoints.restore_params(workdir / CHECKPOINTS_DIR, which=which,
-                                                     best_mode=best_mode)
+        _, params, meta = checkpoints.restore_params(
+            workdir / CHECKPOINTS_DIR, which=which, best_mode=best_mode
+        )
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} Run train.py with --workdir {workdir}.") from None
     return model_config_from_meta(meta), params, meta
@@ -118,8 +130,9 @@ def restore_params(workdir: str | Path, *, which: str = "best"
 
 def model_config_from_meta(meta: dict) -> ModelConfig:
     """The :class:`ModelConfig` a checkpoint's metadata records (lists back to tuples)."""
-    return ModelConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                          for k, v in meta["model_config"].items()})
+    return ModelConfig(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model_config"].items()}
+    )
 
 
 def load_run(workdir: str | Path, *, which: str = "best") -> Run:
@@ -140,7 +153,8 @@ def load_run(workdir: str | Path, *, which: str = "best") -> Run:
     config = read_config(workdir)
     try:
         step, params, meta = checkpoints.restore_params(
-            workdir / CHECKPOINTS_DIR, which=which, best_mode=config.train.best_mode)
+            workdir / CHECKPOINTS_DIR, which=which, best_mode=config.train.best_mode
+        )
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} Run train.py with --workdir {workdir}.") from None
     model_config = model_config_from_meta(meta)
@@ -152,12 +166,26 @@ def load_run(workdir: str | Path, *, which: str = "best") -> Run:
     vocab = read_vocab(workdir / VOCAB_FILE) if (workdir / VOCAB_FILE).is_file() else None
     model_config, params, match = adapt_to_dataset(vocab, model_config, params, dataset)
     if match is not None:
-        print(f"{workdir}: {match.message}"
-              + (f" ({len(match.unmatched_genes)} start at zero: "
-                 f"{list(match.unmatched_genes[:10])})" if match.unmatched_genes else ""))
-    return Run(workdir=workdir, config=config, dataset=dataset, split=split,
-               model_config=model_config, params=params, step=step, meta=meta,
-               vocabulary=match, which=which)
+        print(
+            f"{workdir}: {match.message}"
+            + (
+                f" ({len(match.unmatched_genes)} start at zero: {list(match.unmatched_genes[:10])})"
+                if match.unmatched_genes
+                else ""
+            )
+        )
+    return Run(
+        workdir=workdir,
+        config=config,
+        dataset=dataset,
+        split=split,
+        model_config=model_config,
+        params=params,
+        step=step,
+        meta=meta,
+        vocabulary=match,
+        which=which,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,12 +219,15 @@ def check_resume_config(config: Config, workdir: str | Path) -> None:
     if not saved_path.is_file() or not (workdir / CHECKPOINTS_DIR).is_dir():
         return
     saved, new = config_to_dict(load_config(saved_path)), config_to_dict(config)
-    changed = [f"{section}.{key}: {saved[section][key]!r} -> {new[section][key]!r}"
-               for section in new for key in new[section]
-               if new[section][key] != saved[section][key]
-               and (section, key) not in RESUMABLE_CHANGES]
+    changed = [
+        f"{section}.{key}: {saved[section][key]!r} -> {new[section][key]!r}"
+        for section in new
+        for key in new[section]
+        if new[section][key] != saved[section][key] and (section, key) not in RESUMABLE_CHANGES
+    ]
     if changed:
         raise ConfigError(
             f"{workdir} holds a run with another config; resuming it with these changes would "
             f"mix two runs: {'; '.join(changed)}. Use a new --workdir, or set those keys back "
-            f"(only {sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES)} may change on resume).")
+            f"(only {sorted(f'{s}.{k}' for s, k in RESUMABLE_CHANGES)} may change on resume)."
+        )

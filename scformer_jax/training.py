@@ -57,16 +57,24 @@ class NonFiniteError(RuntimeError):
 def make_optimizer(optim, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Any]:
     """Adam with global-norm clipping and the original's StepLR decay per epoch interval."""
     schedule = optax.exponential_decay(
-        init_value=optim.lr, transition_steps=max(1, steps_per_epoch * optim.schedule_interval),
-        decay_rate=optim.decay, staircase=True)
-    adam = (optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                        weight_decay=optim.weight_decay) if optim.weight_decay > 0
-            else optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps))
+        init_value=optim.lr,
+        transition_steps=max(1, steps_per_epoch * optim.schedule_interval),
+        decay_rate=optim.decay,
+        staircase=True,
+    )
+    adam = (
+        optax.adamw(
+            schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay
+        )
+        if optim.weight_decay > 0
+        else optax.adam(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    )
     return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adam), schedule
 
 
-def create_train_state(model_config: ModelConfig, optim, steps_per_epoch: int, rng,
-                       params: Any | None = None) -> tuple[TrainState, Any]:
+def create_train_state(
+    model_config: ModelConfig, optim, steps_per_epoch: int, rng, params: Any | None = None
+) -> tuple[TrainState, Any]:
     model = TransformerGenerator(model_config)
     if params is None:
         params = init_params(model_config, rng)
@@ -74,8 +82,15 @@ def create_train_state(model_config: ModelConfig, optim, steps_per_epoch: int, r
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx), schedule
 
 
-def train_step(state: TrainState, batch: PerturbBatch, rng, *, model: TransformerGenerator,
-               objective, axis_name: str | None = parallel.AXIS):
+def train_step(
+    state: TrainState,
+    batch: PerturbBatch,
+    rng,
+    *,
+    model: TransformerGenerator,
+    objective,
+    axis_name: str | None = parallel.AXIS,
+):
     """One optimisation step on this device's shard of the batch.
 
     Per-device code: gradients are averaged over ``axis_name`` (``lax.pmean``), so the
@@ -86,8 +101,9 @@ def train_step(state: TrainState, batch: PerturbBatch, rng, *, model: Transforme
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
-        terms, _ = loss_terms(model, params, batch, rng, objective, deterministic=False,
-                              axis_name=axis_name)
+        terms, _ = loss_terms(
+            model, params, batch, rng, objective, deterministic=False, axis_name=axis_name
+        )
         return objective_value(terms, objective, axis_name=axis_name)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -97,13 +113,25 @@ def train_step(state: TrainState, batch: PerturbBatch, rng, *, model: Transforme
     return state.apply_gradients(grads=grads), metrics
 
 
-def eval_step(params, batch: PerturbBatch, *, model: TransformerGenerator,
-              axis_name: str | None = parallel.AXIS):
+def eval_step(
+    params,
+    batch: PerturbBatch,
+    *,
+    model: TransformerGenerator,
+    axis_name: str | None = parallel.AXIS,
+):
     """Eval-mode (numerator, denominator) of MSE and MRE, summed over devices, and the
     predicted expression of every input token (0 at padding)."""
     # The default objective has only the expression MSE: no second CCE pass, no extra heads.
-    terms, out = loss_terms(model, params, batch, jax.random.PRNGKey(0), ObjectiveConfig(),
-                            deterministic=True, axis_name=axis_name)
+    terms, out = loss_terms(
+        model,
+        params,
+        batch,
+        jax.random.PRNGKey(0),
+        ObjectiveConfig(),
+        deterministic=True,
+        axis_name=axis_name,
+    )
     sums = {}
     for name in ("mse", "mre"):
         num, den = terms[name]
@@ -115,8 +143,9 @@ def eval_step(params, batch: PerturbBatch, *, model: TransformerGenerator,
 
 
 def make_p_train_step(model, objective):
-    return parallel.pmap(functools.partial(train_step, model=model, objective=objective),
-                         donate_argnums=(0,))
+    return parallel.pmap(
+        functools.partial(train_step, model=model, objective=objective), donate_argnums=(0,)
+    )
 
 
 def make_p_eval_step(model):
@@ -148,17 +177,28 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"kind": kind, "step": int(step)}
-        record.update({k: (float(v) if isinstance(v, (int, float, np.floating, np.integer))
-                           or (hasattr(v, "shape") and np.ndim(v) == 0) else v)
-                       for k, v in values.items()})
+        record.update(
+            {
+                k: (
+                    float(v)
+                    if isinstance(v, (int, float, np.floating, np.integer))
+                    or (hasattr(v, "shape") and np.ndim(v) == 0)
+                    else v
+                )
+                for k, v in values.items()
+            }
+        )
         try:
             self._file.write(json.dumps(record) + "\n")
         except OSError as e:  # a full disk: name the file, which write() does not
             raise type(e)(e.errno, e.strerror, str(self.path)) from e
         if self._tb is not None:
             for key, value in record.items():
-                if key not in ("kind", "step") and isinstance(value, float) and math.isfinite(
-                        value):
+                if (
+                    key not in ("kind", "step")
+                    and isinstance(value, float)
+                    and math.isfinite(value)
+                ):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
@@ -200,7 +240,8 @@ def model_config_for(config: Config, dataset) -> ModelConfig:
     """The model config with the vocabulary and class count taken from the dataset."""
     labels = dataset.label_names if config.objective.cls else None
     return config.model.with_vocab(
-        dataset, n_cls=max(1, len(labels)) if labels is not None else None)
+        dataset, n_cls=max(1, len(labels)) if labels is not None else None
+    )
 
 
 def _loader(dataset, conditions, config: Config, *, train: bool, batch_size: int, prior=None):
@@ -208,16 +249,23 @@ def _loader(dataset, conditions, config: Config, *, train: bool, batch_size: int
     # Evaluation scores every gene of a cell, as the original's pred_perturb: no sampling.
     max_len = config.data.max_seq_len if train else None
     return BatchLoader(
-        dataset, conditions, batch_size=batch_size,
-        include_zero_gene=config.data.include_zero_gene, max_seq_len=max_len, seed=seed,
-        shuffle=train, pad_value=config.model.pad_value, pert_pad_id=config.model.pert_pad_id,
+        dataset,
+        conditions,
+        batch_size=batch_size,
+        include_zero_gene=config.data.include_zero_gene,
+        max_seq_len=max_len,
+        seed=seed,
+        shuffle=train,
+        pad_value=config.model.pad_value,
+        pert_pad_id=config.model.pert_pad_id,
         frozen_pairing=not config.data.redraw_pairing if train else True,
         target=config.data.train_target if train else "cell",
         # The priors' parts of the targets (co-expression prior, additive prior of doubles)
         # are taken off: the model learns the rest.
-        target_offsets=None if prior is None or not (
-            config.model.additive_prior or config.model.coexpression_prior)
-        else prior.offsets(conditions, dataset.n_genes, additive=config.model.additive_prior))
+        target_offsets=None
+        if prior is None or not (config.model.additive_prior or config.model.coexpression_prior)
+        else prior.offsets(conditions, dataset.n_genes, additive=config.model.additive_prior),
+    )
 
 
 def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, predictor=None):
@@ -241,10 +289,13 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
         for name, (n, d) in sums.items():
             num[name] += float(parallel.first_replica(n))
             den[name] += float(parallel.first_replica(d))
-        full = full_profiles(dataset.dense_rows(host.control_indices[:host.n_real]),
-                             parallel.gather_rows(pred), host.gene_index)
+        full = full_profiles(
+            dataset.dense_rows(host.control_indices[: host.n_real]),
+            parallel.gather_rows(pred),
+            host.gene_index,
+        )
         if predictor is not None:
-            conds = np.asarray(host.conditions[:host.n_real])
+            conds = np.asarray(host.conditions[: host.n_real])
             for cond in set(conds.tolist()):
                 rows = np.flatnonzero(conds == cond)
                 full[rows] += predictor.prior_part(cond, host.control_indices[rows])
@@ -255,8 +306,10 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
     out = {f"val_{k}": num[k] / den[k] if den[k] else 0.0 for k in num}
     perturbed = [c for c in pred_sum if c != CONTROL]
     if perturbed:
-        result = score(observed_reference(dataset, {c: cells[c] for c in perturbed}),
-                       {c: pred_sum[c] / len(cells[c]) for c in perturbed})
+        result = score(
+            observed_reference(dataset, {c: cells[c] for c in perturbed}),
+            {c: pred_sum[c] / len(cells[c]) for c in perturbed},
+        )
         for key in VALIDATION_METRICS:
             # val_mse / val_mre stay the token-level losses above.
             if key in result.overall and key not in ("mse", "mre"):
@@ -265,8 +318,10 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
 
 
 def _format_bar(metrics: dict[str, float], lr: float, ms_per_batch: float, cells_s: float) -> str:
-    return (f"loss {metrics['loss']:.4f} mse {metrics['mse']:.4f} mre {metrics['mre']:.3f} "
-            f"lr {lr:.2e} {ms_per_batch:.0f} ms/batch {cells_s:.1f} cells/s")
+    return (
+        f"loss {metrics['loss']:.4f} mse {metrics['mse']:.4f} mre {metrics['mre']:.3f} "
+        f"lr {lr:.2e} {ms_per_batch:.0f} ms/batch {cells_s:.1f} cells/s"
+    )
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -281,8 +336,11 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     `last_step` 0 (no checkpoint) drops them all."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -320,16 +378,24 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     if not split.get("val"):
         raise ValueError(
             f"The {config.data.split!r} split of {config.data.path!r} has no validation "
-            "perturbations; use a larger dataset or another split.")
+            "perturbations; use a larger dataset or another split."
+        )
 
     model_config = model_config_for(config, dataset)
     per_device = parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
     prior = prior_for(model_config, dataset, split["train"])
-    train_loader = _loader(dataset, split["train"], config, train=True,
-                           batch_size=config.train.batch_size, prior=prior)
-    val_loader = _loader(dataset, split["val"], config, train=False,
-                         batch_size=config.train.eval_batch_size, prior=prior)
+    train_loader = _loader(
+        dataset, split["train"], config, train=True, batch_size=config.train.batch_size, prior=prior
+    )
+    val_loader = _loader(
+        dataset,
+        split["val"],
+        config,
+        train=False,
+        batch_size=config.train.eval_batch_size,
+        prior=prior,
+    )
     steps_per_epoch = len(train_loader)
     if primary:
         runs.create_run_folder(workdir, config, split)
@@ -339,22 +405,36 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     params = None
     if config.train.load_model:
         params = load_pretrained_params(
-            config.train.load_model, model_config, init_rng,
-            prefixes=config.train.load_param_prefixes, dataset=dataset)
-    params = init_from_data(params if params is not None else init_params(model_config, init_rng),
-                            model_config, dataset, split["train"], seed=config.train.seed,
-                            embedding=not config.train.load_model)
-    state, schedule = create_train_state(model_config, config.optim, steps_per_epoch, init_rng,
-                                         params=params)
-    ckpts = Checkpoints(workdir / runs.CHECKPOINTS_DIR, best_mode=config.train.best_mode,
-                        keep_latest=config.train.keep_checkpoints)
+            config.train.load_model,
+            model_config,
+            init_rng,
+            prefixes=config.train.load_param_prefixes,
+            dataset=dataset,
+        )
+    params = init_from_data(
+        params if params is not None else init_params(model_config, init_rng),
+        model_config,
+        dataset,
+        split["train"],
+        seed=config.train.seed,
+        embedding=not config.train.load_model,
+    )
+    state, schedule = create_train_state(
+        model_config, config.optim, steps_per_epoch, init_rng, params=params
+    )
+    ckpts = Checkpoints(
+        workdir / runs.CHECKPOINTS_DIR,
+        best_mode=config.train.best_mode,
+        keep_latest=config.train.keep_checkpoints,
+    )
     loop = LoopState()
     restored = ckpts.restore(_saved_state(state), move_unreadable=True)
     resumed_step = 0
     if restored is not None:
         step, host_state, meta = restored
-        state = state.replace(step=host_state["step"], params=host_state["params"],
-                              opt_state=host_state["opt_state"])
+        state = state.replace(
+            step=host_state["step"], params=host_state["params"], opt_state=host_state["opt_state"]
+        )
         loop = LoopState(**meta["loop"])
         resumed_step = int(step)
         log.info("Resumed from checkpoint step %d (epoch %d)", step, loop.epoch)
@@ -369,20 +449,30 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     prior_predictor = None
     if prior is not None:
         # Validation composes the priors with the model's output as eval does.
-        prior_predictor = Predictor(model_config, state.params, dataset,
-                                    batch_size=config.train.eval_batch_size,
-                                    include_zero_gene=config.data.include_zero_gene, prior=prior)
+        prior_predictor = Predictor(
+            model_config,
+            state.params,
+            dataset,
+            batch_size=config.train.eval_batch_size,
+            include_zero_gene=config.data.include_zero_gene,
+            prior=prior,
+        )
     p_train_step = make_p_train_step(model, config.objective)
     p_eval = make_p_eval_step(model)
     state_repl = parallel.replicate(state)
-    writer = MetricsWriter(workdir, enabled=primary, purge_step=resumed_step + 1
-                           if (workdir / runs.TENSORBOARD_DIR).exists() else None)
+    writer = MetricsWriter(
+        workdir,
+        enabled=primary,
+        purge_step=resumed_step + 1 if (workdir / runs.TENSORBOARD_DIR).exists() else None,
+    )
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
     if primary:
-        print(f"scformer-jax: {dataset.n_genes} genes, {len(split['train'])} train / "
-              f"{len(split['val'])} val / {len(split['test'])} test perturbations; "
-              f"{n_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "
-              f"({jax.default_backend()}), {per_device} cells per device per step")
+        print(
+            f"scformer-jax: {dataset.n_genes} genes, {len(split['train'])} train / "
+            f"{len(split['val'])} val / {len(split['test'])} test perturbations; "
+            f"{n_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "
+            f"({jax.default_backend()}), {per_device} cells per device per step"
+        )
 
     total_steps = int(state.step)
     stopped_early = False
@@ -392,42 +482,59 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
         for epoch in range(loop.epoch, config.train.epochs):
             t_epoch = time.time()
             start_batch, loop.batch_in_epoch = loop.batch_in_epoch, 0
-            batches = (parallel.shard_batch(h.batch)
-                       for h in train_loader.epoch(epoch, start_batch=start_batch))
-            it, bar = _progress(parallel.prefetch(batches), steps_per_epoch,
-                                f"epoch {epoch + 1}/{config.train.epochs}", progress and primary)
+            batches = (
+                parallel.shard_batch(h.batch)
+                for h in train_loader.epoch(epoch, start_batch=start_batch)
+            )
+            it, bar = _progress(
+                parallel.prefetch(batches),
+                steps_per_epoch,
+                f"epoch {epoch + 1}/{config.train.epochs}",
+                progress and primary,
+            )
             sums: dict[str, float] = {}
             n_steps = 0
             stopped_mid_epoch = False
             t_last = time.time()
             for batch in it:
                 step_rng = jax.random.fold_in(step_rng_base, total_steps)
-                state_repl, metrics = p_train_step(
-                    state_repl, batch, parallel.replicate(step_rng))
+                state_repl, metrics = p_train_step(state_repl, batch, parallel.replicate(step_rng))
                 # Block on every step: queued collectives can stall on few-core CPU hosts,
                 # and the loss must be checked before the next step anyway.
                 metrics = {k: float(parallel.first_replica(v)) for k, v in metrics.items()}
                 total_steps += 1
                 n_steps += 1
-                bad = {k: metrics[k] for k in ("loss", "grad_norm")
-                       if k in metrics and not math.isfinite(metrics[k])}
+                bad = {
+                    k: metrics[k]
+                    for k in ("loss", "grad_norm")
+                    if k in metrics and not math.isfinite(metrics[k])
+                }
                 if bad:
-                    raise _non_finite(", ".join(f"{k} ({v})" for k, v in bad.items()),
-                                      total_steps, epoch, ckpts)
+                    raise _non_finite(
+                        ", ".join(f"{k} ({v})" for k, v in bad.items()), total_steps, epoch, ckpts
+                    )
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 now = time.time()
                 dt, t_last = now - t_last, now
                 lr = float(schedule(total_steps - 1))
                 if bar is not None:
-                    bar.set_postfix_str(_format_bar(metrics, lr, dt * 1000,
-                                                    config.train.batch_size / max(dt, 1e-9)))
-                writer.write("train", total_steps, {**metrics, "lr": lr, "epoch": epoch + 1,
-                                                    "ms_per_batch": dt * 1000})
+                    bar.set_postfix_str(
+                        _format_bar(metrics, lr, dt * 1000, config.train.batch_size / max(dt, 1e-9))
+                    )
+                writer.write(
+                    "train",
+                    total_steps,
+                    {**metrics, "lr": lr, "epoch": epoch + 1, "ms_per_batch": dt * 1000},
+                )
                 if bar is None and primary and total_steps % config.train.log_interval == 0:
-                    print(f"step {total_steps} (epoch {epoch + 1}): "
-                          + _format_bar(metrics, lr, dt * 1000,
-                                        config.train.batch_size / max(dt, 1e-9)), flush=True)
+                    print(
+                        f"step {total_steps} (epoch {epoch + 1}): "
+                        + _format_bar(
+                            metrics, lr, dt * 1000, config.train.batch_size / max(dt, 1e-9)
+                        ),
+                        flush=True,
+                    )
                 if config.train.max_steps and total_steps >= config.train.max_steps:
                     stopped_mid_epoch = start_batch + n_steps < steps_per_epoch
                     break
@@ -437,20 +544,35 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                 # Save where the epoch stopped: a resume with a larger max_steps goes on with
                 # the next batch of this epoch, as an uninterrupted run would.
                 loop.epoch, loop.batch_in_epoch = epoch, start_batch + n_steps
-                ckpts.save(total_steps, _finite_host_state(state_repl, total_steps, epoch, ckpts),
-                           {"loop": dataclasses.asdict(loop), "epoch_metrics": {},
-                            "model_config": dataclasses.asdict(model_config)}, metric=None)
+                ckpts.save(
+                    total_steps,
+                    _finite_host_state(state_repl, total_steps, epoch, ckpts),
+                    {
+                        "loop": dataclasses.asdict(loop),
+                        "epoch_metrics": {},
+                        "model_config": dataclasses.asdict(model_config),
+                    },
+                    metric=None,
+                )
                 if primary:
-                    print(f"Stopped at train.max_steps={config.train.max_steps}, in epoch "
-                          f"{epoch + 1} after batch {loop.batch_in_epoch}/{steps_per_epoch}.")
+                    print(
+                        f"Stopped at train.max_steps={config.train.max_steps}, in epoch "
+                        f"{epoch + 1} after batch {loop.batch_in_epoch}/{steps_per_epoch}."
+                    )
                 break
             # Checked before validation, which would fail on NaN predictions.
             host_state = _finite_host_state(state_repl, total_steps, epoch, ckpts)
             params_repl = state_repl.params
             if prior_predictor is not None:
                 prior_predictor.params = parallel.unreplicate(params_repl)
-            val = validate(p_eval, params_repl, val_loader, dataset,
-                           max_batches=config.train.max_val_batches, predictor=prior_predictor)
+            val = validate(
+                p_eval,
+                params_repl,
+                val_loader,
+                dataset,
+                max_batches=config.train.max_val_batches,
+                predictor=prior_predictor,
+            )
             last_val = val
             epoch_metrics = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
             epoch_metrics.update(val)
@@ -459,7 +581,8 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
             if value is None:
                 raise ValueError(
                     f"train.best_metric {config.train.best_metric!r} is not computed; "
-                    f"choose one of {sorted(k.removeprefix('val_') for k in val)}.")
+                    f"choose one of {sorted(k.removeprefix('val_') for k in val)}."
+                )
             loop.epoch = epoch + 1
             if _improved(value, loop.best_value, config.train.best_mode):
                 loop.best_value, loop.best_epoch = value, epoch + 1
@@ -468,31 +591,50 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                 loop.epochs_without_improvement += 1
             writer.write("epoch", total_steps, {"epoch": epoch + 1, **epoch_metrics})
             if primary:
-                print(f"epoch {epoch + 1}/{config.train.epochs}: train loss "
-                      f"{epoch_metrics.get('train_loss', float('nan')):.4f}, val mse "
-                      f"{val.get('val_mse', float('nan')):.4f}, {best_metric} {value:.4f}"
-                      f"{' (best)' if loop.best_epoch == epoch + 1 else ''}, "
-                      f"{epoch_metrics['epoch_seconds']:.1f}s")
-            ckpts.save(total_steps, host_state,
-                       {"loop": dataclasses.asdict(loop), "epoch_metrics": epoch_metrics,
-                        "model_config": dataclasses.asdict(model_config)}, metric=value)
+                print(
+                    f"epoch {epoch + 1}/{config.train.epochs}: train loss "
+                    f"{epoch_metrics.get('train_loss', float('nan')):.4f}, val mse "
+                    f"{val.get('val_mse', float('nan')):.4f}, {best_metric} {value:.4f}"
+                    f"{' (best)' if loop.best_epoch == epoch + 1 else ''}, "
+                    f"{epoch_metrics['epoch_seconds']:.1f}s"
+                )
+            ckpts.save(
+                total_steps,
+                host_state,
+                {
+                    "loop": dataclasses.asdict(loop),
+                    "epoch_metrics": epoch_metrics,
+                    "model_config": dataclasses.asdict(model_config),
+                },
+                metric=value,
+            )
             if config.train.max_steps and total_steps >= config.train.max_steps:
                 break
-            if config.train.early_stop and \
-                    loop.epochs_without_improvement >= config.train.early_stop:
+            if (
+                config.train.early_stop
+                and loop.epochs_without_improvement >= config.train.early_stop
+            ):
                 stopped_early = True
                 if primary:
-                    print(f"Early stop: no improvement of {best_metric} for "
-                          f"{config.train.early_stop} epoch(s).")
+                    print(
+                        f"Early stop: no improvement of {best_metric} for "
+                        f"{config.train.early_stop} epoch(s)."
+                    )
                 break
     finally:
         ckpts.close()
         writer.close()
 
-    summary = {"workdir": str(workdir), "steps": total_steps, "epochs_run": loop.epoch,
-               "best_epoch": loop.best_epoch, "best_metric": best_metric,
-               "best_value": loop.best_value, "stopped_early": stopped_early,
-               "last_validation": last_val}
+    summary = {
+        "workdir": str(workdir),
+        "steps": total_steps,
+        "epochs_run": loop.epoch,
+        "best_epoch": loop.best_epoch,
+        "best_metric": best_metric,
+        "best_value": loop.best_value,
+        "stopped_early": stopped_early,
+        "last_validation": last_val,
+    }
     if primary:
         write_text_atomic(workdir / runs.SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
@@ -505,17 +647,24 @@ def _saved_state(state: TrainState) -> dict:
 
 def _non_finite(what: str, step: int, epoch: int, ckpts: Checkpoints) -> NonFiniteError:
     steps = ckpts.steps()
-    kept = (f"the newest checkpoint, step {steps[-1]} in {ckpts.directory}, is finite and "
-            "is kept" if steps else "no checkpoint was written before it")
+    kept = (
+        f"the newest checkpoint, step {steps[-1]} in {ckpts.directory}, is finite and is kept"
+        if steps
+        else "no checkpoint was written before it"
+    )
     return NonFiniteError(
         f"Non-finite {what} at step {step} (epoch {epoch + 1}); this step is not "
         f"checkpointed and {kept}. Lower optim.lr, check the data for NaN/inf, or use dtype "
-        "float32.")
+        "float32."
+    )
 
 
 def _all_finite(tree: Any) -> bool:
-    return all(bool(np.isfinite(x).all()) for x in jax.tree_util.tree_leaves(tree)
-               if np.issubdtype(np.asarray(x).dtype, np.inexact))
+    return all(
+        bool(np.isfinite(x).all())
+        for x in jax.tree_util.tree_leaves(tree)
+        if np.issubdtype(np.asarray(x).dtype, np.inexact)
+    )
 
 
 def _finite_host_state(state_repl, step: int, epoch: int, ckpts: Checkpoints) -> dict:

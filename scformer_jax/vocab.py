@@ -69,8 +69,9 @@ def read_vocab(path: str | Path) -> dict[str, int]:
     return check_vocab(raw, path)
 
 
-def match_vocabulary(token_names: Sequence[str], source_vocab: Mapping[str, int]
-                     ) -> VocabularyMatch:
+def match_vocabulary(
+    token_names: Sequence[str], source_vocab: Mapping[str, int]
+) -> VocabularyMatch:
     """Matches a dataset's tokens (in token-id order) to a checkpoint vocabulary by name."""
     genes = [t for t in token_names if t not in SPECIAL_TOKENS]
     unmatched = tuple(g for g in genes if g not in source_vocab)
@@ -78,8 +79,12 @@ def match_vocabulary(token_names: Sequence[str], source_vocab: Mapping[str, int]
     return VocabularyMatch(len(genes), len(genes) - len(unmatched), unmatched, specials)
 
 
-def remap_embedding(table: np.ndarray, source_vocab: Mapping[str, int],
-                    token_names: Sequence[str], pad_token: str = PAD_TOKEN) -> np.ndarray:
+def remap_embedding(
+    table: np.ndarray,
+    source_vocab: Mapping[str, int],
+    token_names: Sequence[str],
+    pad_token: str = PAD_TOKEN,
+) -> np.ndarray:
     """Re-orders a gene embedding table into a dataset's token order, by token name.
 
     Args:
@@ -100,9 +105,9 @@ def remap_embedding(table: np.ndarray, source_vocab: Mapping[str, int],
     return out
 
 
-def adapt_to_dataset(vocab: Mapping[str, int] | None, model_config: ModelConfig, params: Any,
-                     dataset: PerturbData
-                     ) -> tuple[ModelConfig, Any, VocabularyMatch | None]:
+def adapt_to_dataset(
+    vocab: Mapping[str, int] | None, model_config: ModelConfig, params: Any, dataset: PerturbData
+) -> tuple[ModelConfig, Any, VocabularyMatch | None]:
     """Moves parameters trained on vocabulary `vocab` onto `dataset`'s vocabulary.
 
     A no-op (returns the inputs and None) when `vocab` is None (a run trained on the
@@ -119,15 +124,17 @@ def adapt_to_dataset(vocab: Mapping[str, int] | None, model_config: ModelConfig,
     """
     if vocab is None:
         return model_config, params, None
-    same = (model_config.ntoken == dataset.n_tokens
-            and all(vocab.get(name) == i for i, name in enumerate(dataset.token_names)))
+    same = model_config.ntoken == dataset.n_tokens and all(
+        vocab.get(name) == i for i, name in enumerate(dataset.token_names)
+    )
     if same:
         return model_config, params, None
     pad_token = next((t for t, i in vocab.items() if i == model_config.pad_token_id), PAD_TOKEN)
     params = dict(params)
     encoder = dict(params["encoder"])
-    encoder["embedding"] = remap_embedding(np.asarray(encoder["embedding"]), vocab,
-                                           list(dataset.token_names), pad_token)
+    encoder["embedding"] = remap_embedding(
+        np.asarray(encoder["embedding"]), vocab, list(dataset.token_names), pad_token
+    )
     params["encoder"] = encoder
     match = match_vocabulary(list(dataset.token_names), vocab)
     return model_config.with_vocab(dataset), params, match

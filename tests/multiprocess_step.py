@@ -28,20 +28,25 @@ def main():
     from scformer_jax.training import create_train_state, train_step
     from tests.tiny_model import TRAIN_STEP_MODEL, random_batch
 
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes,
-                                    args.process_id)
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     assert jax.device_count() == 2, jax.devices()
     model_config = TRAIN_STEP_MODEL
     objective = ObjectiveConfig(cce=True)
     state, _ = create_train_state(model_config, OptimConfig(), 10, jax.random.PRNGKey(0))
-    p_step = parallel.pmap(functools.partial(
-        train_step, model=TransformerGenerator(model_config), objective=objective))
+    p_step = parallel.pmap(
+        functools.partial(train_step, model=TransformerGenerator(model_config), objective=objective)
+    )
     batch = random_batch(batch=8, n_pad_rows=1)
-    new_state, metrics = p_step(parallel.replicate(state), parallel.shard_batch(batch),
-                                parallel.replicate(jax.random.PRNGKey(1)))
+    new_state, metrics = p_step(
+        parallel.replicate(state),
+        parallel.shard_batch(batch),
+        parallel.replicate(jax.random.PRNGKey(1)),
+    )
     params = parallel.unreplicate(new_state.params)
-    flat = {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     flat["loss"] = np.asarray(parallel.unreplicate(metrics["loss"]))
     np.savez(args.out, **flat)
 

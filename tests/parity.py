@@ -20,5 +20,7 @@ def require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        pytest.fail(f"SCFORMER_REQUIRE_PARITY is set but {module!r} cannot be imported "
-                    f"({err}); install it as .ci/run does.")
+        pytest.fail(
+            f"SCFORMER_REQUIRE_PARITY is set but {module!r} cannot be imported "
+            f"({err}); install it as .ci/run does."
+        )

@@ -32,8 +32,10 @@ def numpy_attention(q, k, v, mask):
     return np.einsum("bhqk,bkhd->bqhd", w, v)
 
 
-@pytest.mark.parametrize("impl,kw", [("full", {}), ("chunked", {"block_size": 8}),
-                                     ("chunked", {"block_size": 64}), ("xla", {})])
+@pytest.mark.parametrize(
+    "impl,kw",
+    [("full", {}), ("chunked", {"block_size": 8}), ("chunked", {"block_size": 64}), ("xla", {})],
+)
 def test_kernels_match_numpy(impl, kw):
     q, k, v, mask = make_qkv()
     got = jax.jit(lambda *a: attn.attention(*a, implementation=impl, **kw))(q, k, v, mask)
@@ -60,26 +62,35 @@ def test_attention_dropout_is_unbiased(impl):
     mask = mask[:1]
     ref = numpy_attention(q, k, v, mask)
     keys = jax.random.split(jax.random.PRNGKey(0), 400)
-    outs = jax.vmap(lambda r: attn.attention(q, k, v, mask, implementation=impl, block_size=4,
-                                             dropout_rate=0.3, dropout_rng=r))(keys)
+    outs = jax.vmap(
+        lambda r: attn.attention(
+            q, k, v, mask, implementation=impl, block_size=4, dropout_rate=0.3, dropout_rng=r
+        )
+    )(keys)
     assert not np.allclose(outs[0], ref, atol=1e-3)
     np.testing.assert_allclose(np.mean(outs, axis=0), ref, atol=0.12)
 
 
 def test_auto_choice():
     assert attn.resolve_implementation("auto", 64, attention_dropout=0.2, platform="cpu") == "full"
-    assert attn.resolve_implementation("auto", 1536, attention_dropout=0.2,
-                                       platform="cpu") == "chunked"
-    assert attn.resolve_implementation("auto", 1536, attention_dropout=0.0,
-                                       platform="gpu") == "cudnn"
-    assert attn.resolve_implementation("auto", 1536, attention_dropout=0.1,
-                                       platform="gpu") == "chunked"
+    assert (
+        attn.resolve_implementation("auto", 1536, attention_dropout=0.2, platform="cpu")
+        == "chunked"
+    )
+    assert (
+        attn.resolve_implementation("auto", 1536, attention_dropout=0.0, platform="gpu") == "cudnn"
+    )
+    assert (
+        attn.resolve_implementation("auto", 1536, attention_dropout=0.1, platform="gpu")
+        == "chunked"
+    )
     with pytest.raises(ValueError, match="Unknown"):
         attn.resolve_implementation("flash", 10, attention_dropout=0.0)
     with pytest.raises(ValueError, match="attention_dropout"):
         q, k, v, mask = make_qkv()
-        attn.attention(q, k, v, mask, implementation="xla", dropout_rate=0.1,
-                       dropout_rng=jax.random.PRNGKey(0))
+        attn.attention(
+            q, k, v, mask, implementation="xla", dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,8 +129,7 @@ def np_attention(q, k, v, mask, keep=None, rate=0.0):
 
 def make_padded_qkv(batch=3, length=37, heads=2, dim=8, seed=0):
     rng = np.random.default_rng(seed)
-    q, k, v, w = (rng.normal(size=(batch, length, heads, dim)).astype(np.float32)
-                  for _ in range(4))
+    q, k, v, w = (rng.normal(size=(batch, length, heads, dim)).astype(np.float32) for _ in range(4))
     mask = np.zeros((batch, length), bool)
     mask[1, -11:] = True  # a partly padded row
     mask[2, :] = True  # a fully padded row (a batch's filler row with prepend_cls_token off)
@@ -147,7 +157,8 @@ def test_chunked_forward_and_gradients_match_plain(block_size, tile_bytes):
         return jnp.sum(fn(q, k, v) * w)
 
     chunked = lambda q, k, v: attn.chunked_attention(  # noqa: E731
-        q, k, v, mask, block_size=block_size, tile_bytes=tile_bytes)
+        q, k, v, mask, block_size=block_size, tile_bytes=tile_bytes
+    )
     full = lambda q, k, v: attn.full_attention(q, k, v, mask)  # noqa: E731
     out = jax.jit(chunked)(q, k, v)
     np.testing.assert_allclose(out, np_attention(q, k, v, mask), rtol=2e-5, atol=2e-5)
@@ -182,10 +193,18 @@ def test_attention_dropout_same_in_both_kernels(block_size, tile_bytes):
     keep = np_keep_mask(seeds, 3, 2, 37, 37, 0.3)
     want = np_attention(q, k, v, mask, keep=keep, rate=0.3)
     full = lambda q, k, v: attn.full_attention(  # noqa: E731
-        q, k, v, mask, dropout_rate=0.3, dropout_rng=rng)
+        q, k, v, mask, dropout_rate=0.3, dropout_rng=rng
+    )
     chunked = lambda q, k, v: attn.chunked_attention(  # noqa: E731
-        q, k, v, mask, block_size=block_size, tile_bytes=tile_bytes, dropout_rate=0.3,
-        dropout_rng=rng)
+        q,
+        k,
+        v,
+        mask,
+        block_size=block_size,
+        tile_bytes=tile_bytes,
+        dropout_rate=0.3,
+        dropout_rng=rng,
+    )
     np.testing.assert_allclose(full(q, k, v), want, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(jax.jit(chunked)(q, k, v), want, rtol=2e-5, atol=2e-5)
     g_full = jax.grad(lambda *a: jnp.sum(full(*a) * w), argnums=(0, 1, 2))(q, k, v)

@@ -14,9 +14,13 @@ GENES = [f"G{i}" for i in range(N_GENES)]
 def additive_world():
     ctrl = RNG.uniform(1.0, 3.0, N_GENES)
     effect = {g: RNG.normal(0, 0.5, N_GENES) for g in ("G0", "G1", "G2", "G3")}
-    train = {"ctrl": ctrl, "G0+ctrl": ctrl + effect["G0"], "ctrl+G1": ctrl + effect["G1"],
-             "G2+ctrl": ctrl + effect["G2"],
-             "G0+G2": ctrl + effect["G0"] + effect["G2"] + 0.3}  # a non-additive training double
+    train = {
+        "ctrl": ctrl,
+        "G0+ctrl": ctrl + effect["G0"],
+        "ctrl+G1": ctrl + effect["G1"],
+        "G2+ctrl": ctrl + effect["G2"],
+        "G0+G2": ctrl + effect["G0"] + effect["G2"] + 0.3,
+    }  # a non-additive training double
     return ctrl, effect, train
 
 
@@ -39,7 +43,7 @@ def test_mean_baseline_averages_training_perturbations():
 
 def test_additive_baseline_predicts_an_additive_combo_exactly():
     ctrl, effect, train = additive_world()
-    truth = ctrl + effect["G0"] + effect["G1"]        # a purely additive double
+    truth = ctrl + effect["G0"] + effect["G1"]  # a purely additive double
     base = baselines.fit_additive_baseline(train, ctrl)
     pred = base.predict(["G0+G1", "G1+G0", "G0+ctrl", "G0"])
     np.testing.assert_allclose(pred["G0+G1"], truth, atol=1e-12)
@@ -63,7 +67,7 @@ def test_additive_baseline_fallback_for_unseen_genes():
 def linear_world(n_cells=200, n_genes=N_GENES, k=3):
     """Profiles whose changes are exactly G W p, G the PCA of the training cells."""
     cells = RNG.gamma(2.0, 1.0, (n_cells, n_genes))
-    centred = cells.T - cells.T.mean(axis=0, keepdims=True)   # genes x cells, cells centred
+    centred = cells.T - cells.T.mean(axis=0, keepdims=True)  # genes x cells, cells centred
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     g = u[:, :k] * s[:k]
     w_true = RNG.normal(0, 0.05, (k, k))
@@ -81,25 +85,26 @@ def test_linear_baseline_recovers_a_linear_ground_truth():
     train_conds = ["G0+ctrl", "G1+ctrl", "G2+ctrl", "G3+ctrl", "G4+ctrl", "G5+ctrl", "G0+G1"]
     train = {c: truth(c) for c in train_conds} | {"ctrl": ctrl}
     for expression in (cells, sp.csr_matrix(cells)):
-        base = baselines.fit_linear_baseline(train, ctrl, GENES, train_expression=expression,
-                                             n_components=3, ridge_penalty=0.0)
+        base = baselines.fit_linear_baseline(
+            train, ctrl, GENES, train_expression=expression, n_components=3, ridge_penalty=0.0
+        )
         test_conds = ["G7+ctrl", "G9+G10", "G2+G11"]
         pred = base.predict(test_conds + ["ctrl"])
         for c in test_conds:
             np.testing.assert_allclose(pred[c], truth(c), atol=1e-8)
         np.testing.assert_array_equal(pred["ctrl"], ctrl)
     # A huge ridge penalty shrinks W to 0: every perturbation gets the mean training change.
-    ridge = baselines.fit_linear_baseline(train, ctrl, GENES, train_expression=cells,
-                                          n_components=3, ridge_penalty=1e12)
+    ridge = baselines.fit_linear_baseline(
+        train, ctrl, GENES, train_expression=cells, n_components=3, ridge_penalty=1e12
+    )
     mean_change = np.mean([truth(c) - ctrl for c in train_conds] + [np.zeros(N_GENES)], axis=0)
-    np.testing.assert_allclose(ridge.predict(["G7+ctrl"])["G7+ctrl"], ctrl + mean_change,
-                               atol=1e-6)
+    np.testing.assert_allclose(ridge.predict(["G7+ctrl"])["G7+ctrl"], ctrl + mean_change, atol=1e-6)
 
 
 def test_linear_baseline_default_embedding_is_the_pseudobulk_pca():
     ctrl, effect, train = additive_world()
     base = baselines.fit_linear_baseline(train, ctrl, GENES, n_components=2)
-    pseudobulk = np.column_stack([train[c] for c in train])     # 'ctrl' already included
+    pseudobulk = np.column_stack([train[c] for c in train])  # 'ctrl' already included
     centred = pseudobulk - pseudobulk.mean(axis=0, keepdims=True)
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     g = u[:, :2] * s[:2]
@@ -133,13 +138,13 @@ def test_coexpression_baseline_regresses_on_the_perturbed_gene_in_control_cells(
     assert beta5[6] > 1.5  # the planted regulation is found
     pred = base.predict(["G5+ctrl", "G0+G5", "G0+G1", "G0+NOT_MEASURED", "ctrl"])
     np.testing.assert_allclose(pred["G5+ctrl"], ctrl + d * beta5, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(pred["G0+G5"], ctrl + effect["G0"] + d * beta5, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(pred["G0+G5"], ctrl + effect["G0"] + d * beta5, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pred["G0+G1"], ctrl + effect["G0"] + effect["G1"], atol=1e-9)
     np.testing.assert_allclose(pred["G0+NOT_MEASURED"], ctrl + effect["G0"], atol=1e-9)
     np.testing.assert_array_equal(pred["ctrl"], ctrl)
-    fitted = baselines.fit_baselines(train, ctrl, GENES, n_components=2,
-                                     control_expression=controls)
+    fitted = baselines.fit_baselines(
+        train, ctrl, GENES, n_components=2, control_expression=controls
+    )
     assert list(fitted) == ["control", "train_mean", "additive", "linear", "coexpression"]
     with pytest.raises(ValueError, match="control_expression"):
         baselines.fit_coexpression_baseline(train, ctrl, GENES, controls[:, :5])
@@ -158,13 +163,14 @@ def test_fit_baselines_names_and_shapes():
 def test_bad_inputs_raise_clear_errors():
     ctrl, effect, train = additive_world()
     linear = baselines.fit_linear_baseline(train, ctrl, GENES)
-    with pytest.raises(ValueError,
-                       match="'g5' of condition 'G0\\+g5' is not among.*Close matches: G5"):
+    with pytest.raises(
+        ValueError, match="'g5' of condition 'G0\\+g5' is not among.*Close matches: G5"
+    ):
         linear.predict(["G0+g5"])
     with pytest.raises(ValueError, match="'XYZ' .*not among"):
         baselines.fit_linear_baseline(dict(train, **{"XYZ+ctrl": ctrl}), ctrl, GENES)
     linear = baselines.fit_linear_baseline(train, ctrl, GENES, unmeasured_genes="ignore")
-    mean_change = np.mean([train[c] - ctrl for c in train], axis=0)   # incl. ctrl's zero
+    mean_change = np.mean([train[c] - ctrl for c in train], axis=0)  # incl. ctrl's zero
     np.testing.assert_allclose(linear.predict(["XYZ+ctrl"])["XYZ+ctrl"], ctrl + mean_change)
     bad = dict(train, **{"G3+ctrl": np.full(N_GENES, np.nan)})
     for fit in (baselines.fit_mean_baseline, baselines.fit_additive_baseline):

@@ -14,18 +14,33 @@ sys.path.insert(0, str(ROOT))
 from bench import headroom, quality  # noqa: E402
 
 
-@pytest.mark.parametrize("script", ["run.py", "jax_bench.py", "data_bench.py", "gpu_bench.py",
-                                    "quality.py", "headroom.py", "diagnose.py"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "run.py",
+        "jax_bench.py",
+        "data_bench.py",
+        "gpu_bench.py",
+        "quality.py",
+        "headroom.py",
+        "diagnose.py",
+    ],
+)
 def test_bench_help(script):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "usage" in proc.stdout
 
 
 def test_gpu_sh_is_valid_bash():
-    proc = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu.sh")], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["bash", "-n", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -37,9 +52,30 @@ def _json_line(text):
 def test_jax_bench_smoke_no_recompilation(capsys, mode, attention):
     from bench import jax_bench
 
-    assert jax_bench.main(["--seq-len", "32", "--batch", "4", "--steps", "1",
-                           "--extra-batches", "2", "--mode", mode, "--attention", attention,
-                           "--block-size", "8", "--n-genes", "50", "--json"]) == 0
+    assert (
+        jax_bench.main(
+            [
+                "--seq-len",
+                "32",
+                "--batch",
+                "4",
+                "--steps",
+                "1",
+                "--extra-batches",
+                "2",
+                "--mode",
+                mode,
+                "--attention",
+                attention,
+                "--block-size",
+                "8",
+                "--n-genes",
+                "50",
+                "--json",
+            ]
+        )
+        == 0
+    )
     record = _json_line(capsys.readouterr().out)
     assert record["mode"] == mode and record["attention"] == attention
     assert record["tokens"] == 33 and record["calls"] == 4
@@ -84,17 +120,40 @@ def test_run_table_and_summary():
     from bench import run
 
     def rec(cells, peak, **extra):
-        return {"cells_per_s": cells, "sec_per_step": 32 / cells, "peak_rss_gb": peak,
-                "batch": 32, "compile_s": 4.0, "traces": 1, "compiles": 1,
-                "fraction_of_peak": 0.3, **extra}
+        return {
+            "cells_per_s": cells,
+            "sec_per_step": 32 / cells,
+            "peak_rss_gb": peak,
+            "batch": 32,
+            "compile_s": 4.0,
+            "traces": 1,
+            "compiles": 1,
+            "fraction_of_peak": 0.3,
+            **extra,
+        }
 
     rows = [
-        {"case": "train-512", "seq_len": 512, "mode": "train", "ours": rec(40.0, 1.1),
-         "ref": rec(10.0, 2.6)},
-        {"case": "train-1536", "seq_len": 1536, "mode": "train", "ours": rec(6.0, 2.0),
-         "ref": rec(1.0, 17.0)},
-        {"case": "train-5045", "seq_len": 5045, "mode": "train", "ours": rec(0.8, 4.5),
-         "ref": {"error": "out of memory", "peak_rss_gb": 20.0}},
+        {
+            "case": "train-512",
+            "seq_len": 512,
+            "mode": "train",
+            "ours": rec(40.0, 1.1),
+            "ref": rec(10.0, 2.6),
+        },
+        {
+            "case": "train-1536",
+            "seq_len": 1536,
+            "mode": "train",
+            "ours": rec(6.0, 2.0),
+            "ref": rec(1.0, 17.0),
+        },
+        {
+            "case": "train-5045",
+            "seq_len": 5045,
+            "mode": "train",
+            "ours": rec(0.8, 4.5),
+            "ref": {"error": "out of memory", "peak_rss_gb": 20.0},
+        },
     ]
     table = "\n".join(run.format_table(rows, {"total_s": 1.8, "peak_rss_gb": 1.7}))
     assert "4.0x" in table and "6.0x" in table and "OOM" in table and "1.8 s" in table
@@ -133,4 +192,5 @@ def test_headroom_knows_the_true_direction_of_unseen_singles():
     # direction gets wrong; knowing it, the control cells' co-expression predicts well.
     assert true[0] > typical[0] + 0.2 and true[0] > 0.4
     assert {"additive (measured singles)", "network joint response (replicate)"} <= {
-        predictor for subgroup, predictor in scores if subgroup == "combo_seen2"}
+        predictor for subgroup, predictor in scores if subgroup == "combo_seen2"
+    }

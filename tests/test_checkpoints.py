@@ -6,8 +6,9 @@ import pytest
 from scformer_jax.checkpoints import Checkpoints
 
 
-@pytest.mark.parametrize("mode,values,best", [("max", [0.5, 0.9, 0.2], 2),
-                                              ("min", [0.5, 0.2, 0.9], 2)])
+@pytest.mark.parametrize(
+    "mode,values,best", [("max", [0.5, 0.9, 0.2], 2), ("min", [0.5, 0.2, 0.9], 2)]
+)
 def test_best_and_latest_are_kept(tmp_path, mode, values, best):
     ckpts = Checkpoints(tmp_path / "ckpt", best_mode=mode, keep_latest=1)
     for step, value in enumerate(values, start=1):

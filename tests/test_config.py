@@ -38,13 +38,22 @@ def test_scformer_yaml_matches_seed_settings():
 
 def test_default_yaml_is_the_seed_model_with_the_recommended_training():
     seed, rec = load_config("configs/scformer.yaml"), load_config("configs/default.yaml")
-    changed = {f"{section}.{key}"
-               for section in ("model", "objective", "data", "optim", "train")
-               for key, value in dataclasses.asdict(getattr(rec, section)).items()
-               if value != dataclasses.asdict(getattr(seed, section))[key]}
-    assert changed == {"model.output_baseline", "model.gene_embedding_init",
-                       "model.seen_single_correction", "model.coexpression_prior",
-                       "data.train_target", "optim.lr", "train.epochs", "train.early_stop"}
+    changed = {
+        f"{section}.{key}"
+        for section in ("model", "objective", "data", "optim", "train")
+        for key, value in dataclasses.asdict(getattr(rec, section)).items()
+        if value != dataclasses.asdict(getattr(seed, section))[key]
+    }
+    assert changed == {
+        "model.output_baseline",
+        "model.gene_embedding_init",
+        "model.seen_single_correction",
+        "model.coexpression_prior",
+        "data.train_target",
+        "optim.lr",
+        "train.epochs",
+        "train.early_stop",
+    }
 
 
 @pytest.mark.parametrize("name", ["default", "scformer"])
@@ -73,8 +82,10 @@ def test_type_errors_are_named():
 
 
 def test_overrides_and_round_trip(tmp_path):
-    config = load_config("configs/default.yaml", ["optim.lr=3e-4", "objective.cce=true",
-                                                  "train.load_param_prefixes=[encoder]"])
+    config = load_config(
+        "configs/default.yaml",
+        ["optim.lr=3e-4", "objective.cce=true", "train.load_param_prefixes=[encoder]"],
+    )
     assert config.optim.lr == 3e-4 and config.objective.cce
     assert config.train.load_param_prefixes == ("encoder",)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -22,8 +22,12 @@ from scformer_jax.model import TransformerGenerator, init_params
 TINY = "tests/configs/tiny.yaml"
 SIZES = dict(d_model=16, nhead=4, d_hid=24, nlayers=2, nlayers_cls=3)
 # Parity cases: each attention layout, cell-embedding style and MVC style at least once.
-CASES = [("torch", "cls", "inner product"), ("flash", "w-pool", "concat query"),
-         ("torch", "avg-pool", "sum query"), ("flash", "cls", "inner product, detach")]
+CASES = [
+    ("torch", "cls", "inner product"),
+    ("flash", "w-pool", "concat query"),
+    ("torch", "avg-pool", "sum query"),
+    ("flash", "cls", "inner product, detach"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +38,30 @@ def ref():
     return torch_reference
 
 
-def build(ref, folder, *, layout="torch", style="cls", mvc="inner product", vocab=None,
-          sizes=SIZES, seed=1, **args):
+def build(
+    ref,
+    folder,
+    *,
+    layout="torch",
+    style="cls",
+    mvc="inner product",
+    vocab=None,
+    sizes=SIZES,
+    seed=1,
+    **args,
+):
     """A random-weight reference model saved as an scGPT checkpoint folder."""
     model = ref.build_reference_model(
-        vocab=vocab, n_genes=20, **sizes, do_mvc=True, cell_emb_style=style,
-        mvc_decoder_style=mvc, attention_layout=layout, randomize_all=True, seed=seed)
+        vocab=vocab,
+        n_genes=20,
+        **sizes,
+        do_mvc=True,
+        cell_emb_style=style,
+        mvc_decoder_style=mvc,
+        attention_layout=layout,
+        randomize_all=True,
+        seed=seed,
+    )
     ref.save_reference_checkpoint(model, folder, extra_args=args or None)
     return model
 
@@ -69,8 +91,13 @@ def make_cells(n_genes, pad_id, *, n_pad=(0, 3, 5), length=9, seed=0):
 def jax_forward(config, params, gene_ids, values, flags, padding):
     inputs = np.stack([values, flags.astype(np.float32)], axis=-1)
     out = TransformerGenerator(config).apply(
-        {"params": params}, jnp.asarray(gene_ids, jnp.int32), jnp.asarray(inputs),
-        jnp.asarray(padding), deterministic=True, compute_mvc=True)
+        {"params": params},
+        jnp.asarray(gene_ids, jnp.int32),
+        jnp.asarray(inputs),
+        jnp.asarray(padding),
+        deterministic=True,
+        compute_mvc=True,
+    )
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -87,20 +114,30 @@ def test_torch_keys_map_onto_our_tree():
         "encoder.enc_norm.bias": (("encoder_norm", "bias"), "norm"),
         "value_encoder.linear2.weight": (("value_encoder", "linear2", "kernel"), "linear"),
         "pert_encoder.weight": (("pert_encoder", "embedding"), "embedding"),
-        "transformer_encoder.layers.11.self_attn.in_proj_weight":
-            (("layers_11", "self_attn", "in_proj", "kernel"), "linear"),
-        "transformer_encoder.layers.0.self_attn.Wqkv.bias":
-            (("layers_0", "self_attn", "in_proj", "bias"), "linear"),
+        "transformer_encoder.layers.11.self_attn.in_proj_weight": (
+            ("layers_11", "self_attn", "in_proj", "kernel"),
+            "linear",
+        ),
+        "transformer_encoder.layers.0.self_attn.Wqkv.bias": (
+            ("layers_0", "self_attn", "in_proj", "bias"),
+            "linear",
+        ),
         "transformer_encoder.layers.2.norm1.weight": (("layers_2", "norm1", "scale"), "norm"),
         "cls_decoder._decoder.3.weight": (("cls_decoder", "dense_1", "kernel"), "linear"),
         "cls_decoder._decoder.5.bias": (("cls_decoder", "norm_1", "bias"), "norm"),
-        "mvc_decoder.hidden_activation.weight":
-            (("mvc_decoder", "hidden_activation", "negative_slope"), "prelu"),
+        "mvc_decoder.hidden_activation.weight": (
+            ("mvc_decoder", "hidden_activation", "negative_slope"),
+            "prelu",
+        ),
     }
     for key, expected in cases.items():
         assert convert.torch_key_to_path(key) == expected, key
-    for key in ("decoder.fc.0.weight", "batch_encoder.embedding.weight", "sim.temp",
-                "transformer_encoder.layers.0.self_attn.out_proj.scale"):
+    for key in (
+        "decoder.fc.0.weight",
+        "batch_encoder.embedding.weight",
+        "sim.temp",
+        "transformer_encoder.layers.0.self_attn.out_proj.scale",
+    ):
         assert convert.torch_key_to_path(key) is None, key
 
 
@@ -130,8 +167,9 @@ def test_outputs_equal_pytorch(ref, tmp_path, layout, style, mvc):
     got = jax_forward(config, params, *cells)
     real = ~cells[3]
     for key in ("mlm_output", "mvc_output"):
-        np.testing.assert_allclose(got[key][real], expected[key][real], rtol=1e-5, atol=1e-5,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            got[key][real], expected[key][real], rtol=1e-5, atol=1e-5, err_msg=key
+        )
     np.testing.assert_allclose(got["cell_emb"], expected["cell_emb"], rtol=1e-5, atol=1e-5)
 
     if style == "avg-pool":
@@ -141,10 +179,12 @@ def test_outputs_equal_pytorch(ref, tmp_path, layout, style, mvc):
         expected = ref.reference_forward(model, *cells)
         got = jax_forward(config, params, *cells)
         real = ~cells[3]
-        np.testing.assert_allclose(got["mlm_output"][real], expected["mlm_output"][real],
-                                   rtol=1e-5, atol=1e-5)
-        masked_mean = ((expected["transformer_output"] * real[..., None]).sum(1)
-                       / real.sum(1, keepdims=True))
+        np.testing.assert_allclose(
+            got["mlm_output"][real], expected["mlm_output"][real], rtol=1e-5, atol=1e-5
+        )
+        masked_mean = (expected["transformer_output"] * real[..., None]).sum(1) / real.sum(
+            1, keepdims=True
+        )
         np.testing.assert_allclose(got["cell_emb"], masked_mean, rtol=1e-5, atol=1e-5)
 
 
@@ -157,8 +197,9 @@ def test_partial_load_by_prefix_keeps_other_params_at_init(ref, tmp_path):
     sd = state_dict(model)
     config, _, _ = convert.convert_params(tmp_path / "ckpt")
     rng = jax.random.PRNGKey(7)
-    params, report = convert.load_pretrained(tmp_path / "ckpt", config, rng,
-                                             prefixes=convert.SCGPT_PREFIXES)
+    params, report = convert.load_pretrained(
+        tmp_path / "ckpt", config, rng, prefixes=convert.SCGPT_PREFIXES
+    )
     got, init = flat(params), flat(init_params(config, rng))
     prefixes = ("encoder.", "value_encoder.", "transformer_encoder.")
     assert len(report.loaded) == sum(k.startswith(prefixes) for k in sd)
@@ -170,7 +211,8 @@ def test_partial_load_by_prefix_keeps_other_params_at_init(ref, tmp_path):
     for layer in range(SIZES["nlayers"]):
         np.testing.assert_array_equal(
             got[f"layers_{layer}/self_attn/in_proj/kernel"],
-            sd[f"transformer_encoder.layers.{layer}.self_attn.Wqkv.weight"].T)
+            sd[f"transformer_encoder.layers.{layer}.self_attn.Wqkv.weight"].T,
+        )
     np.testing.assert_array_equal(got["encoder/embedding"], sd["encoder.embedding.weight"])
     np.testing.assert_array_equal(got["encoder_norm/scale"], sd["encoder.enc_norm.weight"])
     assert not np.allclose(got["decoder/kernel"], sd["decoder.weight"].T)
@@ -188,8 +230,11 @@ def test_shape_mismatch_is_reported_and_left_at_init(ref, tmp_path):
     rng = jax.random.PRNGKey(3)
     params, report = convert.load_pretrained(tmp_path / "ckpt", wider, rng)
     mismatched = {m.path: m for m in report.shape_mismatched}
-    assert set(mismatched) == {f"layers_{i}/{name}" for i in range(2)
-                               for name in ("linear1/kernel", "linear1/bias", "linear2/kernel")}
+    assert set(mismatched) == {
+        f"layers_{i}/{name}"
+        for i in range(2)
+        for name in ("linear1/kernel", "linear1/bias", "linear2/kernel")
+    }
     assert mismatched["layers_0/linear1/kernel"].source_shape == (24, 16)
     assert mismatched["layers_0/linear1/kernel"].expected_shape == (16, 32)
     init = flat(init_params(wider, rng))
@@ -211,8 +256,9 @@ def test_vocabulary_is_matched_by_gene_name(ref, tmp_path, data_tiny):
 
     base, _, _ = convert.convert_params(tmp_path / "ckpt")
     config = base.with_vocab(data_tiny)
-    params, report = convert.load_pretrained(tmp_path / "ckpt", config, jax.random.PRNGKey(0),
-                                             dataset=data_tiny)
+    params, report = convert.load_pretrained(
+        tmp_path / "ckpt", config, jax.random.PRNGKey(0), dataset=data_tiny
+    )
     match = report.vocabulary
     assert match.message == "match 25/40 genes in vocabulary"
     assert list(match.unmatched_genes) == [g for g in genes if g not in kept]
@@ -234,8 +280,9 @@ def test_vocabulary_is_matched_by_gene_name(ref, tmp_path, data_tiny):
     ids[padding], ckpt_ids[padding] = data_tiny.pad_token_id, vocab["<pad>"]
     expected = ref.reference_forward(model, ckpt_ids, *cells[1:])
     got = jax_forward(config, params, ids, *cells[1:])
-    np.testing.assert_allclose(got["mlm_output"][~padding], expected["mlm_output"][~padding],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got["mlm_output"][~padding], expected["mlm_output"][~padding], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.torch
@@ -289,8 +336,19 @@ def test_cli_round_trip_then_eval_and_predict(ref, tmp_path, data_tiny, capsys):
     vocab = ref.make_vocab(["OTHER0"] + genes[::-1])
     build(ref, tmp_path / "ckpt", vocab=vocab, style="avg-pool")
     out = tmp_path / "converted"
-    assert convert.main([str(tmp_path / "ckpt"), str(out), "--data", "simulated:tiny",
-                         "--set", "train.eval_batch_size=16"]) == 0
+    assert (
+        convert.main(
+            [
+                str(tmp_path / "ckpt"),
+                str(out),
+                "--data",
+                "simulated:tiny",
+                "--set",
+                "train.eval_batch_size=16",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "loaded: " in printed and "match 40/40 genes in vocabulary" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "converted"]
@@ -312,9 +370,16 @@ def test_cli_round_trip_then_eval_and_predict(ref, tmp_path, data_tiny, capsys):
 
     # train.load_model may name the converted folder or the PyTorch one: same parameters.
     dataset_config = model_config.with_vocab(data_tiny)
-    loaded = [convert.load_pretrained(folder, dataset_config, jax.random.PRNGKey(1),
-                                      prefixes=["encoder", "layers_"], dataset=data_tiny)
-              for folder in (out, tmp_path / "ckpt")]
+    loaded = [
+        convert.load_pretrained(
+            folder,
+            dataset_config,
+            jax.random.PRNGKey(1),
+            prefixes=["encoder", "layers_"],
+            dataset=data_tiny,
+        )
+        for folder in (out, tmp_path / "ckpt")
+    ]
     assert loaded[0][1].attention_layout == "converted"
     assert [p for _, p in loaded[0][1].loaded] == [p for _, p in loaded[1][1].loaded]
     for path, value in flat(loaded[1][0]).items():
@@ -329,8 +394,9 @@ def test_cli_round_trip_then_eval_and_predict(ref, tmp_path, data_tiny, capsys):
     assert metrics["n_test_perturbations"] > 0
     predictor = load_predictor(str(out), batch_size=16)
     embedding = np.asarray(predictor.params["encoder"]["embedding"])
-    np.testing.assert_array_equal(embedding[data_tiny.vocab[genes[0]]],
-                                  flat(params)["encoder/embedding"][vocab[genes[0]]])
+    np.testing.assert_array_equal(
+        embedding[data_tiny.vocab[genes[0]]], flat(params)["encoder/embedding"][vocab[genes[0]]]
+    )
     result = predictor.predict([genes[3]], pool_size=5)
     assert result.mean.shape == (1, data_tiny.n_genes) and np.isfinite(result.mean.X).all()
 
@@ -342,30 +408,53 @@ def test_train_fine_tunes_from_load_model(ref, tmp_path, capsys):
     from scformer_jax.runs import restore_params
 
     genes = [str(g) for g in load_dataset("simulated:tiny").gene_names]
-    model = build(ref, tmp_path / "ckpt", vocab=ref.make_vocab(genes[5:]),
-                  sizes=dict(d_model=16, nhead=2, d_hid=16, nlayers=1, nlayers_cls=3))
+    model = build(
+        ref,
+        tmp_path / "ckpt",
+        vocab=ref.make_vocab(genes[5:]),
+        sizes=dict(d_model=16, nhead=2, d_hid=16, nlayers=1, nlayers_cls=3),
+    )
     sd = state_dict(model)
     run = tmp_path / "run"
-    code = train_cli.main(["--config", TINY, "--workdir", str(run), "--no-progress",
-                           "--set", f"train.load_model={tmp_path / 'ckpt'}",
-                           "--set", "train.load_param_prefixes=[encoder,value_encoder,"
-                                    "transformer_encoder]",
-                           "--set", "model.prepend_cls_token=false",
-                           "--set", "train.epochs=1", "--set", "train.max_steps=2",
-                           "--set", "train.max_val_batches=1",
-                           "--set", "optim.lr=1e-9"])
+    code = train_cli.main(
+        [
+            "--config",
+            TINY,
+            "--workdir",
+            str(run),
+            "--no-progress",
+            "--set",
+            f"train.load_model={tmp_path / 'ckpt'}",
+            "--set",
+            "train.load_param_prefixes=[encoder,value_encoder,transformer_encoder]",
+            "--set",
+            "model.prepend_cls_token=false",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.max_val_batches=1",
+            "--set",
+            "optim.lr=1e-9",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "match 35/40 genes in vocabulary" in printed and "skipped by prefix" in printed
     _, params, meta = restore_params(run, which="latest")
     got = flat(params)
     # Two Adam steps of lr 1e-9 leave the loaded weights where the checkpoint had them.
-    np.testing.assert_allclose(got["layers_0/self_attn/in_proj/kernel"],
-                               sd["transformer_encoder.layers.0.self_attn.in_proj_weight"].T,
-                               atol=1e-6)
-    np.testing.assert_allclose(got["value_encoder/linear1/kernel"],
-                               sd["value_encoder.linear1.weight"].T, atol=1e-6)
-    np.testing.assert_allclose(got["encoder/embedding"][5], sd["encoder.embedding.weight"][0],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        got["layers_0/self_attn/in_proj/kernel"],
+        sd["transformer_encoder.layers.0.self_attn.in_proj_weight"].T,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        got["value_encoder/linear1/kernel"], sd["value_encoder.linear1.weight"].T, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        got["encoder/embedding"][5], sd["encoder.embedding.weight"][0], atol=1e-6
+    )
     assert np.abs(got["encoder/embedding"][:5]).max() < 1e-6  # not in the checkpoint
     assert not np.allclose(got["decoder/kernel"], sd["decoder.weight"].T, atol=1e-3)

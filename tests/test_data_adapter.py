@@ -12,24 +12,34 @@ from scformer_jax.data.batching import assemble_batch
 def _gears_batch(data, n=6, start=0):
     """A GEARS-style batch: x (n * n_genes, 1), y (n, n_genes), pert, pert_idx, pert_names."""
     perturbed = [c for c in data.conditions if c != "ctrl"]
-    conditions = (perturbed[start:start + n - 1] + ["ctrl"])[:n]
+    conditions = (perturbed[start : start + n - 1] + ["ctrl"])[:n]
     targets = np.array([data.condition_cells[c][0] for c in conditions])
     controls = data.control_cells[:n]
     X = data.X.toarray()
     # GEARS's GO-graph gene list: another order than the expression columns, with extras.
     genes = sorted({g for c in data.conditions for g in data.condition_genes[c]})
     pert_names = np.array(["ZZZ1"] + genes[::-1] + ["AAA0"])
-    pert_idx = [[int(np.flatnonzero(pert_names == g)[0]) for g in data.condition_genes[c]] or [-1]
-                for c in conditions]
+    pert_idx = [
+        [int(np.flatnonzero(pert_names == g)[0]) for g in data.condition_genes[c]] or [-1]
+        for c in conditions
+    ]
     x = X[controls].reshape(-1, 1)
-    return dict(x=x, y=X[targets], pert=conditions, pert_idx=pert_idx, pert_names=pert_names,
-                targets=targets, controls=controls)
+    return dict(
+        x=x,
+        y=X[targets],
+        pert=conditions,
+        pert_idx=pert_idx,
+        pert_names=pert_names,
+        targets=targets,
+        controls=controls,
+    )
 
 
 def test_one_column_layout_flags_from_condition_names(data_tiny):
     g = _gears_batch(data_tiny)
-    batch = from_gears_batch(g["x"], g["y"], g["pert"], g["pert_idx"], g["pert_names"],
-                             gene_names=data_tiny.gene_names)
+    batch = from_gears_batch(
+        g["x"], g["y"], g["pert"], g["pert_idx"], g["pert_names"], gene_names=data_tiny.gene_names
+    )
     batch.check()
     n, n_genes = len(g["pert"]), data_tiny.n_genes
     assert batch.gene_ids.shape == (n, n_genes)
@@ -55,20 +65,26 @@ def test_two_column_layout_gives_the_same_batch(data_tiny):
     g = _gears_batch(data_tiny)
     one = from_gears_batch(g["x"], g["y"], g["pert"], gene_names=data_tiny.gene_names)
     flags = one.pert_flags.reshape(-1, 1)
-    two = from_gears_batch(np.concatenate([g["x"], flags], axis=1), g["y"], g["pert"],
-                           gene_names=data_tiny.gene_names)
+    two = from_gears_batch(
+        np.concatenate([g["x"], flags], axis=1), g["y"], g["pert"], gene_names=data_tiny.gene_names
+    )
     np.testing.assert_array_equal(one.inputs, two.inputs)
     with pytest.warns(UserWarning, match="disagrees with the condition names"):
-        from_gears_batch(np.concatenate([g["x"], np.zeros_like(flags)], axis=1), g["y"],
-                         g["pert"], gene_names=data_tiny.gene_names)
+        from_gears_batch(
+            np.concatenate([g["x"], np.zeros_like(flags)], axis=1),
+            g["y"],
+            g["pert"],
+            gene_names=data_tiny.gene_names,
+        )
 
 
 def test_pert_idx_that_names_other_genes_is_an_error(data_tiny):
     g = _gears_batch(data_tiny)
     shifted = [[(i + 1) if i >= 0 else -1 for i in idx] for idx in g["pert_idx"]]
     with pytest.raises(ValueError, match="pert_idx points at"):
-        from_gears_batch(g["x"], g["y"], g["pert"], shifted, g["pert_names"],
-                         gene_names=data_tiny.gene_names)
+        from_gears_batch(
+            g["x"], g["y"], g["pert"], shifted, g["pert_names"], gene_names=data_tiny.gene_names
+        )
 
 
 def test_unmeasured_gene_becomes_an_extra_token(data_tiny_unmeasured):
@@ -90,13 +106,16 @@ def test_unmeasured_gene_becomes_an_extra_token(data_tiny_unmeasured):
         from_gears_batch(x, y, [cond, "ctrl"], gene_names=d.gene_names)
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda g: dict(g, x=g["x"][:-1]), "x must be"),
-    (lambda g: dict(g, x=np.concatenate([g["x"]] * 3, axis=1)), "x must be"),
-    (lambda g: dict(g, y=g["y"][:, :-1]), "y must be"),
-    (lambda g: dict(g, pert=g["pert"][:-1]), "pert has"),
-    (lambda g: dict(g, pert=["A+B+C"] + g["pert"][1:]), "Malformed"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda g: dict(g, x=g["x"][:-1]), "x must be"),
+        (lambda g: dict(g, x=np.concatenate([g["x"]] * 3, axis=1)), "x must be"),
+        (lambda g: dict(g, y=g["y"][:, :-1]), "y must be"),
+        (lambda g: dict(g, pert=g["pert"][:-1]), "pert has"),
+        (lambda g: dict(g, pert=["A+B+C"] + g["pert"][1:]), "Malformed"),
+    ],
+)
 def test_shape_and_condition_errors(data_tiny, change, message):
     g = change(_gears_batch(data_tiny))
     with pytest.raises(ValueError, match=message):
@@ -108,7 +127,12 @@ def test_torch_tensors_are_accepted(data_tiny):
     g = _gears_batch(data_tiny)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        batch = from_gears_batch(torch.tensor(g["x"]), torch.tensor(g["y"]), g["pert"],
-                                 [torch.tensor(i) for i in g["pert_idx"]], g["pert_names"],
-                                 gene_names=data_tiny.gene_names)
+        batch = from_gears_batch(
+            torch.tensor(g["x"]),
+            torch.tensor(g["y"]),
+            g["pert"],
+            [torch.tensor(i) for i in g["pert_idx"]],
+            g["pert_names"],
+            gene_names=data_tiny.gene_names,
+        )
     np.testing.assert_array_equal(batch.target_values, g["y"])

@@ -23,10 +23,12 @@ def _check_values(data, host):
         real = ~b.padding_mask[r]
         cols = host.gene_index[r, real]
         measured = cols >= 0
-        np.testing.assert_array_equal(b.control_values[r, real][measured],
-                                      X[host.control_indices[r], cols[measured]])
-        np.testing.assert_array_equal(b.target_values[r, real][measured],
-                                      X[host.cell_indices[r], cols[measured]])
+        np.testing.assert_array_equal(
+            b.control_values[r, real][measured], X[host.control_indices[r], cols[measured]]
+        )
+        np.testing.assert_array_equal(
+            b.target_values[r, real][measured], X[host.cell_indices[r], cols[measured]]
+        )
         assert np.all(b.control_values[r, real][~measured] == 0)
         # Token ids are gene ids: a measured token's id is its column.
         np.testing.assert_array_equal(b.gene_ids[r, real][measured], cols[measured])
@@ -56,10 +58,11 @@ def test_epoch_covers_every_cell_once_and_pads_the_last_batch(data_tiny):
     np.testing.assert_array_equal(np.sort(seen), loader.cell_indices)
     last = batches[-1]
     assert last.n_real == n % 32
-    np.testing.assert_array_equal(last.batch.cell_weights,
-                                  (np.arange(32) < last.n_real).astype(np.float32))
-    assert last.conditions[last.n_real:] == [""] * (32 - last.n_real)
-    assert np.all(last.cell_indices[last.n_real:] == -1)
+    np.testing.assert_array_equal(
+        last.batch.cell_weights, (np.arange(32) < last.n_real).astype(np.float32)
+    )
+    assert last.conditions[last.n_real :] == [""] * (32 - last.n_real)
+    assert np.all(last.cell_indices[last.n_real :] == -1)
     assert {h.batch.gene_ids.shape for h in batches} == {(32, data_tiny.n_genes)}
     for h in batches:
         h.batch.check()
@@ -78,17 +81,19 @@ def test_pairing_controls_map_to_themselves_redrawn_or_frozen(data_tiny):
     assert np.all(np.isin(p0[~is_ctrl], data_tiny.control_cells))
     assert np.any(p0 != p1)  # GEARS-style: re-drawn every epoch
     np.testing.assert_array_equal(
-        p0, BatchLoader(data_tiny, data_tiny.conditions, batch_size=16, seed=5).pairing(0))
-    assert np.any(p0 != BatchLoader(data_tiny, data_tiny.conditions, batch_size=16,
-                                    seed=6).pairing(0))
-    frozen = BatchLoader(data_tiny, data_tiny.conditions, batch_size=16, seed=5,
-                         frozen_pairing=True)
+        p0, BatchLoader(data_tiny, data_tiny.conditions, batch_size=16, seed=5).pairing(0)
+    )
+    assert np.any(
+        p0 != BatchLoader(data_tiny, data_tiny.conditions, batch_size=16, seed=6).pairing(0)
+    )
+    frozen = BatchLoader(
+        data_tiny, data_tiny.conditions, batch_size=16, seed=5, frozen_pairing=True
+    )
     np.testing.assert_array_equal(frozen.pairing(0), frozen.pairing(7))
     # The batches use the epoch's pairing.
     host = next(frozen.epoch(3))
     position = np.searchsorted(cells, host.cell_indices[: host.n_real])
-    np.testing.assert_array_equal(host.control_indices[: host.n_real],
-                                  frozen.pairing(3)[position])
+    np.testing.assert_array_equal(host.control_indices[: host.n_real], frozen.pairing(3)[position])
 
 
 def test_pairing_stays_within_cell_type(data_tiny_adata):
@@ -102,8 +107,16 @@ def test_pairing_stays_within_cell_type(data_tiny_adata):
 
 
 def test_deterministic_and_resumable(data_tiny):
-    make = lambda: BatchLoader(data_tiny, data_tiny.conditions, batch_size=16, seed=3,  # noqa: E731
-                               include_zero_gene="row-wise", max_seq_len=24)
+    def make():
+        return BatchLoader(
+            data_tiny,
+            data_tiny.conditions,
+            batch_size=16,
+            seed=3,
+            include_zero_gene="row-wise",
+            max_seq_len=24,
+        )
+
     first, second = list(make().epoch(2)), list(make().epoch(2))
     resumed = list(make().epoch(2, start_batch=4))
     assert len(resumed) == len(first) - 4
@@ -117,20 +130,24 @@ def test_deterministic_and_resumable(data_tiny):
     other_epoch = list(make().epoch(3))
     assert any(np.any(a.cell_indices != b.cell_indices) for a, b in zip(first, other_epoch))
     unshuffled = BatchLoader(data_tiny, data_tiny.conditions, batch_size=16, shuffle=False)
-    np.testing.assert_array_equal(next(unshuffled.epoch(0)).cell_indices,
-                                  unshuffled.cell_indices[:16])
+    np.testing.assert_array_equal(
+        next(unshuffled.epoch(0)).cell_indices, unshuffled.cell_indices[:16]
+    )
 
 
 @pytest.mark.parametrize("mode", ["batch-wise", "row-wise", "nonzero"])
 def test_gene_selection_modes(data_tiny, mode):
     X = _dense(data_tiny)
-    loader = BatchLoader(data_tiny, data_tiny.conditions, batch_size=16, seed=1,
-                         include_zero_gene=mode)
+    loader = BatchLoader(
+        data_tiny, data_tiny.conditions, batch_size=16, seed=1, include_zero_gene=mode
+    )
     for host in list(loader.epoch(0))[:6]:
         rows = list(_real_rows(host))
         ctrl = X[host.control_indices[rows]]
-        pert_cols = [{data_tiny.column_of(g) for g in data_tiny.condition_genes[host.conditions[r]]}
-                     for r in rows]
+        pert_cols = [
+            {data_tiny.column_of(g) for g in data_tiny.condition_genes[host.conditions[r]]}
+            for r in rows
+        ]
         for r in rows:
             got = set(host.gene_index[r][host.gene_index[r] >= 0].tolist())
             if mode == "batch-wise":
@@ -143,18 +160,28 @@ def test_gene_selection_modes(data_tiny, mode):
         _check_flags(data_tiny, host)
 
 
-@pytest.mark.parametrize("mode,max_len", [("all", 10), ("batch-wise", 12), ("row-wise", 6),
-                                          ("nonzero", 5)])
+@pytest.mark.parametrize(
+    "mode,max_len", [("all", 10), ("batch-wise", 12), ("row-wise", 6), ("nonzero", 5)]
+)
 def test_sampling_keeps_perturbed_genes_and_samples_gene_ids(data_tiny, mode, max_len):
-    loader = BatchLoader(data_tiny, data_tiny.conditions, batch_size=4, seed=2,
-                         include_zero_gene=mode, max_seq_len=max_len)
+    loader = BatchLoader(
+        data_tiny,
+        data_tiny.conditions,
+        batch_size=4,
+        seed=2,
+        include_zero_gene=mode,
+        max_seq_len=max_len,
+    )
     X = _dense(data_tiny)
     used = set()
     for host in loader.epoch(0):
         b = host.batch
         assert b.gene_ids.shape[1] <= max_len
-        batch_pert = {data_tiny.vocab[g] for r in _real_rows(host)
-                      for g in data_tiny.condition_genes[host.conditions[r]]}
+        batch_pert = {
+            data_tiny.vocab[g]
+            for r in _real_rows(host)
+            for g in data_tiny.condition_genes[host.conditions[r]]
+        }
         for r in _real_rows(host):
             real = ~b.padding_mask[r]
             tokens = set(b.gene_ids[r, real].tolist())
@@ -204,8 +231,14 @@ def test_unmeasured_gene_is_an_extra_token(data_tiny_unmeasured):
 def test_static_shapes_from_a_few_buckets(data_tiny):
     assert bucket_sizes(150, 4) == (40, 80, 120, 150)
     assert bucket_sizes(10, 4) == (8, 10)
-    loader = BatchLoader(data_tiny, data_tiny.conditions, batch_size=4, seed=0,
-                         include_zero_gene="nonzero", length_buckets=3)
+    loader = BatchLoader(
+        data_tiny,
+        data_tiny.conditions,
+        batch_size=4,
+        seed=0,
+        include_zero_gene="nonzero",
+        length_buckets=3,
+    )
     assert loader.bucket_sizes == bucket_sizes(data_tiny.n_genes, 3)
     shapes = set()
     for host in loader.epoch(0):
@@ -215,8 +248,13 @@ def test_static_shapes_from_a_few_buckets(data_tiny):
         assert length == min(b for b in loader.bucket_sizes if b >= longest)
         shapes.add(host.batch.gene_ids.shape)
     assert 1 <= len(shapes) <= 3
-    explicit = BatchLoader(data_tiny, data_tiny.conditions, batch_size=4,
-                           include_zero_gene="row-wise", length_buckets=[16, 40])
+    explicit = BatchLoader(
+        data_tiny,
+        data_tiny.conditions,
+        batch_size=4,
+        include_zero_gene="row-wise",
+        length_buckets=[16, 40],
+    )
     assert {h.batch.gene_ids.shape[1] for h in explicit.epoch(0)} <= {16, 40}
     all_mode = BatchLoader(data_tiny, data_tiny.conditions, batch_size=4)
     assert all_mode.bucket_sizes == (data_tiny.n_genes,)
@@ -226,8 +264,7 @@ def test_assemble_batch_for_an_arbitrary_condition(data_tiny):
     genes = sorted({g for c in data_tiny.conditions for g in data_tiny.condition_genes[c]})
     condition = f"{genes[0]}+{genes[1]}"
     controls = data_tiny.control_cells[:3]
-    host = assemble_batch(data_tiny, controls, controls, conditions=[condition] * 3,
-                          batch_size=4)
+    host = assemble_batch(data_tiny, controls, controls, conditions=[condition] * 3, batch_size=4)
     assert host.conditions == [condition] * 3 + [""]
     flagged = host.batch.gene_ids[0][host.batch.pert_flags[0] == 1]
     assert sorted(flagged.tolist()) == sorted(data_tiny.vocab[g] for g in genes[:2])
@@ -242,8 +279,13 @@ def test_bad_loader_arguments(data_tiny):
     with pytest.raises(ValueError, match="batch_size"):
         BatchLoader(data_tiny, ["ctrl"], batch_size=0)
     with pytest.raises(ValueError, match="max_seq_len 1 is below"):
-        BatchLoader(data_tiny, data_tiny.conditions, batch_size=4, max_seq_len=1,
-                    include_zero_gene="row-wise")
+        BatchLoader(
+            data_tiny,
+            data_tiny.conditions,
+            batch_size=4,
+            max_seq_len=1,
+            include_zero_gene="row-wise",
+        )
     with pytest.raises(ValueError, match="largest length bucket"):
         BatchLoader(data_tiny, data_tiny.conditions, batch_size=4, length_buckets=[8])
     with pytest.raises(ValueError, match="at least one condition"):

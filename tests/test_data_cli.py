@@ -41,10 +41,11 @@ def test_simulate_overrides_and_errors(tmp_path, capsys):
 def _write_counts(path, labels):
     rng = np.random.default_rng(0)
     counts = rng.poisson(3.0, (len(labels), 8)).astype(np.float32)
-    adata = anndata.AnnData(X=sparse.csr_matrix(counts),
-                            obs=pd.DataFrame({"target": labels},
-                                             index=[f"c{i}" for i in range(len(labels))]),
-                            var=pd.DataFrame(index=[f"G{i}" for i in range(8)]))
+    adata = anndata.AnnData(
+        X=sparse.csr_matrix(counts),
+        obs=pd.DataFrame({"target": labels}, index=[f"c{i}" for i in range(len(labels))]),
+        var=pd.DataFrame(index=[f"G{i}" for i in range(8)]),
+    )
     adata.write_h5ad(path)
 
 
@@ -52,22 +53,49 @@ def test_prepare_writes_a_gears_folder(tmp_path):
     source = tmp_path / "raw.h5ad"
     _write_counts(source, ["NT"] * 10 + ["G1"] * 5 + ["G2"] * 5 + ["G1+G2"] * 5)
     out_dir = tmp_path / "gears"
-    assert main(["prepare", str(source), str(out_dir), "--perturbation-key", "target",
-                 "--control-label", "NT", "--cell-type", "K562"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(source),
+                str(out_dir),
+                "--perturbation-key",
+                "target",
+                "--control-label",
+                "NT",
+                "--cell-type",
+                "K562",
+            ]
+        )
+        == 0
+    )
     result = anndata.read_h5ad(out_dir / "perturb_processed.h5ad")
     assert set(result.obs["condition"]) == {"ctrl", "G1+ctrl", "G2+ctrl", "G1+G2"}
     assert set(result.obs["condition_name"]) == {
-        "K562_ctrl_1", "K562_G1+ctrl_1+1", "K562_G2+ctrl_1+1", "K562_G1+G2_1+1"}
+        "K562_ctrl_1",
+        "K562_G1+ctrl_1+1",
+        "K562_G2+ctrl_1+1",
+        "K562_G1+G2_1+1",
+    }
     assert set(result.uns["rank_genes_groups_cov_all"]) == {
-        "K562_G1+ctrl_1+1", "K562_G2+ctrl_1+1", "K562_G1+G2_1+1"}
+        "K562_G1+ctrl_1+1",
+        "K562_G2+ctrl_1+1",
+        "K562_G1+G2_1+1",
+    }
 
 
-@pytest.mark.parametrize("args,labels,message", [
-    (["--perturbation-key", "guide", "--control-label", "NT"], None, "'guide'"),
-    (["--perturbation-key", "target", "--control-label", "ctrl"], None, "No control cells"),
-    (["--perturbation-key", "target", "--control-label", "NT"],
-     ["NT"] * 10 + ["G1"] * 5 + ["G3"], "'G3\\+ctrl' \\(1\\)"),
-])
+@pytest.mark.parametrize(
+    "args,labels,message",
+    [
+        (["--perturbation-key", "guide", "--control-label", "NT"], None, "'guide'"),
+        (["--perturbation-key", "target", "--control-label", "ctrl"], None, "No control cells"),
+        (
+            ["--perturbation-key", "target", "--control-label", "NT"],
+            ["NT"] * 10 + ["G1"] * 5 + ["G3"],
+            "'G3\\+ctrl' \\(1\\)",
+        ),
+    ],
+)
 def test_prepare_errors_write_nothing(tmp_path, capsys, args, labels, message):
     source = tmp_path / "raw.h5ad"
     _write_counts(source, labels or ["NT"] * 10 + ["G1"] * 5)
@@ -82,11 +110,14 @@ def test_split_matches_gears_split(tmp_path, data_tiny_adata):
     data_path = tmp_path / "data.h5ad"
     data_tiny_adata.write_h5ad(data_path)
     out = tmp_path / "splits" / "split.json"
-    assert main(["split", str(data_path), "--split", "simulation", "--seed", "1",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["split", str(data_path), "--split", "simulation", "--seed", "1", "--out", str(out)])
+        == 0
+    )
     written = json.loads(out.read_text())
-    expected = gears_split(data_tiny_adata.obs["condition"].astype(str).tolist(),
-                           split="simulation", seed=1)
+    expected = gears_split(
+        data_tiny_adata.obs["condition"].astype(str).tolist(), split="simulation", seed=1
+    )
     for key in ("train", "val", "test"):
         assert written[key] == list(expected[key])
     assert written["subgroups"] == {k: list(v) for k, v in expected["subgroups"].items()}
@@ -110,8 +141,20 @@ def test_split_errors_write_nothing(tmp_path, capsys, data_tiny_adata):
 
 def test_module_entry_point(tmp_path):
     out = tmp_path / "sim.h5ad"
-    done = subprocess.run([sys.executable, "-m", "scformer_jax.data", "simulate", "--out",
-                           str(out), "--preset", "tiny"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scformer_jax.data",
+            "simulate",
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert anndata.read_h5ad(out).n_vars == 40

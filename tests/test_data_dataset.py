@@ -12,9 +12,12 @@ def test_vocabulary_layout(data_tiny):
     d = data_tiny
     # Genes first (token = column), then <pad>, <cls>, <eoc>: the original's vocabulary.
     assert d.token_names[: d.n_genes] == list(d.gene_names)
-    assert d.token_names[d.n_genes:] == ["<pad>", "<cls>", "<eoc>"]
+    assert d.token_names[d.n_genes :] == ["<pad>", "<cls>", "<eoc>"]
     assert (d.pad_token_id, d.cls_token_id, d.eoc_token_id) == (
-        d.n_genes, d.n_genes + 1, d.n_genes + 2)
+        d.n_genes,
+        d.n_genes + 1,
+        d.n_genes + 2,
+    )
     assert d.n_tokens == d.n_genes + 3
     np.testing.assert_array_equal(d.gene_token_ids, np.arange(d.n_genes))
     for gene in d.gene_names[:5]:
@@ -50,10 +53,10 @@ def test_conditions_and_cells(data_tiny, data_tiny_adata):
     X = data_tiny_adata.X.toarray()
     np.testing.assert_allclose(d.control_mean, X[cond == "ctrl"].mean(axis=0), rtol=1e-5)
     some = d.conditions[3]
-    np.testing.assert_allclose(d.condition_mean(some), X[cond == some].mean(axis=0),
-                               rtol=1e-5)
-    np.testing.assert_array_equal(d.cells_of([some, "ctrl"]),
-                                  np.flatnonzero(np.isin(cond, [some, "ctrl"])))
+    np.testing.assert_allclose(d.condition_mean(some), X[cond == some].mean(axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(
+        d.cells_of([some, "ctrl"]), np.flatnonzero(np.isin(cond, [some, "ctrl"]))
+    )
     assert sparse.isspmatrix_csr(d.X)
 
 
@@ -72,7 +75,8 @@ def test_de_indices_from_uns(data_tiny, data_tiny_adata):
         np.testing.assert_array_equal(d.top_de_20[c], expected[:20])
         np.testing.assert_array_equal(
             d.de_indices(c, non_dropout=True),
-            [var.index(g) for g in uns["top_non_dropout_de_20"][key]])
+            [var.index(g) for g in uns["top_non_dropout_de_20"][key]],
+        )
         np.testing.assert_array_equal(d.non_zeros_gene_idx[c], uns["non_zeros_gene_idx"][key])
     with pytest.raises(KeyError, match="'ctrl'"):
         d.de_indices("ctrl")

@@ -45,8 +45,9 @@ def data_prepared():
 # ------------------------------------------------------------------ conditions
 
 
-@pytest.mark.parametrize("condition,genes", [
-    ("ctrl", ()), ("A+ctrl", ("A",)), ("ctrl+A", ("A",)), ("A+B", ("A", "B"))])
+@pytest.mark.parametrize(
+    "condition,genes", [("ctrl", ()), ("A+ctrl", ("A",)), ("ctrl+A", ("A",)), ("A+B", ("A", "B"))]
+)
 def test_parse_condition(condition, genes):
     assert parse_condition(condition) == genes
 
@@ -66,8 +67,7 @@ def test_prepare_normalises_counts_and_builds_gears_columns(data_prepared):
     expected = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4)
     np.testing.assert_allclose(out.X.toarray(), expected, rtol=1e-5, atol=1e-5)
     assert sparse.isspmatrix_csr(out.X) and out.X.dtype == np.float32
-    mapping = {"NT": "ctrl", "G1": "G1+ctrl", "G2": "G2+ctrl", "G1_G2": "G1+G2",
-               "G7": "G7+ctrl"}
+    mapping = {"NT": "ctrl", "G1": "G1+ctrl", "G2": "G2+ctrl", "G1_G2": "G1+G2", "G7": "G7+ctrl"}
     assert out.obs["condition"].astype(str).tolist() == [mapping[g] for g in LABELS]
     assert set(out.obs["cell_type"].astype(str)) == {"cell"}
     assert out.obs["condition_name"].astype(str).iloc[0] == "cell_ctrl_1"
@@ -111,11 +111,11 @@ def test_gears_round_trip_folder_and_file(tmp_path, data_prepared):
         assert list(data.gene_names) == [f"G{i}" for i in range(N_GENES)]
         # DE columns in rank order, from the stored names.
         ranked = out.uns["rank_genes_groups_cov_all"]["cell_G1+G2_1+1"]
-        np.testing.assert_array_equal(data.de_rank["G1+G2"],
-                                      [int(g[1:]) for g in ranked])
+        np.testing.assert_array_equal(data.de_rank["G1+G2"], [int(g[1:]) for g in ranked])
         np.testing.assert_array_equal(
             data.top_non_dropout_de_20["G1+ctrl"],
-            [int(g[1:]) for g in out.uns["top_non_dropout_de_20"]["cell_G1+ctrl_1+1"]])
+            [int(g[1:]) for g in out.uns["top_non_dropout_de_20"]["cell_G1+ctrl_1+1"]],
+        )
 
 
 # ------------------------------------------------------------------ bad input to prepare
@@ -205,10 +205,12 @@ def test_missing_de_keys(data_prepared):
 
 def _renamed_condition(data_prepared, old, new):
     """A copy of the prepared data with condition `old` relabelled `new`."""
+
     def rename(a):
         conds = a.obs["condition"].astype(str).to_numpy().copy()
         conds[conds == old] = new
         a.obs["condition"] = conds
+
     return _broken(data_prepared, rename)
 
 
@@ -234,15 +236,19 @@ def test_small_conditions_in_gears_file(data_prepared):
     assert "G7+ctrl" not in data.conditions
 
 
-@pytest.mark.parametrize("transform,message", [
-    (lambda X: np.expm1(X), "un|counts"),
-    (lambda X: X - 1.0, "negative values"),
-    (lambda X: np.round(np.expm1(X) / 100), "raw counts"),
-    (lambda X: np.where(np.arange(X.shape[1]) == 3, np.inf, X), "NaN/inf"),
-])
+@pytest.mark.parametrize(
+    "transform,message",
+    [
+        (lambda X: np.expm1(X), "un|counts"),
+        (lambda X: X - 1.0, "negative values"),
+        (lambda X: np.round(np.expm1(X) / 100), "raw counts"),
+        (lambda X: np.where(np.arange(X.shape[1]) == 3, np.inf, X), "NaN/inf"),
+    ],
+)
 def test_bad_values_in_gears_file(data_prepared, transform, message):
     def change(a):
         a.X = sparse.csr_matrix(transform(a.X.toarray()).astype(np.float32))
+
     with pytest.raises(DataFormatError, match=message):
         load_dataset(_broken(data_prepared, change))
 

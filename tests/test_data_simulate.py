@@ -28,8 +28,7 @@ def test_same_seed_same_data_other_seed_other_data(data_tiny_adata):
         assert set(again.uns[key]) == set(data_tiny_adata.uns[key])
     other = simulate("tiny", seed=1)
     assert other.shape[1] == data_tiny_adata.shape[1]
-    assert (other.shape != data_tiny_adata.shape
-            or (other.X != data_tiny_adata.X).nnz > 0)
+    assert other.shape != data_tiny_adata.shape or (other.X != data_tiny_adata.X).nnz > 0
 
 
 def test_gears_layout(data_tiny_adata):
@@ -90,8 +89,7 @@ def test_effects_propagate_through_the_network():
             continue
         delta = np.abs(means[f"{gene}+ctrl"] - means["ctrl"])
         direct = [genes.index(t) for t in targets[gene]]
-        unrelated = [i for i, g in enumerate(genes)
-                     if g != gene and g not in targets[gene]]
+        unrelated = [i for i, g in enumerate(genes) if g != gene and g not in targets[gene]]
         # Direct targets move more than the average other gene.
         assert delta[direct].mean() > delta[unrelated].mean()
         checked += 1
@@ -102,8 +100,9 @@ def test_effects_propagate_through_the_network():
 def test_interactions_scale_the_joint_response(kind):
     """Same network and cells, only the interaction type of the doubles differs."""
     base = dict(noise_sd=0.0, umis_per_gene=2000.0, library_sd=0.0, efficiency_low=1.0)
-    additive = simulate(simulation_config("tiny", interaction_probs=(1.0, 0.0, 0.0), **base),
-                        seed=0)
+    additive = simulate(
+        simulation_config("tiny", interaction_probs=(1.0, 0.0, 0.0), **base), seed=0
+    )
     probs = (0.0, 1.0, 0.0) if kind == "synergistic" else (0.0, 0.0, 1.0)
     other = simulate(simulation_config("tiny", interaction_probs=probs, **base), seed=0)
     assert set(simulation_truth(other)["interaction"].values()) == {kind}
@@ -149,15 +148,13 @@ def test_numpy_de_matches_scanpy(data_tiny_adata):
     names = a.obs["condition_name"].astype(str).to_numpy()
     for group in list(fast)[:5]:
         g, r = X[names == group], X[names == "simcell_ctrl_1"]
-        t = (g.mean(0) - r.mean(0)) / np.sqrt(g.var(0, ddof=1) / len(g)
-                                               + r.var(0, ddof=1) / len(r))
+        t = (g.mean(0) - r.mean(0)) / np.sqrt(g.var(0, ddof=1) / len(g) + r.var(0, ddof=1) / len(r))
         t[np.isnan(t)] = 0
         order = np.argsort(-np.abs(t), kind="stable")
         expected = a.var_names[order][:20]
         # Ties (equal |t|) may be ordered differently; compare the untied prefix.
         strength = np.abs(t)[order][:21]
-        untied = int(np.argmax(np.diff(strength) == 0)) if np.any(
-            np.diff(strength) == 0) else 20
+        untied = int(np.argmax(np.diff(strength) == 0)) if np.any(np.diff(strength) == 0) else 20
         assert list(fast[group][:untied]) == list(expected[:untied])
         assert list(slow[group][:untied]) == list(expected[:untied])
         assert set(fast[group][:20]) == set(slow[group][:20])
@@ -171,8 +168,11 @@ def test_non_dropout_sets_follow_gears_definition(data_tiny_adata):
     for name, ranked in list(a.uns["rank_genes_groups_cov_all"].items())[:6]:
         mean, ctrl = means[name_to_cond[name]], means["ctrl"]
         non_zero = np.flatnonzero(mean != 0)
-        non_dropout = np.sort(np.concatenate(
-            [non_zero, np.intersect1d(np.flatnonzero(mean == 0), np.flatnonzero(ctrl == 0))]))
+        non_dropout = np.sort(
+            np.concatenate(
+                [non_zero, np.intersect1d(np.flatnonzero(mean == 0), np.flatnonzero(ctrl == 0))]
+            )
+        )
         np.testing.assert_array_equal(a.uns["non_zeros_gene_idx"][name], non_zero)
         np.testing.assert_array_equal(a.uns["non_dropout_gene_idx"][name], non_dropout)
         expected = [g for g in ranked if var.index(g) in set(non_dropout)][:20]

@@ -21,8 +21,12 @@ TINY = "tests/configs/tiny.yaml"
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("evalrun") / "run"
-    assert train_cli.main(["--config", TINY, "--workdir", str(run), "--no-progress",
-                           "--set", "train.epochs=1"]) == 0
+    assert (
+        train_cli.main(
+            ["--config", TINY, "--workdir", str(run), "--no-progress", "--set", "train.epochs=1"]
+        )
+        == 0
+    )
     return run
 
 
@@ -30,8 +34,13 @@ def test_eval_writes_report_with_model_and_baselines(trained_run, capsys):
     assert eval_cli.main(["--workdir", str(trained_run), "--n-plots", "2"]) == 0
     out_dir = trained_run / "eval"
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert set(metrics["baselines"]) == {"control", "train_mean", "additive", "linear",
-                                         "coexpression"}
+    assert set(metrics["baselines"]) == {
+        "control",
+        "train_mean",
+        "additive",
+        "linear",
+        "coexpression",
+    }
     split = json.loads((trained_run / "split.json").read_text())
     test = [c for c in split["test"] if c != "ctrl"]
     assert metrics["n_test_perturbations"] == len(test)
@@ -43,8 +52,15 @@ def test_eval_writes_report_with_model_and_baselines(trained_run, capsys):
     # The control baseline predicts no change: its pearson_delta is 0 by definition here.
     assert metrics["baselines"]["control"]["overall"]["pearson_delta"] == 0.0
     table = pd.read_csv(out_dir / "per_perturbation.csv")
-    methods = {"model", "control", "train_mean", "additive", "linear", "coexpression",
-               "technical_duplicate"}
+    methods = {
+        "model",
+        "control",
+        "train_mean",
+        "additive",
+        "linear",
+        "coexpression",
+        "technical_duplicate",
+    }
     assert set(table["method"]) == methods
     assert len(table[table["method"] == "model"]) == len(test)
     # Every method gets every calibrated metric, per perturbation and averaged (the tiny
@@ -67,17 +83,23 @@ def test_eval_writes_report_with_model_and_baselines(trained_run, capsys):
     assert list(pred.obs["condition"]) == test and "true_mean" in pred.layers
     pngs = list((out_dir / "plots").glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"change_scatter.png", "metrics_by_subgroup.png", "calibrated_by_subgroup.png",
-            "training_curves.png"} <= names
+    assert {
+        "change_scatter.png",
+        "metrics_by_subgroup.png",
+        "calibrated_by_subgroup.png",
+        "training_curves.png",
+    } <= names
     assert sum(n.startswith("perturbation_") for n in names) == 2
-    assert all(p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-               for p in pngs)
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     report = (out_dir / "report.md").read_text()
     assert "| model |" in report and "| additive |" in report
     # The calibrated table (with the ceiling row) comes before the GEARS table.
     calibrated = report.index("## Calibrated: overall")
-    assert calibrated < report.index("| technical_duplicate (ceiling) |") < report.index(
-        "## GEARS metrics")
+    assert (
+        calibrated
+        < report.index("| technical_duplicate (ceiling) |")
+        < report.index("## GEARS metrics")
+    )
     assert "| best baseline |" in report
     assert "Evaluation written to" in capsys.readouterr().out
 
@@ -87,30 +109,57 @@ def test_eval_several_runs_reports_mean_and_sd(trained_run, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("eval"))
     summary = tmp_path / "summary"
-    assert eval_cli.main(["--workdir", str(trained_run), "--workdir", str(copy),
-                          "--summary-out", str(summary), "--n-plots", "0"]) == 0
+    assert (
+        eval_cli.main(
+            [
+                "--workdir",
+                str(trained_run),
+                "--workdir",
+                str(copy),
+                "--summary-out",
+                str(summary),
+                "--n-plots",
+                "0",
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(summary / "summary.csv")
-    row = table[(table.method == "model") & (table.group == "overall")
-                & (table.metric == "pearson_delta_pert")].iloc[0]
+    row = table[
+        (table.method == "model")
+        & (table.group == "overall")
+        & (table.metric == "pearson_delta_pert")
+    ].iloc[0]
     single = json.loads((copy / "eval" / "metrics.json").read_text())
     assert row["n_runs"] == 2 and row["sd"] == pytest.approx(0.0, abs=1e-12)
     assert row["mean"] == pytest.approx(single["model"]["overall"]["pearson_delta_pert"])
     assert "technical_duplicate" in set(table.method)
     text = (summary / "summary.md").read_text()
     assert "± 0.0000" in text and "| technical_duplicate |" in text
-    assert eval_cli.main(["--workdir", str(trained_run), "--workdir", str(copy),
-                          "--out", str(tmp_path / "x")]) == 2
+    assert (
+        eval_cli.main(
+            ["--workdir", str(trained_run), "--workdir", str(copy), "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "--summary-out" in capsys.readouterr().err
 
 
 def test_summarize_runs_mean_and_sample_sd():
     def run(value, sub):
-        return {"model": {"overall": {"pearson_delta_pert": value},
-                          "per_subgroup": {"unseen_single": {"pearson_delta_pert": sub}}},
-                "baselines": {"additive": {"overall": {"pearson_delta_pert": value / 2},
-                                           "per_subgroup": {}}},
-                "ceiling": {"technical_duplicate": {"overall": {"pearson_delta_pert": 0.9},
-                                                    "per_subgroup": {}}}}
+        return {
+            "model": {
+                "overall": {"pearson_delta_pert": value},
+                "per_subgroup": {"unseen_single": {"pearson_delta_pert": sub}},
+            },
+            "baselines": {
+                "additive": {"overall": {"pearson_delta_pert": value / 2}, "per_subgroup": {}}
+            },
+            "ceiling": {
+                "technical_duplicate": {"overall": {"pearson_delta_pert": 0.9}, "per_subgroup": {}}
+            },
+        }
+
     table = evaluation.summarize_runs([run(0.2, 0.1), run(0.4, 0.3), run(0.9, 0.5)])
     row = table.set_index(["method", "group", "metric"])
     values = np.array([0.2, 0.4, 0.9])
@@ -119,7 +168,8 @@ def test_summarize_runs_mean_and_sample_sd():
     assert got["sd"] == pytest.approx(np.std(values, ddof=1))
     assert got["n_runs"] == 3
     assert row.loc[("additive", "overall", "pearson_delta_pert"), "mean"] == pytest.approx(
-        values.mean() / 2)
+        values.mean() / 2
+    )
     assert row.loc[("technical_duplicate", "overall", "pearson_delta_pert"), "sd"] == 0.0
     one = evaluation.summarize_runs([run(0.2, 0.1)])
     assert np.isnan(one["sd"]).all() and (one["n_runs"] == 1).all()
@@ -134,15 +184,19 @@ def test_predict_unseen_combo_and_single(trained_run):
     data = predictor.dataset
     singles = sorted({g for c in data.conditions for g in data.condition_genes[c]})
     seen_pairs = {frozenset(data.condition_genes[c]) for c in data.conditions}
-    unseen = next(f"{a}+{b}" for a in singles for b in singles
-                  if a < b and frozenset((a, b)) not in seen_pairs)
+    unseen = next(
+        f"{a}+{b}"
+        for a in singles
+        for b in singles
+        if a < b and frozenset((a, b)) not in seen_pairs
+    )
     result = predictor.predict([singles[0], unseen], pool_size=7, seed=3)
     assert list(result.mean.obs["condition"]) == [f"{singles[0]}+ctrl", unseen]
     assert result.mean.shape == (2, data.n_genes)
     assert result.cells.shape == (14, data.n_genes)
-    np.testing.assert_allclose(result.mean.X[1],
-                               result.cells.X[result.cells.obs["condition"] == unseen].mean(0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        result.mean.X[1], result.cells.X[result.cells.obs["condition"] == unseen].mean(0), rtol=1e-5
+    )
     assert np.all(np.isfinite(result.cells.X))
     # The same pool and seed give the same answer; the flags make the perturbations differ.
     again = predictor.predict([unseen], pool_size=7, seed=3, return_cells=False)
@@ -172,8 +226,7 @@ def test_reference_and_technical_duplicate(data_tiny):
     split = gears_split(data.conditions, split="simulation", seed=1)
     test = [c for c in split["test"] if c != "ctrl"]
     ref = evaluation.build_reference(data, split["train"], test, seed=3)
-    train_cells = np.concatenate([data.condition_cells[c] for c in split["train"]
-                                  if c != "ctrl"])
+    train_cells = np.concatenate([data.condition_cells[c] for c in split["train"] if c != "ctrl"])
     np.testing.assert_allclose(ref.pert_ref, data.X[train_cells].toarray().mean(0), rtol=1e-5)
     for c in test:
         first, second = ref.halves[c]
@@ -195,5 +248,7 @@ def test_reference_and_technical_duplicate(data_tiny):
     c = test[0]
     shifted = evaluation.score(ref, {t: ref.true_mean[t] for t in test})
     assert shifted.per_perturbation.loc[c, "energy_distance"] == pytest.approx(
-        metrics_lib.energy_distance(ref.control_cells[c] + ref.true_mean[c] - ref.ctrl_mean,
-                                    ref.true_cells[c]))
+        metrics_lib.energy_distance(
+            ref.control_cells[c] + ref.true_mean[c] - ref.ctrl_mean, ref.true_cells[c]
+        )
+    )

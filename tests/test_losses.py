@@ -31,8 +31,9 @@ def masked_case():
 
 def test_masked_mse_matches_numpy(masked_case):
     pred, target, mask = masked_case
-    expected = np.mean([(p - t) ** 2 for p, t, m in zip(pred.ravel(), target.ravel(),
-                                                          mask.ravel()) if m])
+    expected = np.mean(
+        [(p - t) ** 2 for p, t, m in zip(pred.ravel(), target.ravel(), mask.ravel()) if m]
+    )
     got = jax.jit(losses.masked_mse_loss)(pred, target, mask)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
@@ -41,15 +42,19 @@ def test_masked_mse_ignores_values_at_padding(masked_case):
     pred, target, mask = masked_case
     pred2 = np.where(mask, pred, 1e6).astype(np.float32)
     target2 = np.where(mask, target, -7.0).astype(np.float32)
-    np.testing.assert_allclose(losses.masked_mse_loss(pred, target, mask),
-                               losses.masked_mse_loss(pred2, target2, mask), rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.masked_mse_loss(pred, target, mask),
+        losses.masked_mse_loss(pred2, target2, mask),
+        rtol=1e-6,
+    )
 
 
 def test_masked_relative_error_matches_numpy(masked_case):
     pred, target, mask = masked_case
     sel = mask.ravel()
-    expected = np.mean(np.abs(pred.ravel()[sel] - target.ravel()[sel])
-                       / (target.ravel()[sel] + 1e-6))
+    expected = np.mean(
+        np.abs(pred.ravel()[sel] - target.ravel()[sel]) / (target.ravel()[sel] + 1e-6)
+    )
     got = jax.jit(losses.masked_relative_error)(pred, target, mask)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -79,7 +84,8 @@ def test_classification_loss_matches_numpy():
     logp = np_log_softmax(logits.astype(np.float64))
     expected = -np.mean([logp[i, labels[i]] for i in range(3)])
     got = jax.jit(lambda x, y, w: losses.classification_loss(x, y, weights=w))(
-        logits, labels, weights)
+        logits, labels, weights
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert float(losses.classification_loss(logits, labels, weights=np.zeros(4))) == 0.0
 
@@ -111,8 +117,7 @@ def test_cce_gathered_across_devices_equals_global_batch():
     b = RNG.normal(size=(2 * n_dev, 4)).astype(np.float32)
 
     def per_device(x, y):
-        num, den = losses.contrastive_cell_embedding_terms(x, y, temperature=0.5,
-                                                           axis_name="batch")
+        num, den = losses.contrastive_cell_embedding_terms(x, y, temperature=0.5, axis_name="batch")
         return jax.lax.psum(num, "batch") / jax.lax.psum(den, "batch")
 
     got = jax.pmap(per_device, axis_name="batch")(a.reshape(n_dev, 2, 4), b.reshape(n_dev, 2, 4))
@@ -154,9 +159,11 @@ def test_gradients_finite_for_all_losses():
     emb[2] = 0.0  # a zero embedding must not give NaN gradients
 
     def total(e):
-        return (losses.contrastive_cell_embedding_loss(e, e + 0.1)
-                + losses.elastic_cell_similarity_loss(e)
-                + losses.classification_loss(e, jnp.array([0, 1, 2, 0])))
+        return (
+            losses.contrastive_cell_embedding_loss(e, e + 0.1)
+            + losses.elastic_cell_similarity_loss(e)
+            + losses.classification_loss(e, jnp.array([0, 1, 2, 0]))
+        )
 
     grad = jax.grad(total)(emb)
     assert np.all(np.isfinite(grad))

@@ -20,15 +20,16 @@ def sign_agree(p, t):
 
 def hand_case(n_genes=25):
     """Non-negative profiles with exact zeros, and a rank order unlike the gene order."""
-    ctrl = np.linspace(0.0, 2.4, n_genes)            # gene 0 is unexpressed in control
+    ctrl = np.linspace(0.0, 2.4, n_genes)  # gene 0 is unexpressed in control
     true = ctrl.copy()
     true[[3, 7, 11]] += [1.0, -0.5, 2.0]
     true[0] = 0.0
-    true[5] = 0.0                                    # expressed in control, lost: a dropout
+    true[5] = 0.0  # expressed in control, lost: a dropout
     pred = ctrl + 0.1 * np.cos(np.arange(n_genes))
     pred[0] = 0.0
-    de = np.array([11, 3, 7, 5, 0] + [i for i in range(n_genes - 1, -1, -1)
-                                      if i not in (11, 3, 7, 5, 0)])
+    de = np.array(
+        [11, 3, 7, 5, 0] + [i for i in range(n_genes - 1, -1, -1) if i not in (11, 3, 7, 5, 0)]
+    )
     return pred, true, ctrl, de
 
 
@@ -67,7 +68,8 @@ def test_perturbation_metrics_on_hand_made_profiles():
     nonzero = [g for g in top if true[g] != 0]
     assert len(nonzero) == 18
     assert m["frac_correct_direction_20_nonzero"] == pytest.approx(
-        sign_agree(dp[nonzero], dt[nonzero]))
+        sign_agree(dp[nonzero], dt[nonzero])
+    )
     # 25 genes: the top-50 and beyond are undefined, not silently computed on 25 genes.
     for k in (50, 100, 200):
         assert np.isnan(m[f"pearson_top{k}_de"]) and np.isnan(m[f"frac_correct_direction_{k}"])
@@ -85,23 +87,25 @@ def test_top_k_metrics_on_random_profiles():
         idx = de[:k]
         assert m[f"pearson_top{k}_de"] == pytest.approx(pearsonr(pred[idx], true[idx])[0])
         assert m[f"pearson_delta_top{k}_de"] == pytest.approx(
-            pearsonr(pred[idx] - ctrl[idx], true[idx] - ctrl[idx])[0])
+            pearsonr(pred[idx] - ctrl[idx], true[idx] - ctrl[idx])[0]
+        )
         assert m[f"mse_top{k}_de"] == pytest.approx(np.mean((pred[idx] - true[idx]) ** 2))
         assert m[f"frac_correct_direction_{k}"] == pytest.approx(
-            sign_agree(pred[idx] - ctrl[idx], true[idx] - ctrl[idx]))
+            sign_agree(pred[idx] - ctrl[idx], true[idx] - ctrl[idx])
+        )
 
 
 def test_nonzero_direction_pairs_each_gene_with_its_own_control():
     # Gene order and rank order differ; GEARS pairs pred_de (gene order) with
     # ctrl[de_idx] (rank order). Here the correct pairing gives 1.0 and GEARS's less.
     n = 40
-    de = np.arange(39, 19, -1)                       # ranks 39, 38, ..., 20
+    de = np.arange(39, 19, -1)  # ranks 39, 38, ..., 20
     ctrl = np.ones(n)
-    ctrl[de] = np.linspace(1.0, 10.0, 20)            # control rises with rank
+    ctrl[de] = np.linspace(1.0, 10.0, 20)  # control rises with rank
     true = ctrl.copy()
-    true[de] = ctrl[de] + 0.5                         # every DE gene goes up
+    true[de] = ctrl[de] + 0.5  # every DE gene goes up
     pred = ctrl.copy()
-    pred[de] = ctrl[de] + 5.0                         # right direction, wrong size
+    pred[de] = ctrl[de] + 5.0  # right direction, wrong size
     m = metrics.perturbation_metrics(pred, true, ctrl, de)
     assert m["frac_correct_direction_20_nonzero"] == 1.0
     gene_order = np.sort(de)
@@ -112,8 +116,8 @@ def test_nonzero_direction_pairs_each_gene_with_its_own_control():
 def test_non_dropout_metrics():
     pred, true, ctrl, de = hand_case()
     nd = metrics.top_non_dropout_de(de, true, ctrl)
-    assert 5 not in nd                                 # the dropout gene is excluded
-    assert 0 in nd                                     # zero in both: not a dropout
+    assert 5 not in nd  # the dropout gene is excluded
+    assert 0 in nd  # zero in both: not a dropout
     expected = [g for g in de if g != 5][:20]
     np.testing.assert_array_equal(nd, expected)
     m = metrics.perturbation_metrics(pred, true, ctrl, de, nd)
@@ -138,8 +142,12 @@ def make_set(n_genes=30):
 
 def test_evaluate_profiles_averages_overall_and_per_subgroup():
     pred, true, ctrl, de = make_set()
-    subgroups = {"unseen_single": ["A+ctrl", "B+ctrl"], "combo_seen1": ["A+B"],
-                 "combo_seen0": ["C+D"], "combo_seen2": []}
+    subgroups = {
+        "unseen_single": ["A+ctrl", "B+ctrl"],
+        "combo_seen1": ["A+B"],
+        "combo_seen0": ["C+D"],
+        "combo_seen2": [],
+    }
     res = metrics.evaluate_profiles(pred, true, ctrl, de, subgroups=subgroups)
     table = res.per_perturbation
     assert list(table.index) == list(true)
@@ -148,7 +156,8 @@ def test_evaluate_profiles_averages_overall_and_per_subgroup():
     assert table.loc["C+D", "pearson_delta"] == pytest.approx(per_cond["C+D"])
     assert res.overall["pearson_delta"] == pytest.approx(np.mean(list(per_cond.values())))
     assert res.per_subgroup["unseen_single"]["pearson_delta"] == pytest.approx(
-        (per_cond["A+ctrl"] + per_cond["B+ctrl"]) / 2)
+        (per_cond["A+ctrl"] + per_cond["B+ctrl"]) / 2
+    )
     mse_de = np.mean([np.mean((pred[c][de[c][:20]] - true[c][de[c][:20]]) ** 2) for c in true])
     assert res.overall["mse_de"] == pytest.approx(mse_de)
     # Empty subgroup: absent, not NaN; undefined top-k metrics: absent from the averages.
@@ -162,9 +171,9 @@ def test_evaluate_profiles_averages_overall_and_per_subgroup():
 
 def test_subgroup_members_without_predictions_are_skipped_and_noted():
     pred, true, ctrl, de = make_set()
-    res = metrics.evaluate_profiles(pred, true, ctrl, de,
-                                    subgroups={"combo_seen2": ["X+Y"],
-                                               "combo_seen1": ["A+B", "Z+W"]})
+    res = metrics.evaluate_profiles(
+        pred, true, ctrl, de, subgroups={"combo_seen2": ["X+Y"], "combo_seen1": ["A+B", "Z+W"]}
+    )
     assert "combo_seen2" not in res.per_subgroup
     assert res.subgroup_sizes["combo_seen1"] == 1
     assert any("Z+W" in n for n in res.notes)
@@ -181,16 +190,19 @@ def test_constant_prediction_is_zero_and_noted_without_warnings():
     assert len(res.notes) == len(true) and "pearson_delta" in res.notes[0]
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda p, t, c, d: p.pop("A+B"), "no prediction"),
-    (lambda p, t, c, d: d.pop("A+B"), "no DE gene indices"),
-    (lambda p, t, c, d: p.__setitem__("A+B", np.full(c.shape, np.nan)), "NaN"),
-    (lambda p, t, c, d: p.__setitem__("A+B", np.zeros(c.size + 1)), "genes but ctrl_mean"),
-    (lambda p, t, c, d: p.__setitem__("A+B", np.zeros((3, c.size))), "1-D profile"),
-    (lambda p, t, c, d: d.__setitem__("A+B", np.array([0, c.size])), "outside"),
-    (lambda p, t, c, d: d.__setitem__("A+B", np.array([1, 1])), "repeats"),
-    (lambda p, t, c, d: d.__setitem__("A+B", np.array([0.5, 1.0])), "integer"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda p, t, c, d: p.pop("A+B"), "no prediction"),
+        (lambda p, t, c, d: d.pop("A+B"), "no DE gene indices"),
+        (lambda p, t, c, d: p.__setitem__("A+B", np.full(c.shape, np.nan)), "NaN"),
+        (lambda p, t, c, d: p.__setitem__("A+B", np.zeros(c.size + 1)), "genes but ctrl_mean"),
+        (lambda p, t, c, d: p.__setitem__("A+B", np.zeros((3, c.size))), "1-D profile"),
+        (lambda p, t, c, d: d.__setitem__("A+B", np.array([0, c.size])), "outside"),
+        (lambda p, t, c, d: d.__setitem__("A+B", np.array([1, 1])), "repeats"),
+        (lambda p, t, c, d: d.__setitem__("A+B", np.array([0.5, 1.0])), "integer"),
+    ],
+)
 def test_bad_input_raises_clear_errors(mutate, match):
     pred, true, ctrl, de = make_set()
     mutate(pred, true, ctrl, de)
@@ -235,11 +247,16 @@ def test_evaluate_gears_results_matches_evaluate_profiles():
     cats = np.array(cats)
     direct = metrics.evaluate_profiles(
         {c: np.mean(np.array(p_cells)[cats == c], 0) for c in true},
-        {c: np.mean(np.array(t_cells)[cats == c], 0) for c in true}, ctrl, de)
+        {c: np.mean(np.array(t_cells)[cats == c], 0) for c in true},
+        ctrl,
+        de,
+    )
     for k, v in direct.overall.items():
         assert res.overall[k] == pytest.approx(v)
     assert metrics.to_gears_names({"pearson_de_delta": 1.0, "mse": 2.0}) == {
-        "pearson_delta_de": 1.0, "mse": 2.0}
+        "pearson_delta_de": 1.0,
+        "mse": 2.0,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -271,10 +288,12 @@ def test_average_perturbed_profile_scores_high_against_control_and_zero_against_
     # Per perturbation the value is Pearson of the changes over the reference.
     c = test[0]
     assert res.per_perturbation.loc[c, "pearson_delta_pert"] == pytest.approx(
-        pearsonr(average - pert_ref, true[c] - pert_ref)[0])
+        pearsonr(average - pert_ref, true[c] - pert_ref)[0]
+    )
     top = de[c][:20]
     assert res.per_perturbation.loc[c, "pearson_de_delta_pert"] == pytest.approx(
-        pearsonr(average[top] - pert_ref[top], true[c][top] - pert_ref[top])[0])
+        pearsonr(average[top] - pert_ref[top], true[c][top] - pert_ref[top])[0]
+    )
 
 
 def test_weighted_change_metrics_against_numpy():
@@ -286,30 +305,34 @@ def test_weighted_change_metrics_against_numpy():
     w = (np.abs(t) / np.abs(t).max()) ** 2
     np.testing.assert_allclose(metrics.de_weights(t), w)
     assert metrics.de_weights(np.zeros(4)).tolist() == [0, 0, 0, 0]
-    m = metrics.perturbation_metrics(pred, true, ctrl, np.argsort(-np.abs(t)),
-                                     pert_ref=ctrl, de_weights=w)
+    m = metrics.perturbation_metrics(
+        pred, true, ctrl, np.argsort(-np.abs(t)), pert_ref=ctrl, de_weights=w
+    )
     dp, dt = pred - ctrl, true - ctrl
     assert m["wmse_delta"] == pytest.approx(np.sum(w * (dp - dt) ** 2) / np.sum(w))
     mean_w = np.sum(w * dt) / np.sum(w)
     assert m["r2_w_delta"] == pytest.approx(
-        1 - np.sum(w * (dp - dt) ** 2) / np.sum(w * (dt - mean_w) ** 2))
-    perfect = metrics.perturbation_metrics(true, true, ctrl, np.arange(n), pert_ref=ctrl,
-                                           de_weights=w)
+        1 - np.sum(w * (dp - dt) ** 2) / np.sum(w * (dt - mean_w) ** 2)
+    )
+    perfect = metrics.perturbation_metrics(
+        true, true, ctrl, np.arange(n), pert_ref=ctrl, de_weights=w
+    )
     assert perfect["r2_w_delta"] == 1.0 and perfect["wmse_delta"] == 0.0
     assert np.isnan(metrics.weighted_mse(dp, dt, np.zeros(n)))
     # Welch's t as scanpy's t-test computes it, from cells.
     a, b = RNG.normal(1, 1, (12, n)), RNG.normal(0, 2, (30, n))
     expected = (a.mean(0) - b.mean(0)) / np.sqrt(a.var(0, ddof=1) / 12 + b.var(0, ddof=1) / 30)
-    np.testing.assert_allclose(metrics.welch_t(a.mean(0), a.var(0, ddof=1), 12, b.mean(0),
-                                               b.var(0, ddof=1), 30), expected)
+    np.testing.assert_allclose(
+        metrics.welch_t(a.mean(0), a.var(0, ddof=1), 12, b.mean(0), b.var(0, ddof=1), 30), expected
+    )
 
 
 def test_de_overlap_and_sign_agreement():
     change = np.array([0.0, 3.0, -2.0, 0.5, -0.1, 1.0])
     de = np.array([1, 2, 5, 0, 3, 4])
-    assert metrics.top_k_overlap(change, de, 2) == 1.0            # {1, 2} both ways
-    assert metrics.top_k_overlap(change, de, 3) == 1.0            # {1, 2, 5}
-    assert metrics.top_k_overlap(change, np.array([4, 1]), 1) == 0.0   # top-1 is gene 1
+    assert metrics.top_k_overlap(change, de, 2) == 1.0  # {1, 2} both ways
+    assert metrics.top_k_overlap(change, de, 3) == 1.0  # {1, 2, 5}
+    assert metrics.top_k_overlap(change, np.array([4, 1]), 1) == 0.0  # top-1 is gene 1
     # A prediction of no change names no DE gene; too few DE genes give NaN.
     assert metrics.top_k_overlap(np.zeros(6), de, 3) == 0.0
     assert np.isnan(metrics.top_k_overlap(change, de[:2], 3))
@@ -322,6 +345,7 @@ def test_de_overlap_and_sign_agreement():
 
 def test_energy_distance_against_scipy():
     from scipy.spatial.distance import cdist
+
     x, y = RNG.normal(0, 1, (7, 5)), RNG.normal(1, 1, (9, 5))
     expected = 2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean()
     assert metrics.energy_distance(x, y, unbiased=False) == pytest.approx(expected, abs=1e-9)
@@ -329,7 +353,8 @@ def test_energy_distance_against_scipy():
     # Unbiased: within-set means over distinct pairs only.
     within = [cdist(z, z).sum() / (len(z) * (len(z) - 1)) for z in (x, y)]
     assert metrics.energy_distance(x, y) == pytest.approx(
-        2 * cdist(x, y).mean() - within[0] - within[1], abs=1e-9)
+        2 * cdist(x, y).mean() - within[0] - within[1], abs=1e-9
+    )
     # Two samples of one distribution: about 0 unbiased, biased upwards by small sets.
     big = RNG.normal(0, 1, (400, 5))
     assert abs(metrics.energy_distance(big[:200], big[200:])) < 0.05
@@ -354,7 +379,8 @@ def test_discrimination_scores():
     # One prediction for everything ranks each truth by its distance to it: mean 0.5 + 1/2n.
     same = {c: np.zeros(40) for c in truth}
     assert np.mean(list(metrics.discrimination_scores(same, truth).values())) == pytest.approx(
-        0.5 + 1 / 16)
+        0.5 + 1 / 16
+    )
     # Excluded columns do not count: a prediction right only on them is not discriminated.
     pred = {c: np.zeros(40) for c in truth}
     pred["P0"][:5] = 100.0
@@ -370,8 +396,7 @@ def test_gene_set_direction_fractions():
     pred, true, ctrl, de = hand_case()
     nz = np.flatnonzero(true != 0)
     ndg = np.flatnonzero((true != 0) | (ctrl == 0))
-    m = metrics.perturbation_metrics(pred, true, ctrl, de, non_zero_idx=nz,
-                                     non_dropout_idx=ndg)
+    m = metrics.perturbation_metrics(pred, true, ctrl, de, non_zero_idx=nz, non_dropout_idx=ndg)
     for subset, idx in (("non_zero", nz), ("non_dropout", ndg)):
         diff = np.abs(np.sign(pred[idx] - ctrl[idx]) - np.sign(true[idx] - ctrl[idx]))
         assert m[f"frac_correct_direction_{subset}"] == pytest.approx(np.mean(diff == 0))
@@ -386,15 +411,23 @@ def test_evaluate_profiles_calibrated_columns_and_energy_distance():
     weights = {c: np.ones(ctrl.size) for c in true}
     cells_t = {c: true[c] + RNG.normal(0, 0.1, (6, ctrl.size)) for c in true}
     cells_p = {c: pred[c] + RNG.normal(0, 0.1, (5, ctrl.size)) for c in list(true)[:3]}
-    res = metrics.evaluate_profiles(pred, true, ctrl, de, pert_ref=ctrl + 0.1,
-                                    de_weights=weights, pred_cells=cells_p,
-                                    true_cells=cells_t)
+    res = metrics.evaluate_profiles(
+        pred,
+        true,
+        ctrl,
+        de,
+        pert_ref=ctrl + 0.1,
+        de_weights=weights,
+        pred_cells=cells_p,
+        true_cells=cells_t,
+    )
     table = res.per_perturbation
     assert set(metrics.CALIBRATED_METRIC_NAMES) <= set(table.columns)
     c = list(true)[0]
     assert table.loc[c, "energy_distance"] == pytest.approx(
-        metrics.energy_distance(cells_p[c], cells_t[c]))
-    assert np.isnan(table.loc["C+D", "energy_distance"])       # no predicted cells
+        metrics.energy_distance(cells_p[c], cells_t[c])
+    )
+    assert np.isnan(table.loc["C+D", "energy_distance"])  # no predicted cells
     # Uniform weights: the weighted MSE of the change is the plain MSE.
     assert table.loc[c, "wmse_delta"] == pytest.approx(table.loc[c, "mse"])
     with pytest.raises(ValueError, match="no DE weights"):
@@ -417,7 +450,7 @@ def test_against_gears_functions():
     n_genes, n_cells = 210, 6
     gene_ids = np.array([f"ENSG{i:05d}" for i in range(n_genes)])
     ctrl_base = RNG.uniform(0.2, 3.0, n_genes)
-    ctrl_base[:15] = 0.0                               # genes unexpressed in control
+    ctrl_base[:15] = 0.0  # genes unexpressed in control
     conds = ["A+ctrl", "B+ctrl", "A+B"]
     blocks, obs = [], []
     ranked, pred_cells, truth_cells, cats = {}, [], [], []
@@ -429,19 +462,19 @@ def test_against_gears_functions():
         dropped = RNG.choice(np.arange(15, n_genes), 4, replace=False)
         for _ in range(n_cells):
             cell = np.maximum(ctrl_base + shift + RNG.normal(0, 0.2, n_genes), 0)
-            cell[dropped] = 0.0                        # dropouts: expressed in ctrl, 0 here
+            cell[dropped] = 0.0  # dropouts: expressed in ctrl, 0 here
             blocks.append(cell)
             obs.append((c, f"K562_{c}_1+1"))
             truth_cells.append(cell)
-            pred_cells.append(np.maximum(ctrl_base + 0.6 * shift +
-                                         RNG.normal(0, 0.3, n_genes), 0))
+            pred_cells.append(np.maximum(ctrl_base + 0.6 * shift + RNG.normal(0, 0.3, n_genes), 0))
             cats.append(c)
         ranked[f"K562_{c}_1+1"] = gene_ids[RNG.permutation(n_genes)]
     X = np.array(blocks)
     adata = anndata.AnnData(
         X=sp.csr_matrix(X.astype(np.float32)),
         obs=pd.DataFrame(obs, columns=["condition", "condition_name"]),
-        var=pd.DataFrame({"gene_name": [f"G{i}" for i in range(n_genes)]}, index=gene_ids))
+        var=pd.DataFrame({"gene_name": [f"G{i}" for i in range(n_genes)]}, index=gene_ids),
+    )
     ctrl_mean = np.asarray(adata.X[adata.obs.condition.values == "ctrl"].mean(0)).ravel()
 
     de_idx, nd_idx, uns_nd, uns_nz, uns_ndg = {}, {}, {}, {}, {}
@@ -459,20 +492,21 @@ def test_against_gears_functions():
     adata.uns["non_zeros_gene_idx"] = uns_nz
     adata.uns["non_dropout_gene_idx"] = uns_ndg
 
-    pred_cells, truth_cells, cats = (np.array(pred_cells), np.array(truth_cells),
-                                     np.array(cats))
+    pred_cells, truth_cells, cats = (np.array(pred_cells), np.array(truth_cells), np.array(cats))
     # GEARS's loader stores the top-20 DE genes in gene order (np.where(isin(...))).
     gears_de = {c: np.sort(de_idx[c][:20]) for c in conds}
     test_res = {
-        "pert_cat": cats, "pred": pred_cells, "truth": truth_cells,
+        "pert_cat": cats,
+        "pred": pred_cells,
+        "truth": truth_cells,
         "pred_de": np.array([p[gears_de[c]] for p, c in zip(pred_cells, cats)]),
         "truth_de": np.array([t[gears_de[c]] for t, c in zip(truth_cells, cats)]),
     }
     nz_idx = {c: uns_nz[f"K562_{c}_1+1"] for c in conds}
     ndg_idx = {c: uns_ndg[f"K562_{c}_1+1"] for c in conds}
-    ours = metrics.evaluate_gears_results(test_res, ctrl_mean, de_idx, nd_idx,
-                                          non_zero_idx=nz_idx,
-                                          non_dropout_idx=ndg_idx).per_perturbation
+    ours = metrics.evaluate_gears_results(
+        test_res, ctrl_mean, de_idx, nd_idx, non_zero_idx=nz_idx, non_dropout_idx=ndg_idx
+    ).per_perturbation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, gears_basic = inference.compute_metrics(test_res)
@@ -495,4 +529,5 @@ def test_against_gears_functions():
         t = truth_cells[cats == c].mean(0)
         nz = top[t[top] != 0]
         assert ours.loc[c, "frac_correct_direction_20_nonzero"] == pytest.approx(
-            sign_agree(p[nz] - ctrl_mean[nz], t[nz] - ctrl_mean[nz]))
+            sign_agree(p[nz] - ctrl_mean[nz], t[nz] - ctrl_mean[nz])
+        )

@@ -19,8 +19,9 @@ TINY = dict(tiny_model.TINY, dropout=0.1, attention="full")
 
 def apply(config, params, gene_ids, inputs, padding, **kw):
     model = TransformerGenerator(config)
-    return model.apply({"params": params}, gene_ids, inputs, padding,
-                       compute_cls=True, compute_mvc=True, **kw)
+    return model.apply(
+        {"params": params}, gene_ids, inputs, padding, compute_cls=True, compute_mvc=True, **kw
+    )
 
 
 def test_output_shapes(tiny):
@@ -35,8 +36,14 @@ def test_output_shapes(tiny):
 @pytest.mark.parametrize("style", CELL_EMB_STYLES)
 @pytest.mark.parametrize("prepend", [True, False])
 def test_padding_invariance(style, prepend):
-    config = ModelConfig(**{**TINY, "cell_emb_style": style, "prepend_cls_token": prepend,
-                            "mvc_decoder_style": "concat query"})
+    config = ModelConfig(
+        **{
+            **TINY,
+            "cell_emb_style": style,
+            "prepend_cls_token": prepend,
+            "mvc_decoder_style": "concat query",
+        }
+    )
     params = init_params(config, jax.random.PRNGKey(1))
     gene_ids, inputs, padding = make_inputs()
     out = apply(config, params, gene_ids, inputs, padding)
@@ -47,16 +54,23 @@ def test_padding_invariance(style, prepend):
     out2 = apply(config, params, ids2, inputs2, padding)
     real = ~padding
     for key in ("mlm_output", "mvc_output"):
-        np.testing.assert_allclose(np.asarray(out[key])[real], np.asarray(out2[key])[real],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(out[key])[real], np.asarray(out2[key])[real], rtol=1e-5, atol=1e-5
+        )
     np.testing.assert_allclose(out["cell_emb"], out2["cell_emb"], rtol=1e-5, atol=1e-5)
     # And a row padded further gives the same real outputs as the unpadded row.
-    longer = [np.concatenate([a, np.repeat(a[:, -1:], 4, axis=1)], axis=1)
-              for a in (gene_ids, inputs, padding)]
+    longer = [
+        np.concatenate([a, np.repeat(a[:, -1:], 4, axis=1)], axis=1)
+        for a in (gene_ids, inputs, padding)
+    ]
     longer[2][:, -4:] = True
     out3 = apply(config, params, *longer)
-    np.testing.assert_allclose(np.asarray(out3["mlm_output"])[:, :10][real],
-                               np.asarray(out["mlm_output"])[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out3["mlm_output"])[:, :10][real],
+        np.asarray(out["mlm_output"])[real],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("style", MVC_DECODER_STYLES)
@@ -96,8 +110,11 @@ def test_pad_embedding_is_zero_and_gets_no_gradient(tiny):
     assert np.all(np.asarray(params["encoder"]["embedding"][config.pad_token_id]) == 0)
     assert np.all(np.asarray(params["pert_encoder"]["embedding"][config.pert_pad_id]) == 0)
     gene_ids, inputs, padding = make_inputs()
-    grads = jax.grad(lambda p: apply(config, p, gene_ids, inputs, padding,
-                                     deterministic=True)["mlm_output"].sum())(params)
+    grads = jax.grad(
+        lambda p: apply(config, p, gene_ids, inputs, padding, deterministic=True)[
+            "mlm_output"
+        ].sum()
+    )(params)
     assert np.all(np.asarray(grads["encoder"]["embedding"][config.pad_token_id]) == 0)
     assert np.all(np.asarray(grads["pert_encoder"]["embedding"][config.pert_pad_id]) == 0)
 
@@ -108,10 +125,12 @@ def test_eval_is_deterministic_and_train_uses_dropout(tiny):
     a = apply(config, params, *args)["mlm_output"]
     b = apply(config, params, *args)["mlm_output"]
     np.testing.assert_array_equal(a, b)
-    c = apply(config, params, *args, deterministic=False,
-              rngs={"dropout": jax.random.PRNGKey(5)})["mlm_output"]
-    d = apply(config, params, *args, deterministic=False,
-              rngs={"dropout": jax.random.PRNGKey(6)})["mlm_output"]
+    c = apply(config, params, *args, deterministic=False, rngs={"dropout": jax.random.PRNGKey(5)})[
+        "mlm_output"
+    ]
+    d = apply(config, params, *args, deterministic=False, rngs={"dropout": jax.random.PRNGKey(6)})[
+        "mlm_output"
+    ]
     assert not np.allclose(c, d)
 
 
@@ -146,16 +165,24 @@ def test_wrong_channel_count_fails_at_trace_time(tiny, channels):
 
 def test_batch_check_and_properties():
     gene_ids, inputs, padding = make_inputs()
-    batch = PerturbBatch.from_arrays(gene_ids=gene_ids, control_values=inputs[..., 0],
-                                     pert_flags=inputs[..., 1], target_values=inputs[..., 0],
-                                     padding_mask=padding)
+    batch = PerturbBatch.from_arrays(
+        gene_ids=gene_ids,
+        control_values=inputs[..., 0],
+        pert_flags=inputs[..., 1],
+        target_values=inputs[..., 0],
+        padding_mask=padding,
+    )
     batch.check()
     np.testing.assert_array_equal(batch.pert_flags, inputs[..., 1])
     assert batch.loss_mask.sum() == (~padding).sum()
     with pytest.raises(ValueError, match="one shape"):
-        PerturbBatch.from_arrays(gene_ids=gene_ids, control_values=inputs[..., 0][:, :5],
-                                 pert_flags=inputs[..., 1], target_values=inputs[..., 0],
-                                 padding_mask=padding)
+        PerturbBatch.from_arrays(
+            gene_ids=gene_ids,
+            control_values=inputs[..., 0][:, :5],
+            pert_flags=inputs[..., 1],
+            target_values=inputs[..., 0],
+            padding_mask=padding,
+        )
 
 
 def test_same_shape_does_not_recompile(tiny):
@@ -191,33 +218,46 @@ def model_loss_and_grads(config, params, deterministic):
     model = TransformerGenerator(config)
 
     def loss(p):
-        out = model.apply({"params": p}, gene_ids, inputs, padding, deterministic=deterministic,
-                          compute_cls=True, compute_mvc=True,
-                          rngs={"dropout": jax.random.PRNGKey(3)})
+        out = model.apply(
+            {"params": p},
+            gene_ids,
+            inputs,
+            padding,
+            deterministic=deterministic,
+            compute_cls=True,
+            compute_mvc=True,
+            rngs={"dropout": jax.random.PRNGKey(3)},
+        )
         err = jnp.where(padding, 0.0, out["mlm_output"] - target)
         return jnp.sum(err**2) + jnp.sum(out["cls_output"]) + jnp.sum(out["cell_emb"] ** 2)
 
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("variant,dropout", [
-    (dict(attention="chunked", attention_block_size=4), 0.0),
-    (dict(attention="chunked", attention_block_size=4), 0.2),
-    (dict(attention="full", remat=True), 0.2),
-    (dict(attention="chunked", attention_block_size=8, remat=True), 0.0)])
+@pytest.mark.parametrize(
+    "variant,dropout",
+    [
+        (dict(attention="chunked", attention_block_size=4), 0.0),
+        (dict(attention="chunked", attention_block_size=4), 0.2),
+        (dict(attention="full", remat=True), 0.2),
+        (dict(attention="chunked", attention_block_size=8, remat=True), 0.0),
+    ],
+)
 def test_model_fast_paths_match_plain(variant, dropout):
     plain = tiny_model.tiny_config(attention="full", dropout=dropout)
     fast = tiny_model.tiny_config(dropout=dropout, **variant)
     params = init_params(plain, jax.random.PRNGKey(0))
     # The parameter tree does not depend on the path (checkpoints move between them).
-    assert (jax.tree_util.tree_structure(init_params(fast, jax.random.PRNGKey(0)))
-            == jax.tree_util.tree_structure(params))
+    assert jax.tree_util.tree_structure(
+        init_params(fast, jax.random.PRNGKey(0))
+    ) == jax.tree_util.tree_structure(params)
     deterministic = dropout == 0.0
     want_loss, want_grads = model_loss_and_grads(plain, params, deterministic)
     got_loss, got_grads = model_loss_and_grads(fast, params, deterministic)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-    for got, want in zip(jax.tree_util.tree_leaves(got_grads),
-                         jax.tree_util.tree_leaves(want_grads)):
+    for got, want in zip(
+        jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)
+    ):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
@@ -232,35 +272,46 @@ def test_eval_passes_tile_with_the_eval_block_size(monkeypatch):
         return real(*args, block_size=block_size, dropout_rate=dropout_rate, **kwargs)
 
     monkeypatch.setattr(attn, "attention", spy)
-    fast = tiny_model.tiny_config(attention="chunked", attention_block_size=4,
-                       attention_eval_block_size=8, dropout=0.1)
+    fast = tiny_model.tiny_config(
+        attention="chunked", attention_block_size=4, attention_eval_block_size=8, dropout=0.1
+    )
     plain = tiny_model.tiny_config(attention="full", dropout=0.1)
     params = init_params(plain, jax.random.PRNGKey(0))
     gene_ids, inputs, padding = make_inputs(length=21, n_pad=(0, 5, 12), perturbed=2)
     seen.clear()
-    got = TransformerGenerator(fast).apply({"params": params}, gene_ids, inputs, padding,
-                                           deterministic=True)["mlm_output"]
+    got = TransformerGenerator(fast).apply(
+        {"params": params}, gene_ids, inputs, padding, deterministic=True
+    )["mlm_output"]
     assert seen == [(8, 0.0)] * fast.nlayers
     # 22 tokens (with <cls>) in tiles of at most 8 queries: three query blocks, the last padded.
     assert attn.chunk_layout(6, 22, 8)[1] == 8
-    want = TransformerGenerator(plain).apply({"params": params}, gene_ids, inputs, padding,
-                                             deterministic=True)["mlm_output"]
+    want = TransformerGenerator(plain).apply(
+        {"params": params}, gene_ids, inputs, padding, deterministic=True
+    )["mlm_output"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     seen.clear()
-    TransformerGenerator(fast).apply({"params": params}, gene_ids, inputs, padding,
-                                     deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    TransformerGenerator(fast).apply(
+        {"params": params},
+        gene_ids,
+        inputs,
+        padding,
+        deterministic=False,
+        rngs={"dropout": jax.random.PRNGKey(1)},
+    )
     assert seen == [(4, 0.1)] * fast.nlayers
 
 
 def test_model_dropout_rate_scale_and_eval_identity():
     x = jnp.ones((64, 50, 32), jnp.float32)
     layer = Dropout(0.25)
-    out = np.asarray(layer.apply({}, x, deterministic=False,
-                                 rngs={"dropout": jax.random.PRNGKey(0)}))
+    out = np.asarray(
+        layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    )
     kept = out != 0
     assert abs(kept.mean() - 0.75) < 0.01
     np.testing.assert_allclose(out[kept], 1 / 0.75, rtol=1e-6)
-    again = np.asarray(layer.apply({}, x, deterministic=False,
-                                   rngs={"dropout": jax.random.PRNGKey(1)}))
+    again = np.asarray(
+        layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    )
     assert (kept == (again != 0)).mean() < 0.7  # another key, another mask
     np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)

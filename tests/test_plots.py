@@ -31,13 +31,15 @@ def test_plot_perturbation_writes_png(tmp_path):
     genes = [f"GENE{i}" for i in range(n_genes)]
     backend = matplotlib.get_backend()
     for true_cells in (cells, sp.csr_matrix(cells)):
-        out = plots.plot_perturbation(tmp_path / "sub" / "A+B.png", "A+B", true_cells, pred,
-                                      ctrl, np.arange(20)[::-1], genes)
+        out = plots.plot_perturbation(
+            tmp_path / "sub" / "A+B.png", "A+B", true_cells, pred, ctrl, np.arange(20)[::-1], genes
+        )
         assert_png(out)
-    assert matplotlib.get_backend() == backend        # no global backend switch
+    assert matplotlib.get_backend() == backend  # no global backend switch
     with pytest.raises(ValueError, match="true_cells"):
-        plots.plot_perturbation(tmp_path / "x.png", "A+B", cells[:, :5], pred, ctrl,
-                                np.arange(3), genes)
+        plots.plot_perturbation(
+            tmp_path / "x.png", "A+B", cells[:, :5], pred, ctrl, np.arange(3), genes
+        )
     with pytest.raises(ValueError, match="de_idx"):
         plots.plot_perturbation(tmp_path / "x.png", "A+B", cells, pred, ctrl, [40], genes)
     assert not (tmp_path / "x.png").exists()
@@ -45,8 +47,7 @@ def test_plot_perturbation_writes_png(tmp_path):
 
 def test_plot_change_scatter_writes_png(tmp_path):
     true = RNG.normal(size=(4, 20))
-    out = plots.plot_change_scatter(tmp_path / "scatter.png", 0.5 * true + 0.1, true,
-                                    label="model")
+    out = plots.plot_change_scatter(tmp_path / "scatter.png", 0.5 * true + 0.1, true, label="model")
     assert_png(out)
     with pytest.raises(ValueError, match="one shape"):
         plots.plot_change_scatter(tmp_path / "bad.png", true, true[:2])
@@ -54,11 +55,15 @@ def test_plot_change_scatter_writes_png(tmp_path):
 
 def test_plot_metric_bars_writes_png_and_skips_missing_groups(tmp_path):
     results = {
-        "model": {"overall": {"pearson_delta": 0.6, "mse_de": 0.1},
-                  "unseen_single": {"pearson_delta": 0.5, "mse_de": 0.2},
-                  "combo_seen2": {"pearson_delta": 0.7, "mse_de": 0.05}},
-        "additive": {"overall": {"pearson_delta": 0.4, "mse_de": 0.3},
-                     "combo_seen2": {"pearson_delta": 0.65, "mse_de": 0.08}},
+        "model": {
+            "overall": {"pearson_delta": 0.6, "mse_de": 0.1},
+            "unseen_single": {"pearson_delta": 0.5, "mse_de": 0.2},
+            "combo_seen2": {"pearson_delta": 0.7, "mse_de": 0.05},
+        },
+        "additive": {
+            "overall": {"pearson_delta": 0.4, "mse_de": 0.3},
+            "combo_seen2": {"pearson_delta": 0.65, "mse_de": 0.08},
+        },
         "control": {"overall": {"pearson_delta": 0.0, "mse_de": 0.5}},
     }
     out = plots.plot_metric_bars(tmp_path / "bars.png", results, ["pearson_delta", "mse_de"])

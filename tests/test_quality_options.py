@@ -21,19 +21,25 @@ def test_output_baselines_add_the_control_input_or_the_gene_baseline():
     gene_ids, inputs, padding = make_inputs()
     for prepend in (True, False):
         plain = dataclasses.replace(base, prepend_cls_token=prepend)
-        params = init_params(dataclasses.replace(plain, output_baseline="gene_mean"),
-                             jax.random.PRNGKey(0))
+        params = init_params(
+            dataclasses.replace(plain, output_baseline="gene_mean"), jax.random.PRNGKey(0)
+        )
         baseline = np.random.default_rng(1).normal(size=base.ntoken).astype(np.float32)
         params = dict(params, gene_baseline=baseline)
         outputs = {}
         for mode in ("none", "control_input", "gene_mean"):
             config = dataclasses.replace(plain, output_baseline=mode)
-            outputs[mode] = np.asarray(TransformerGenerator(config).apply(
-                {"params": params}, gene_ids, inputs, padding)["mlm_output"])
-        np.testing.assert_allclose(outputs["control_input"] - outputs["none"],
-                                   inputs[..., 0], atol=1e-5)
-        np.testing.assert_allclose(outputs["gene_mean"] - outputs["none"],
-                                   baseline[gene_ids], atol=1e-5)
+            outputs[mode] = np.asarray(
+                TransformerGenerator(config).apply({"params": params}, gene_ids, inputs, padding)[
+                    "mlm_output"
+                ]
+            )
+        np.testing.assert_allclose(
+            outputs["control_input"] - outputs["none"], inputs[..., 0], atol=1e-5
+        )
+        np.testing.assert_allclose(
+            outputs["gene_mean"] - outputs["none"], baseline[gene_ids], atol=1e-5
+        )
 
 
 def test_condition_mean_target_replaces_each_cell_by_its_condition_mean(data_tiny):
@@ -49,9 +55,12 @@ def test_condition_mean_target_replaces_each_cell_by_its_condition_mean(data_tin
             cond = host_mean.conditions[r]
             truth = X[data_tiny.condition_cells[cond]].mean(axis=0)
             real = host_mean.gene_index[r] >= 0
-            np.testing.assert_allclose(host_mean.batch.target_values[r, real],
-                                       truth[host_mean.gene_index[r, real]], rtol=1e-5,
-                                       atol=1e-6)
+            np.testing.assert_allclose(
+                host_mean.batch.target_values[r, real],
+                truth[host_mean.gene_index[r, real]],
+                rtol=1e-5,
+                atol=1e-6,
+            )
         assert not np.allclose(host_cell.batch.target_values, host_mean.batch.target_values)
     with pytest.raises(ValueError, match="target"):
         BatchLoader(data_tiny, conditions, batch_size=16, target="mean")
@@ -68,7 +77,7 @@ def test_data_gene_embedding_reads_only_the_training_data(data_tiny):
     keep = ctrl.std(0) > 0
     corr = np.corrcoef(ctrl[:, keep].T)
     full = data_gene_embedding(data_tiny, split["train"], 2 * data_tiny.n_genes)
-    half = full[:, :data_tiny.n_genes][keep]
+    half = full[:, : data_tiny.n_genes][keep]
     scale = np.sqrt(np.mean(np.diag(corr))) / np.sqrt(np.mean(np.diag(half @ half.T)))
     np.testing.assert_allclose((half * scale) @ (half * scale).T, corr, atol=1e-4)
     # Changing a test perturbation's cells does not change the features.
@@ -81,9 +90,14 @@ def test_data_gene_embedding_reads_only_the_training_data(data_tiny):
 
 
 def test_init_from_data_sets_only_the_measured_gene_rows(data_tiny):
-    config = ModelConfig(**{**TINY, "ntoken": data_tiny.n_tokens,
-                            "pad_token_id": data_tiny.pad_token_id,
-                            "cls_token_id": data_tiny.cls_token_id})
+    config = ModelConfig(
+        **{
+            **TINY,
+            "ntoken": data_tiny.n_tokens,
+            "pad_token_id": data_tiny.pad_token_id,
+            "cls_token_id": data_tiny.cls_token_id,
+        }
+    )
     params = init_params(config, jax.random.PRNGKey(0))
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
     new = init_gene_embedding_from_data(params, data_tiny, split["train"])
@@ -93,8 +107,7 @@ def test_init_from_data_sets_only_the_measured_gene_rows(data_tiny):
     others = np.setdiff1d(np.arange(data_tiny.n_tokens), genes)
     np.testing.assert_array_equal(new_table[others], old_table[others])
     assert not np.allclose(new_table[genes], old_table[genes])
-    np.testing.assert_allclose(np.sqrt(np.mean(new_table[genes] ** 2)), 0.1 / np.sqrt(3),
-                               rtol=1e-4)
+    np.testing.assert_allclose(np.sqrt(np.mean(new_table[genes] ** 2)), 0.1 / np.sqrt(3), rtol=1e-4)
     # Everything but the gene embedding is untouched.
     flat_old = jax.tree_util.tree_leaves_with_path(params)
     flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
@@ -111,8 +124,15 @@ def test_config_keys_are_checked():
 
 
 def _tiny_model_config(data, **kw):
-    return ModelConfig(**{**TINY, "ntoken": data.n_tokens, "pad_token_id": data.pad_token_id,
-                          "cls_token_id": data.cls_token_id, **kw})
+    return ModelConfig(
+        **{
+            **TINY,
+            "ntoken": data.n_tokens,
+            "pad_token_id": data.pad_token_id,
+            "cls_token_id": data.cls_token_id,
+            **kw,
+        }
+    )
 
 
 def test_additive_prior_sums_the_measured_training_singles(data_tiny):
@@ -121,8 +141,9 @@ def test_additive_prior_sums_the_measured_training_singles(data_tiny):
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
     prior = fit_additive_prior(data_tiny, split["train"])
     ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
-    train_singles = {c.split("+")[0]: c for c in split["train"]
-                     if c != "ctrl" and c.endswith("+ctrl")}
+    train_singles = {
+        c.split("+")[0]: c for c in split["train"] if c != "ctrl" and c.endswith("+ctrl")
+    }
     assert set(prior.changes) == set(train_singles)
     for gene, cond in train_singles.items():
         truth = data_tiny.X[data_tiny.condition_cells[cond]].toarray().mean(axis=0) - ctrl
@@ -131,8 +152,9 @@ def test_additive_prior_sums_the_measured_training_singles(data_tiny):
     offset, missing = prior.parts(f"{seen[0]}+{seen[1]}", data_tiny.n_genes)
     np.testing.assert_allclose(offset, prior.changes[seen[0]] + prior.changes[seen[1]])
     assert missing == ()
-    unseen = next(g for c in split["test"] for g in data_tiny.condition_genes[c]
-                  if g not in prior.changes)
+    unseen = next(
+        g for c in split["test"] for g in data_tiny.condition_genes[c] if g not in prior.changes
+    )
     offset, missing = prior.parts(f"{seen[0]}+{unseen}", data_tiny.n_genes)
     np.testing.assert_allclose(offset, prior.changes[seen[0]])
     assert missing == (unseen,)
@@ -149,15 +171,22 @@ def test_training_targets_of_doubles_lose_the_measured_part(data_tiny):
     prior = fit_additive_prior(data_tiny, split["train"])
     conditions = split["train"]
     plain = BatchLoader(data_tiny, conditions, batch_size=16, seed=0)
-    shifted = BatchLoader(data_tiny, conditions, batch_size=16, seed=0,
-                          target_offsets=prior.offsets(conditions, data_tiny.n_genes))
+    shifted = BatchLoader(
+        data_tiny,
+        conditions,
+        batch_size=16,
+        seed=0,
+        target_offsets=prior.offsets(conditions, data_tiny.n_genes),
+    )
     doubles = 0
     for a, b in zip(plain.epoch(0), shifted.epoch(0)):
         for r in range(a.n_real):
             cond = a.conditions[r]
             real = a.gene_index[r] >= 0
-            expected = a.batch.target_values[r, real] - prior.parts(
-                cond, data_tiny.n_genes)[0][a.gene_index[r, real]]
+            expected = (
+                a.batch.target_values[r, real]
+                - prior.parts(cond, data_tiny.n_genes)[0][a.gene_index[r, real]]
+            )
             np.testing.assert_allclose(b.batch.target_values[r, real], expected, atol=1e-6)
             doubles += len(data_tiny.condition_genes[cond]) == 2
     assert doubles > 0
@@ -174,20 +203,27 @@ def test_predictor_composes_doubles_from_prior_and_model(data_tiny):
     with pytest.raises(ValueError, match="additive_prior"):
         Predictor(config, params, data_tiny)
     with_prior = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
-    plain = Predictor(dataclasses.replace(config, additive_prior=False), params, data_tiny,
-                      batch_size=8)
+    plain = Predictor(
+        dataclasses.replace(config, additive_prior=False), params, data_tiny, batch_size=8
+    )
     controls = data_tiny.control_cells[:5]
     x = data_tiny.X[controls].toarray()
     seen = sorted(prior.changes)
-    unseen = next(g for c in split["test"] for g in data_tiny.condition_genes[c]
-                  if g not in prior.changes)
+    unseen = next(
+        g for c in split["test"] for g in data_tiny.condition_genes[c] if g not in prior.changes
+    )
     double = f"{seen[0]}+{unseen}"
-    expected = (plain.predict_cells(double, controls) + prior.changes[seen[0]]
-                + plain.predict_cells(f"{unseen}+ctrl", controls) - x)
+    expected = (
+        plain.predict_cells(double, controls)
+        + prior.changes[seen[0]]
+        + plain.predict_cells(f"{unseen}+ctrl", controls)
+        - x
+    )
     np.testing.assert_allclose(with_prior.predict_cells(double, controls), expected, atol=1e-5)
     single = f"{seen[1]}+ctrl"
-    np.testing.assert_allclose(with_prior.predict_cells(single, controls),
-                               plain.predict_cells(single, controls), atol=1e-6)
+    np.testing.assert_allclose(
+        with_prior.predict_cells(single, controls), plain.predict_cells(single, controls), atol=1e-6
+    )
 
 
 def test_seen_single_correction_adds_the_models_errors_on_measured_singles(data_tiny):
@@ -195,36 +231,45 @@ def test_seen_single_correction_adds_the_models_errors_on_measured_singles(data_
     from scformer_jax.prior import fit_additive_prior, prior_for
 
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
-    config = _tiny_model_config(data_tiny, seen_single_correction=True,
-                                output_baseline="control_input")
+    config = _tiny_model_config(
+        data_tiny, seen_single_correction=True, output_baseline="control_input"
+    )
     prior = prior_for(config, data_tiny, split["train"])
     assert prior is not None and set(prior.changes) == set(
-        fit_additive_prior(data_tiny, split["train"]).changes)
-    assert prior_for(dataclasses.replace(config, seen_single_correction=False), data_tiny,
-                     split["train"]) is None
+        fit_additive_prior(data_tiny, split["train"]).changes
+    )
+    assert (
+        prior_for(
+            dataclasses.replace(config, seen_single_correction=False), data_tiny, split["train"]
+        )
+        is None
+    )
     params = init_params(config, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="seen_single_correction"):
         Predictor(config, params, data_tiny)
     corrected = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
-    plain = Predictor(dataclasses.replace(config, seen_single_correction=False), params,
-                      data_tiny, batch_size=8)
+    plain = Predictor(
+        dataclasses.replace(config, seen_single_correction=False), params, data_tiny, batch_size=8
+    )
     controls = data_tiny.control_cells[:5]
     ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
     seen = sorted(prior.changes)
-    unseen = next(g for c in split["test"] for g in data_tiny.condition_genes[c]
-                  if g not in prior.changes)
-    for double, measured in ((f"{seen[0]}+{seen[1]}", seen[:2]),
-                             (f"{seen[0]}+{unseen}", seen[:1])):
+    unseen = next(
+        g for c in split["test"] for g in data_tiny.condition_genes[c] if g not in prior.changes
+    )
+    for double, measured in ((f"{seen[0]}+{seen[1]}", seen[:2]), (f"{seen[0]}+{unseen}", seen[:1])):
         expected = plain.predict_cells(double, controls) + sum(
-            ctrl + prior.changes[g] - plain.predict_cells(f"{g}+ctrl", controls)
-            for g in measured)
-        np.testing.assert_allclose(corrected.predict_cells(double, controls), expected,
-                                   atol=1e-4)
+            ctrl + prior.changes[g] - plain.predict_cells(f"{g}+ctrl", controls) for g in measured
+        )
+        np.testing.assert_allclose(corrected.predict_cells(double, controls), expected, atol=1e-4)
         assert not np.allclose(expected, plain.predict_cells(double, controls), atol=1e-3)
     # Singles and the control are the model's alone.
     for single in (f"{seen[1]}+ctrl", f"{unseen}+ctrl", "ctrl"):
-        np.testing.assert_allclose(corrected.predict_cells(single, controls),
-                                   plain.predict_cells(single, controls), atol=1e-6)
+        np.testing.assert_allclose(
+            corrected.predict_cells(single, controls),
+            plain.predict_cells(single, controls),
+            atol=1e-6,
+        )
     with pytest.raises(ConfigError, match="seen_single_correction"):
         load_config(None, ["model.additive_prior=true", "model.seen_single_correction=true"])
 
@@ -238,18 +283,27 @@ def test_seen_single_correction_changes_validation_and_eval_not_training(tmp_pat
 
     def run(name, *overrides):
         workdir = tmp_path / name
-        args = ["--config", "tests/configs/tiny.yaml", "--workdir", str(workdir),
-                "--no-progress", "--set", "train.epochs=1"]
+        args = [
+            "--config",
+            "tests/configs/tiny.yaml",
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            "--set",
+            "train.epochs=1",
+        ]
         for o in overrides:
             args += ["--set", o]
         assert train_cli.main(args) == 0
         epoch = [json.loads(line) for line in (workdir / "metrics.jsonl").open()][-1]
         return workdir, epoch
 
-    plain_dir, plain = run("plain", "model.coexpression_prior=false",
-                           "model.seen_single_correction=false")
-    corrected_dir, corrected = run("corrected", "model.coexpression_prior=false",
-                                   "model.seen_single_correction=true")
+    plain_dir, plain = run(
+        "plain", "model.coexpression_prior=false", "model.seen_single_correction=false"
+    )
+    corrected_dir, corrected = run(
+        "corrected", "model.coexpression_prior=false", "model.seen_single_correction=true"
+    )
     # Training and the validation loss are the model's own: unchanged.
     assert corrected["train_mse"] == plain["train_mse"]
     assert corrected["val_mse"] == plain["val_mse"]
@@ -263,11 +317,15 @@ def test_seen_single_correction_changes_validation_and_eval_not_training(tmp_pat
         metrics[name] = json.loads((workdir / "eval" / "metrics.json").read_text())
     # Eval corrects the model's doubles, and only the model's: the baselines are the same.
     groups = ("combo_seen1", "combo_seen2")
-    assert any(metrics["corrected"]["model"]["per_subgroup"][g]["pearson_delta"]
-               != metrics["plain"]["model"]["per_subgroup"][g]["pearson_delta"]
-               for g in groups)
-    assert (metrics["corrected"]["model"]["per_subgroup"]["unseen_single"]
-            == metrics["plain"]["model"]["per_subgroup"]["unseen_single"])
+    assert any(
+        metrics["corrected"]["model"]["per_subgroup"][g]["pearson_delta"]
+        != metrics["plain"]["model"]["per_subgroup"][g]["pearson_delta"]
+        for g in groups
+    )
+    assert (
+        metrics["corrected"]["model"]["per_subgroup"]["unseen_single"]
+        == metrics["plain"]["model"]["per_subgroup"]["unseen_single"]
+    )
     assert metrics["corrected"]["baselines"] == metrics["plain"]["baselines"]
 
 
@@ -286,24 +344,27 @@ def test_coexpression_prior_is_the_control_regression_scaled_by_the_direct_effec
     # Any measured gene, perturbed in the data or not.
     for gene in (measured[0], names[-1]):
         j = names.index(gene)
-        slope = np.array([np.cov(controls[:, j], controls[:, k])[0, 1] for k in
-                          range(len(names))]) / (var[j] + RIDGE * var.mean())
+        slope = np.array(
+            [np.cov(controls[:, j], controls[:, k])[0, 1] for k in range(len(names))]
+        ) / (var[j] + RIDGE * var.mean())
         slope[j] = 1.0
-        np.testing.assert_allclose(prior.coexpression.effect(gene), d * slope, rtol=1e-4,
-                                   atol=1e-6)
+        np.testing.assert_allclose(prior.coexpression.effect(gene), d * slope, rtol=1e-4, atol=1e-6)
     assert prior.coexpression.effect("NOT_A_GENE") is None
     # A condition's prior is the sum of its genes' effects; training targets lose it, and
     # with the additive prior also the measured singles' part.
     a, b = measured[:2]
     double = f"{a}+{b}"
-    np.testing.assert_allclose(prior.effect_offset(double, data_tiny.n_genes),
-                               prior.coexpression.effect(a) + prior.coexpression.effect(b),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        prior.effect_offset(double, data_tiny.n_genes),
+        prior.coexpression.effect(a) + prior.coexpression.effect(b),
+        rtol=1e-6,
+    )
     plain = prior.offsets([double, f"{a}+ctrl"], data_tiny.n_genes, additive=False)
     np.testing.assert_allclose(plain[f"{a}+ctrl"], prior.coexpression.effect(a), rtol=1e-6)
     both = prior.offsets([double], data_tiny.n_genes)
-    np.testing.assert_allclose(both[double], plain[double] + prior.parts(
-        double, data_tiny.n_genes)[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        both[double], plain[double] + prior.parts(double, data_tiny.n_genes)[0], rtol=1e-6
+    )
 
 
 def test_predictor_adds_the_coexpression_prior(data_tiny):
@@ -311,29 +372,36 @@ def test_predictor_adds_the_coexpression_prior(data_tiny):
     from scformer_jax.prior import prior_for
 
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
-    config = _tiny_model_config(data_tiny, coexpression_prior=True,
-                                output_baseline="control_input")
+    config = _tiny_model_config(data_tiny, coexpression_prior=True, output_baseline="control_input")
     prior = prior_for(config, data_tiny, split["train"])
     params = init_params(config, jax.random.PRNGKey(0))
     with_prior = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
-    plain = Predictor(dataclasses.replace(config, coexpression_prior=False), params,
-                      data_tiny, batch_size=8)
+    plain = Predictor(
+        dataclasses.replace(config, coexpression_prior=False), params, data_tiny, batch_size=8
+    )
     controls = data_tiny.control_cells[:5]
     genes = sorted(prior.changes)
     for condition in (f"{genes[0]}+ctrl", f"{genes[0]}+{genes[1]}", "ctrl"):
         np.testing.assert_allclose(
             with_prior.predict_cells(condition, controls),
             plain.predict_cells(condition, controls)
-            + prior.effect_offset(condition, data_tiny.n_genes), atol=1e-5)
+            + prior.effect_offset(condition, data_tiny.n_genes),
+            atol=1e-5,
+        )
     assert np.abs(prior.effect_offset(f"{genes[0]}+ctrl", data_tiny.n_genes)).sum() > 0
     # The correction of doubles uses the model's singles with their co-expression prior.
-    corrected = Predictor(dataclasses.replace(config, seen_single_correction=True), params,
-                          data_tiny, batch_size=8, prior=prior)
+    corrected = Predictor(
+        dataclasses.replace(config, seen_single_correction=True),
+        params,
+        data_tiny,
+        batch_size=8,
+        prior=prior,
+    )
     ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
     double = f"{genes[0]}+{genes[1]}"
     expected = with_prior.predict_cells(double, controls) + sum(
-        ctrl + prior.changes[g] - with_prior.predict_cells(f"{g}+ctrl", controls)
-        for g in genes[:2])
+        ctrl + prior.changes[g] - with_prior.predict_cells(f"{g}+ctrl", controls) for g in genes[:2]
+    )
     np.testing.assert_allclose(corrected.predict_cells(double, controls), expected, atol=1e-4)
 
 
@@ -343,7 +411,8 @@ def test_randomized_components_match_the_exact_ones():
     rng = np.random.default_rng(0)
     # A matrix with a clear spectrum: 6 strong directions plus noise.
     matrix = (rng.standard_normal((300, 6)) * [40, 30, 20, 15, 10, 8]) @ rng.standard_normal(
-        (6, 2000)) + 0.1 * rng.standard_normal((300, 2000))
+        (6, 2000)
+    ) + 0.1 * rng.standard_normal((300, 2000))
     assert min(matrix.shape) <= gene_features.EXACT_SVD_MAX
     exact = gene_features.top_components(matrix.T, 4)  # (2000, 300): smaller side 300
     randomized = gene_features.top_components(matrix.T, 4, exact_max=100)
@@ -356,8 +425,7 @@ def test_randomized_components_match_the_exact_ones():
 def test_screen_preset_is_a_singles_screen_of_mostly_unmeasured_genes():
     from scformer_jax.data.simulate import simulate, simulation_config
 
-    adata = simulate(simulation_config("screen", cells_per_condition=6, n_control_cells=60),
-                     seed=0)
+    adata = simulate(simulation_config("screen", cells_per_condition=6, n_control_cells=60), seed=0)
     conditions = set(adata.obs["condition"].astype(str))
     assert adata.n_vars == 300
     assert all(c == "ctrl" or c.endswith("+ctrl") for c in conditions)
@@ -380,13 +448,23 @@ def test_init_from_data_starts_the_gene_baseline_at_the_control_mean(data_tiny):
     others = np.setdiff1d(np.arange(data_tiny.n_tokens), data_tiny.gene_token_ids)
     assert not baseline[others].any()
     # gene_embedding_init "random": the embedding is left alone.
-    np.testing.assert_array_equal(np.asarray(new["encoder"]["embedding"]),
-                                  np.asarray(params["encoder"]["embedding"]))
-    with_embedding = init_from_data(params, dataclasses.replace(
-        config, gene_embedding_init="data"), data_tiny, split["train"])
-    assert not np.allclose(np.asarray(with_embedding["encoder"]["embedding"]),
-                           np.asarray(params["encoder"]["embedding"]))
-    kept = init_from_data(params, dataclasses.replace(config, gene_embedding_init="data"),
-                          data_tiny, split["train"], embedding=False)
-    np.testing.assert_array_equal(np.asarray(kept["encoder"]["embedding"]),
-                                  np.asarray(params["encoder"]["embedding"]))
+    np.testing.assert_array_equal(
+        np.asarray(new["encoder"]["embedding"]), np.asarray(params["encoder"]["embedding"])
+    )
+    with_embedding = init_from_data(
+        params, dataclasses.replace(config, gene_embedding_init="data"), data_tiny, split["train"]
+    )
+    assert not np.allclose(
+        np.asarray(with_embedding["encoder"]["embedding"]),
+        np.asarray(params["encoder"]["embedding"]),
+    )
+    kept = init_from_data(
+        params,
+        dataclasses.replace(config, gene_embedding_init="data"),
+        data_tiny,
+        split["train"],
+        embedding=False,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(kept["encoder"]["embedding"]), np.asarray(params["encoder"]["embedding"])
+    )

@@ -53,13 +53,17 @@ def run_train(workdir, *overrides):
 
 
 def checkpoint_steps(workdir):
-    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir()
-                  if p.name.isdigit())
+    return sorted(
+        int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit()
+    )
 
 
 def metric_records(workdir, kind="train"):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").open()
-            if json.loads(line)["kind"] == kind]
+    return [
+        json.loads(line)
+        for line in (Path(workdir) / "metrics.jsonl").open()
+        if json.loads(line)["kind"] == kind
+    ]
 
 
 def all_finite(tree):
@@ -87,8 +91,9 @@ def poison_step(monkeypatch, step, *, grad_norm):
         def poisoned(state, batch, rng):
             state, metrics = p_step(state, batch, rng)
             if int(parallel.first_replica(state.step)) >= step:
-                state = state.replace(params=jax.tree_util.tree_map(
-                    lambda x: x * jnp.nan, state.params))
+                state = state.replace(
+                    params=jax.tree_util.tree_map(lambda x: x * jnp.nan, state.params)
+                )
                 if grad_norm:
                     metrics = dict(metrics, grad_norm=metrics["grad_norm"] * jnp.nan)
             return state, metrics
@@ -129,9 +134,21 @@ def start_first_writer(workdir):
     """A train.py process that keeps training into `workdir`; returns once it has written
     its first metrics."""
     proc = subprocess.Popen(
-        [sys.executable, "train.py", "--config", TINY, "--workdir", str(workdir),
-         "--no-progress", "--set", "train.epochs=1000"], cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            TINY,
+            "--workdir",
+            str(workdir),
+            "--no-progress",
+            "--set",
+            "train.epochs=1000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = Path(workdir) / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.is_file() and metrics.stat().st_size) and proc.poll() is None:
@@ -182,8 +199,10 @@ def test_without_file_locks_the_lock_file_itself_is_the_lock(tmp_path, monkeypat
 
     monkeypatch.setattr(io_lib.fcntl, "flock", no_locks)
     first = RunFolderLock(tmp_path).acquire()
-    with pytest.raises(RunFolderLockedError, match=f"cannot lock files.*pid {os.getpid()}.*"
-                                                    f"rm {tmp_path / LOCK_FILE}"):
+    with pytest.raises(
+        RunFolderLockedError,
+        match=f"cannot lock files.*pid {os.getpid()}.*rm {tmp_path / LOCK_FILE}",
+    ):
         RunFolderLock(tmp_path).acquire()
     first.release()
     RunFolderLock(tmp_path).acquire().release()
@@ -226,9 +245,9 @@ def read_events(folder):
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
             event = Event()
-            event.ParseFromString(data[pos + 12:pos + 12 + length])
+            event.ParseFromString(data[pos + 12 : pos + 12 + length])
             out.append((path.name, event))
             pos += 12 + length + 4
     return out
@@ -276,8 +295,10 @@ def test_run_killed_before_its_first_checkpoint_restarts_clean(tmp_path, monkeyp
     assert steps == list(range(1, STEPS_PER_EPOCH + 1))
     assert visible_scalar_steps(run / "tensorboard", "train/loss") == steps
     # Without the purge marker TensorBoard would show the killed attempt's steps twice.
-    assert sum(len([v for v in e.summary.value if v.tag == "train/loss"])
-               for _, e in read_events(run / "tensorboard")) == len(killed_steps) + len(steps)
+    assert sum(
+        len([v for v in e.summary.value if v.tag == "train/loss"])
+        for _, e in read_events(run / "tensorboard")
+    ) == len(killed_steps) + len(steps)
 
 
 # ------------------------------------------------------------ 7. full disk, 10. read-only
@@ -292,8 +313,7 @@ def fail_json_writes(monkeypatch, *, from_step):
     async def full_disk(self, x, directory):
         step = int(Path(str(directory)).parent.name.split(".")[0])
         if step >= from_step:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
-                          str(directory / self._filename))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / self._filename))
         return await original(self, x, directory)
 
     monkeypatch.setattr(handler.JsonCheckpointHandler, "_save_fn", full_disk)
@@ -307,7 +327,8 @@ def test_full_disk_during_a_checkpoint_stops_there_in_one_line(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         f"Cannot train: cannot write checkpoint step {failing} into {run / 'checkpoints'}: "
-        "No space left on device"]
+        "No space left on device"
+    ]
     # Training stopped at the failed step: no third epoch, the older checkpoint is kept
     # and no partial step folder is left.
     assert max(r["step"] for r in metric_records(run)) == failing
@@ -339,8 +360,9 @@ def test_checkpoint_write_errors_are_named_and_leave_nothing(tmp_path, monkeypat
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]
     # A disk too full for the next checkpoint is refused before orbax starts writing.
-    monkeypatch.setattr(checkpoints_lib.shutil, "disk_usage",
-                        lambda path: type("Usage", (), {"free": 4096})())
+    monkeypatch.setattr(
+        checkpoints_lib.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 4096})()
+    )
     with pytest.raises(CheckpointWriteError, match=r"step 3 .*No space left on device \(needs"):
         ckpts.save(3, {"w": np.ones(3, np.float32)}, {"step": 3}, metric=0.7)
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]
@@ -362,12 +384,20 @@ def test_metrics_write_error_names_the_file(tmp_path, monkeypatch, capsys):
             pass
 
     real_open = open
-    monkeypatch.setattr(training, "open", lambda path, *a, **k: (
-        FullDisk() if str(path).endswith("metrics.jsonl") and "a" in a else
-        real_open(path, *a, **k)), raising=False)
+    monkeypatch.setattr(
+        training,
+        "open",
+        lambda path, *a, **k: (
+            FullDisk()
+            if str(path).endswith("metrics.jsonl") and "a" in a
+            else real_open(path, *a, **k)
+        ),
+        raising=False,
+    )
     assert run_train(run, "train.epochs=1") == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"Cannot train: {run / 'metrics.jsonl'}: No space left on device"]
+        f"Cannot train: {run / 'metrics.jsonl'}: No space left on device"
+    ]
 
 
 def test_read_only_run_folder_is_one_line(tmp_path, monkeypatch, capsys):
@@ -383,7 +413,8 @@ def test_read_only_run_folder_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(os, "open", read_only)
     assert run_train(run) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"Cannot train: {run / LOCK_FILE}: Read-only file system"]
+        f"Cannot train: {run / LOCK_FILE}: Read-only file system"
+    ]
     assert os.listdir(run) == []
 
 
@@ -395,7 +426,8 @@ def test_read_only_run_folder_for_real(tmp_path, capsys):
     try:
         assert run_train(run) == 2
         assert capsys.readouterr().err.strip().splitlines() == [
-            f"Cannot train: {run / LOCK_FILE}: Permission denied"]
+            f"Cannot train: {run / LOCK_FILE}: Permission denied"
+        ]
     finally:
         run.chmod(0o755)
 
@@ -411,10 +443,23 @@ def test_prepare_into_a_read_only_folder_is_one_line(tmp_path, monkeypatch, caps
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out.parent / ".tmp123"))
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    assert data_main(["prepare", str(source), str(out), "--perturbation-key", "target",
-                      "--control-label", "NT", "--de-backend", "numpy"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {out}: Read-only file system"]
+    assert (
+        data_main(
+            [
+                "prepare",
+                str(source),
+                str(out),
+                "--perturbation-key",
+                "target",
+                "--control-label",
+                "NT",
+                "--de-backend",
+                "numpy",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {out}: Read-only file system"]
 
 
 def test_atomic_write_errors_name_the_output(tmp_path, monkeypatch):
@@ -439,8 +484,10 @@ def counts_adata(labels, var_names):
     return anndata.AnnData(
         X=sparse.csr_matrix(counts),
         obs=pd.DataFrame({"target": labels}, index=[f"c{i}" for i in range(len(labels))]),
-        var=pd.DataFrame({"ensembl": [f"ENSG{i:05d}" for i in range(len(var_names))]},
-                         index=var_names))
+        var=pd.DataFrame(
+            {"ensembl": [f"ENSG{i:05d}" for i in range(len(var_names))]}, index=var_names
+        ),
+    )
 
 
 GENES = [f"G{i}" for i in range(8)]
@@ -459,8 +506,20 @@ def test_duplicate_gene_names_are_a_named_error(tmp_path, capsys):
 
     source = tmp_path / "raw.h5ad"
     adata.write_h5ad(source)
-    assert data_main(["prepare", str(source), str(tmp_path / "out.h5ad"),
-                      "--perturbation-key", "target", "--control-label", "NT"]) == 2
+    assert (
+        data_main(
+            [
+                "prepare",
+                str(source),
+                str(tmp_path / "out.h5ad"),
+                "--perturbation-key",
+                "target",
+                "--control-label",
+                "NT",
+            ]
+        )
+        == 2
+    )
     assert "duplicated gene name" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["raw.h5ad"]
 
@@ -478,11 +537,14 @@ def test_loading_a_gears_file_with_duplicate_var_names_is_a_named_error(data_tin
         PerturbData(adata, name="dup")
 
 
-@pytest.mark.parametrize("labels,why", [
-    # A categorical column's codes: 0..2 perturbed, 3 the control.
-    (["3"] * 10 + ["0"] * 4 + ["1"] * 4 + ["2"] * 4, "look like integer codes"),
-    (["NT"] * 10 + ["X1"] * 4 + ["X2"] * 4 + ["X1+X2"] * 4, "none of the 2 perturbed genes"),
-])
+@pytest.mark.parametrize(
+    "labels,why",
+    [
+        # A categorical column's codes: 0..2 perturbed, 3 the control.
+        (["3"] * 10 + ["0"] * 4 + ["1"] * 4 + ["2"] * 4, "look like integer codes"),
+        (["NT"] * 10 + ["X1"] * 4 + ["X2"] * 4 + ["X1+X2"] * 4, "none of the 2 perturbed genes"),
+    ],
+)
 def test_labels_that_are_not_gene_names_need_a_flag(tmp_path, capsys, labels, why):
     control = labels[0]
     adata = counts_adata(labels, GENES)
@@ -492,8 +554,17 @@ def test_labels_that_are_not_gene_names_need_a_flag(tmp_path, capsys, labels, wh
 
     source = tmp_path / "raw.h5ad"
     adata.write_h5ad(source)
-    args = ["prepare", str(source), str(tmp_path / "out.h5ad"), "--perturbation-key", "target",
-            "--control-label", control, "--de-backend", "numpy"]
+    args = [
+        "prepare",
+        str(source),
+        str(tmp_path / "out.h5ad"),
+        "--perturbation-key",
+        "target",
+        "--control-label",
+        control,
+        "--de-backend",
+        "numpy",
+    ]
     assert data_main(args) == 2
     assert why in capsys.readouterr().err
     assert not (tmp_path / "out.h5ad").exists()
@@ -530,8 +601,12 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, data_tiny_adata, u
     try:
         write_text_atomic(tmp_path / "a.txt", "x")
         write_h5ad_atomic(data_tiny_adata, tmp_path / "b.h5ad")
-        write_split_json(gears_split(data_tiny_adata.obs["condition"].astype(str).unique(),
-                                     split="simulation", seed=1), tmp_path / "c.json")
+        write_split_json(
+            gears_split(
+                data_tiny_adata.obs["condition"].astype(str).unique(), split="simulation", seed=1
+            ),
+            tmp_path / "c.json",
+        )
         folder = make_temp_dir(tmp_path, prefix=".stage-")
     finally:
         os.umask(old)
@@ -548,12 +623,17 @@ def test_eval_predict_checks_names_first(trained_run, monkeypatch, capsys):
     assert calls == []
 
 
-def test_eval_predict_says_where_predictions_went(trained_run, capsys, umask_022,
-                                                  monkeypatch):
+def test_eval_predict_says_where_predictions_went(trained_run, capsys, umask_022, monkeypatch):
     from scformer_jax.predict import load_predictor
 
-    genes = sorted({g for c in load_predictor(str(trained_run)).dataset.conditions
-                    for g in c.split("+") if g != "ctrl"})
+    genes = sorted(
+        {
+            g
+            for c in load_predictor(str(trained_run)).dataset.conditions
+            for g in c.split("+")
+            if g != "ctrl"
+        }
+    )
     out = trained_run / "eval"
     # The evaluation and --predict share one load of the dataset and of the parameters.
     loads = {"dataset": 0, "params": 0}
@@ -562,13 +642,27 @@ def test_eval_predict_says_where_predictions_went(trained_run, capsys, umask_022
         def wrapper(*args, **kwargs):
             loads[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(runs, "load_dataset", counted("dataset", runs.load_dataset))
-    monkeypatch.setattr(checkpoints_lib, "restore_params",
-                        counted("params", checkpoints_lib.restore_params))
-    assert eval_cli.main(["--workdir", str(trained_run), "--n-plots", "0",
-                          "--predict", genes[0], f"{genes[0]}+{genes[1]}"]) == 0
+    monkeypatch.setattr(
+        checkpoints_lib, "restore_params", counted("params", checkpoints_lib.restore_params)
+    )
+    assert (
+        eval_cli.main(
+            [
+                "--workdir",
+                str(trained_run),
+                "--n-plots",
+                "0",
+                "--predict",
+                genes[0],
+                f"{genes[0]}+{genes[1]}",
+            ]
+        )
+        == 0
+    )
     assert loads == {"dataset": 1, "params": 1}
     text = capsys.readouterr().out
     assert f"{out / 'predict.h5ad'}" in text and f"{out / 'predict_cells.h5ad'}" in text

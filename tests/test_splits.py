@@ -28,8 +28,10 @@ CASES = EXPECTED["cases"]
 
 
 def _case_id(case):
-    return (f"{case['conditions']}-{case['split']}-seed{case['seed']}"
-            f"-{case['train_gene_set_size']}-{case['combo_seen2_train_frac']}")
+    return (
+        f"{case['conditions']}-{case['split']}-seed{case['seed']}"
+        f"-{case['train_gene_set_size']}-{case['combo_seen2_train_frac']}"
+    )
 
 
 def _gears_failure(case):
@@ -50,9 +52,13 @@ def _gears_failure(case):
 def _run(case, conditions=None):
     if conditions is None:
         conditions = EXPECTED["condition_lists"][case["conditions"]]
-    return gears_split(conditions, case["split"], seed=case["seed"],
-                       train_gene_set_size=case["train_gene_set_size"],
-                       combo_seen2_train_frac=case["combo_seen2_train_frac"])
+    return gears_split(
+        conditions,
+        case["split"],
+        seed=case["seed"],
+        train_gene_set_size=case["train_gene_set_size"],
+        combo_seen2_train_frac=case["combo_seen2_train_frac"],
+    )
 
 
 def _genes(condition):
@@ -77,8 +83,15 @@ def _expected_derived_subgroups(train, test):
 
 def test_expectations_cover_every_split_type_and_failure():
     usable = {c["split"] for c in CASES if _gears_failure(c) is None}
-    assert usable == {"simulation", "simulation_single", "single", "combo_seen0",
-                      "combo_seen1", "combo_seen2", "no_test"}
+    assert usable == {
+        "simulation",
+        "simulation_single",
+        "single",
+        "combo_seen0",
+        "combo_seen1",
+        "combo_seen2",
+        "no_test",
+    }
     failures = {_gears_failure(c) for c in CASES} - {None}
     assert {"val", "test", "train", "AssertionError"} <= failures
 
@@ -87,8 +100,12 @@ def test_expectations_cover_every_split_type_and_failure():
 def test_parity_with_stored_gears_splits(case):
     failure = _gears_failure(case)
     if failure is not None:
-        expected_words = {"AssertionError": "handles single-gene perturbations only",
-                          "train": "train set", "val": "val set", "test": "test set"}[failure]
+        expected_words = {
+            "AssertionError": "handles single-gene perturbations only",
+            "train": "train set",
+            "val": "val set",
+            "test": "test set",
+        }[failure]
         with pytest.raises(ValueError, match=expected_words):
             _run(case)
         return
@@ -101,8 +118,7 @@ def test_parity_with_stored_gears_splits(case):
         for name in SUBGROUP_NAMES:
             assert result["subgroups"][name] == gears_groups.get(name, []), name
     else:
-        assert result["subgroups"] == _expected_derived_subgroups(result["train"],
-                                                                  result["test"])
+        assert result["subgroups"] == _expected_derived_subgroups(result["train"], result["test"])
 
 
 @pytest.mark.parametrize("split", ["simulation", "single", "combo_seen0", "combo_seen1"])
@@ -143,14 +159,17 @@ def test_parse_condition_forms():
     assert parse_condition("KLF1+MAP2K6") == ("KLF1", "MAP2K6")
 
 
-@pytest.mark.parametrize("bad, words", [
-    ("A+B+C", "2 '\\+' signs"),
-    ("A", "0 '\\+' signs"),
-    ("+ctrl", "empty or space-padded"),
-    ("A +ctrl", "empty or space-padded"),
-    ("ctrl+ctrl", "perturbs no gene"),
-    ("ctrlX+ctrl", "contains 'ctrl'"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("A+B+C", "2 '\\+' signs"),
+        ("A", "0 '\\+' signs"),
+        ("+ctrl", "empty or space-padded"),
+        ("A +ctrl", "empty or space-padded"),
+        ("ctrl+ctrl", "perturbs no gene"),
+        ("ctrlX+ctrl", "contains 'ctrl'"),
+    ],
+)
 def test_malformed_condition_is_named(bad, words):
     with pytest.raises(ValueError, match=words) as info:
         gears_split(["ctrl", "A+ctrl", bad], "simulation")
@@ -188,21 +207,29 @@ def test_too_small_errors_say_what_and_how():
     assert "test set" in message and "KeyError: 'test'" in message
     assert "int(6 * 0.1)" in message and "at least 10" in message
     assert "custom split" in message
-    with pytest.raises(ValueError, match="val set.*KeyError: 'val'.*int\\(2 \\* 0.1\\) = 0 "
-                                         "of the 2 perturbations.*at least 10"):
+    with pytest.raises(
+        ValueError,
+        match="val set.*KeyError: 'val'.*int\\(2 \\* 0.1\\) = 0 "
+        "of the 2 perturbations.*at least 10",
+    ):
         gears_split(["ctrl", "A+ctrl", "B+ctrl"], "no_test")
-    with pytest.raises(ValueError, match="train set.*int\\(2 \\* 0.75\\) = 1.*raise "
-                                         "train_gene_set_size"):
+    with pytest.raises(
+        ValueError, match="train set.*int\\(2 \\* 0.75\\) = 1.*raise train_gene_set_size"
+    ):
         gears_split(["ctrl", "A+ctrl", "B+ctrl"], "simulation")
     with pytest.raises(ValueError, match="test set.*lower train_gene_set_size"):
         gears_split(EXPECTED["condition_lists"]["adamson_like"], train_gene_set_size=1.0)
     with pytest.raises(ValueError, match="no doubles in the data"):
         gears_split(EXPECTED["condition_lists"]["adamson_like"], "combo_seen2")
-    with pytest.raises(ValueError, match="val set.*1 gene\\(s\\) drawn from the 13 single-gene "
-                                         "perturbations left in training have no single"):
+    with pytest.raises(
+        ValueError,
+        match="val set.*1 gene\\(s\\) drawn from the 13 single-gene "
+        "perturbations left in training have no single",
+    ):
         gears_split(EXPECTED["condition_lists"]["mixed_spelling"], "single", seed=2)
-    with pytest.raises(ValueError, match="simulation_single.*3 double.*'A\\+B'.*use "
-                                         "split='simulation'"):
+    with pytest.raises(
+        ValueError, match="simulation_single.*3 double.*'A\\+B'.*use split='simulation'"
+    ):
         gears_split(tiny, "simulation_single")
 
 
@@ -214,8 +241,11 @@ def test_smaller_test_fraction_changes_only_list_splits():
 
 
 def _usable_case(split):
-    return next(c for c in CASES if c["split"] == split and _gears_failure(c) is None
-                and c["conditions"] == "norman_like")
+    return next(
+        c
+        for c in CASES
+        if c["split"] == split and _gears_failure(c) is None and c["conditions"] == "norman_like"
+    )
 
 
 def test_custom_split_from_gears_pickle(tmp_path):
@@ -254,10 +284,15 @@ def test_custom_split_errors(tmp_path):
         gears_split(conditions, "custom")
     with pytest.raises(ValueError, match="does not exist"):
         gears_split(conditions, "custom", split_path=str(tmp_path / "missing.pkl"))
-    unknown = {"train": good["train"], "val": good["val"],
-               "test": good["test"] + ["NOPE+ctrl", "X+Y"]}
-    with pytest.raises(ValueError, match="'test' names 2 condition\\(s\\) absent from the data: "
-                                         "'NOPE\\+ctrl', 'X\\+Y'"):
+    unknown = {
+        "train": good["train"],
+        "val": good["val"],
+        "test": good["test"] + ["NOPE+ctrl", "X+Y"],
+    }
+    with pytest.raises(
+        ValueError,
+        match="'test' names 2 condition\\(s\\) absent from the data: 'NOPE\\+ctrl', 'X\\+Y'",
+    ):
         gears_split(conditions, "custom", split_path=write("unknown.json", unknown))
     both = {"train": good["train"], "val": good["val"] + [good["train"][1]], "test": []}
     with pytest.raises(ValueError, match="is in both 'train' and 'val'"):
@@ -266,8 +301,9 @@ def test_custom_split_errors(tmp_path):
     with pytest.raises(ValueError, match="'val' is empty"):
         gears_split(conditions, "custom", split_path=write("noval.json", no_val))
     with pytest.raises(ValueError, match="unknown key\\(s\\) validation"):
-        gears_split(conditions, "custom", split_path=write("key.json", {"train": [],
-                                                                        "validation": []}))
+        gears_split(
+            conditions, "custom", split_path=write("key.json", {"train": [], "validation": []})
+        )
     with pytest.raises(ValueError, match="lacks key\\(s\\) val"):
         gears_split(conditions, "custom", split_path=write("lack.json", {"train": []}))
     with pytest.raises(ValueError, match="expected a dict"):
@@ -301,14 +337,16 @@ def test_write_split_json_leaves_nothing_half_written(tmp_path):
     with pytest.raises(ValueError, match="folder .* does not exist"):
         write_split_json(result, tmp_path / "missing" / "split.json")
     with pytest.raises(ValueError, match="lacks key\\(s\\) subgroups"):
-        (tmp_path / "old.json").write_text(json.dumps({k: result[k] for k in
-                                                       ("train", "val", "test")}))
+        (tmp_path / "old.json").write_text(
+            json.dumps({k: result[k] for k in ("train", "val", "test")})
+        )
         read_split_json(tmp_path / "old.json")
 
 
 def _load_make_expected():
     spec = importlib.util.spec_from_file_location(
-        "make_expected", os.path.join(DATA_DIR, "make_expected.py"))
+        "make_expected", os.path.join(DATA_DIR, "make_expected.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -327,9 +365,13 @@ def test_parity_with_installed_gears():
         cells = [unique[i] for i in rng.permutation(len(unique) * 2) % len(unique)]
         for split in ("simulation", "single", "combo_seen1", "combo_seen2", "no_test"):
             seed = int(rng.randint(0, 1000))
-            case = {"split": split, "seed": seed, "train_gene_set_size": 0.75,
-                    "combo_seen2_train_frac": 0.75,
-                    "gears": make_expected.run_gears(cells, split, seed)}
+            case = {
+                "split": split,
+                "seed": seed,
+                "train_gene_set_size": 0.75,
+                "combo_seen2_train_frac": 0.75,
+                "gears": make_expected.run_gears(cells, split, seed),
+            }
             failure = _gears_failure(case)
             if failure is not None:
                 with pytest.raises(ValueError):

@@ -50,8 +50,11 @@ def _imports(path: Path, modules: dict[str, Path]) -> tuple[set[str], list[tuple
                         local.append((child.lineno, target))
                     else:
                         top.add(target)
-            visit(child, in_function or isinstance(
-                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+            visit(
+                child,
+                in_function
+                or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)),
+            )
 
     visit(tree, False)
     return top, local
@@ -78,7 +81,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -113,11 +116,15 @@ def test_no_import_cycle():
 
 def test_project_modules_are_imported_at_module_level():
     _, local = _graph()
-    listed = [f"{module}:{line} imports {target}" for module, found in local.items()
-              for line, target in found]
-    assert not listed, ("function-local imports of project modules (import them at the top; "
-                        "only optional third-party dependencies may be imported lazily): "
-                        + "; ".join(listed))
+    listed = [
+        f"{module}:{line} imports {target}"
+        for module, found in local.items()
+        for line, target in found
+    ]
+    assert not listed, (
+        "function-local imports of project modules (import them at the top; "
+        "only optional third-party dependencies may be imported lazily): " + "; ".join(listed)
+    )
 
 
 def test_layers_point_one_way():
@@ -135,7 +142,17 @@ def test_layers_point_one_way():
                     todo.append(nxt)
         return seen
 
-    for low in ("config", "losses", "metrics", "model", "objectives", "data", "data.dataset",
-                "data.batching", "checkpoints", "vocab"):
+    for low in (
+        "config",
+        "losses",
+        "metrics",
+        "model",
+        "objectives",
+        "data",
+        "data.dataset",
+        "data.batching",
+        "checkpoints",
+        "vocab",
+    ):
         name = f"{PACKAGE}.{low}"
         assert not reach(name) & upper, (name, sorted(reach(name) & upper))

@@ -49,6 +49,7 @@ def make_batch(model, batch=3, length=7, n_pad=(0, 2, 4), seed=0):
 
 # ----- NumPy forward pass, from the state dict ---------------------------------------------
 
+
 def np_layer_norm(x, sd, prefix, eps=1e-5):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -63,9 +64,10 @@ def np_linear(x, sd, prefix):
 def np_attention(x, weight, bias, sd, prefix, n_heads, padding, zero_padded_queries):
     batch, length, d = x.shape
     head = d // n_heads
-    qkv = x @ weight.T + bias                    # (B, L, 3d): [q | k | v]
-    q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(batch, length, n_heads, head)
-               for i in range(3))
+    qkv = x @ weight.T + bias  # (B, L, 3d): [q | k | v]
+    q, k, v = (
+        qkv[..., i * d : (i + 1) * d].reshape(batch, length, n_heads, head) for i in range(3)
+    )
     scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head)
     scores = np.where(padding[:, None, None, :], -np.inf, scores)
     scores = scores - scores.max(-1, keepdims=True)
@@ -96,29 +98,49 @@ def np_forward(model, gene_ids, values, flags, padding):
         h = np_layer_norm(h + attn, sd, f"{p}.norm1")
         ff = np_linear(np.maximum(np_linear(h, sd, f"{p}.linear1"), 0), sd, f"{p}.linear2")
         h = np_layer_norm(h + ff, sd, f"{p}.norm2")
-    out = {"mlm_output": np_linear(h, sd, "decoder")[..., 0], "cell_emb": h[:, 0],
-           "transformer_output": h}
+    out = {
+        "mlm_output": np_linear(h, sd, "decoder")[..., 0],
+        "cell_emb": h[:, 0],
+        "transformer_output": h,
+    }
     if "mvc_decoder.W.weight" in sd:
         query = 1 / (1 + np.exp(-np_linear(gene_embs, sd, "mvc_decoder.gene2query")))
-        out["mvc_output"] = np.einsum("bld,bd->bl", query @ sd["mvc_decoder.W.weight"].T,
-                                      out["cell_emb"])
+        out["mvc_output"] = np.einsum(
+            "bld,bd->bl", query @ sd["mvc_decoder.W.weight"].T, out["cell_emb"]
+        )
     return out
 
 
 # ----- state dict keys ---------------------------------------------------------------------
 
+
 def expected_keys(layout, nlayers=2, nlayers_cls=3):
-    keys = ["encoder.embedding.weight", "encoder.enc_norm.weight", "encoder.enc_norm.bias",
-            "pert_encoder.weight", "decoder.weight", "decoder.bias",
-            "cls_decoder.out_layer.weight", "cls_decoder.out_layer.bias",
-            "mvc_decoder.gene2query.weight", "mvc_decoder.gene2query.bias",
-            "mvc_decoder.W.weight"]
-    keys += [f"value_encoder.{m}.{p}" for m in ("linear1", "linear2", "norm")
-             for p in ("weight", "bias")]
-    qkv = (["self_attn.in_proj_weight", "self_attn.in_proj_bias"] if layout == "torch"
-           else ["self_attn.Wqkv.weight", "self_attn.Wqkv.bias"])
-    per_layer = qkv + [f"{m}.{p}" for m in ("self_attn.out_proj", "linear1", "linear2",
-                                             "norm1", "norm2") for p in ("weight", "bias")]
+    keys = [
+        "encoder.embedding.weight",
+        "encoder.enc_norm.weight",
+        "encoder.enc_norm.bias",
+        "pert_encoder.weight",
+        "decoder.weight",
+        "decoder.bias",
+        "cls_decoder.out_layer.weight",
+        "cls_decoder.out_layer.bias",
+        "mvc_decoder.gene2query.weight",
+        "mvc_decoder.gene2query.bias",
+        "mvc_decoder.W.weight",
+    ]
+    keys += [
+        f"value_encoder.{m}.{p}" for m in ("linear1", "linear2", "norm") for p in ("weight", "bias")
+    ]
+    qkv = (
+        ["self_attn.in_proj_weight", "self_attn.in_proj_bias"]
+        if layout == "torch"
+        else ["self_attn.Wqkv.weight", "self_attn.Wqkv.bias"]
+    )
+    per_layer = qkv + [
+        f"{m}.{p}"
+        for m in ("self_attn.out_proj", "linear1", "linear2", "norm1", "norm2")
+        for p in ("weight", "bias")
+    ]
     keys += [f"transformer_encoder.layers.{i}.{k}" for i in range(nlayers) for k in per_layer]
     # ClsDecoder blocks are (Linear, ReLU, LayerNorm): parameters at indices 0, 2, 3, 5, ...
     for block in range(nlayers_cls - 1):
@@ -146,24 +168,45 @@ def test_state_dict_keys_match_the_original(layout):
     assert tuple(state["pert_encoder.weight"].shape) == (3, d)
 
 
-@pytest.mark.parametrize("style, extra", [
-    ("inner product", {"gene2query.weight": (16, 16), "W.weight": (16, 16)}),
-    ("inner product, detach", {"gene2query.weight": (16, 16), "W.weight": (16, 16)}),
-    ("concat query", {"gene2query.weight": (64, 16), "fc1.weight": (64, 80),
-                      "fc2.weight": (1, 64), "hidden_activation.weight": (1,)}),
-    ("sum query", {"gene2query.weight": (16, 16), "fc1.weight": (64, 16),
-                   "fc2.weight": (1, 64), "hidden_activation.weight": (1,)}),
-])
+@pytest.mark.parametrize(
+    "style, extra",
+    [
+        ("inner product", {"gene2query.weight": (16, 16), "W.weight": (16, 16)}),
+        ("inner product, detach", {"gene2query.weight": (16, 16), "W.weight": (16, 16)}),
+        (
+            "concat query",
+            {
+                "gene2query.weight": (64, 16),
+                "fc1.weight": (64, 80),
+                "fc2.weight": (1, 64),
+                "hidden_activation.weight": (1,),
+            },
+        ),
+        (
+            "sum query",
+            {
+                "gene2query.weight": (16, 16),
+                "fc1.weight": (64, 16),
+                "fc2.weight": (1, 64),
+                "hidden_activation.weight": (1,),
+            },
+        ),
+    ],
+)
 def test_mvc_styles_have_the_original_parameters(style, extra):
     model = tiny_model(do_mvc=True, mvc_decoder_style=style)
-    mvc = {k[len("mvc_decoder."):]: tuple(v.shape) for k, v in model.state_dict().items()
-           if k.startswith("mvc_decoder.")}
+    mvc = {
+        k[len("mvc_decoder.") :]: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if k.startswith("mvc_decoder.")
+    }
     assert {k: mvc[k] for k in extra} == extra
     out = ref.reference_forward(model, *make_batch(model))
     assert out["mvc_output"].shape == (3, 7) and np.all(np.isfinite(out["mvc_output"]))
 
 
 # ----- outputs -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layout", ["torch", "flash"])
 @pytest.mark.parametrize("fastpath", [True, False])
@@ -181,8 +224,12 @@ def test_forward_matches_numpy(layout, fastpath):
     if layout == "torch" and fastpath:
         assert np.all(got["transformer_output"][padding] == 0)
     else:
-        np.testing.assert_allclose(got["transformer_output"][padding],
-                                   want["transformer_output"][padding], atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(
+            got["transformer_output"][padding],
+            want["transformer_output"][padding],
+            atol=2e-5,
+            rtol=1e-5,
+        )
 
 
 def test_flash_layout_equals_torch_layout_after_conversion():
@@ -222,8 +269,9 @@ def test_padding_does_not_change_real_positions(layout):
         np.testing.assert_allclose(long[name][:, :5], short[name], atol=1e-5)
     np.testing.assert_allclose(long["cell_emb"], short["cell_emb"], atol=1e-5)
     # Without the mask the garbage does leak in: the test can tell.
-    leaked = ref.reference_forward(model, long_ids, long_values, long_flags,
-                                   np.zeros_like(long_padding))
+    leaked = ref.reference_forward(
+        model, long_ids, long_values, long_flags, np.zeros_like(long_padding)
+    )
     assert np.abs(leaked["mlm_output"][:, :5] - short["mlm_output"]).max() > 1e-3
 
 
@@ -244,17 +292,22 @@ def test_cell_embedding_styles_as_the_original():
             want = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
         np.testing.assert_allclose(out["cell_emb"], want, atol=1e-5)
     with pytest.raises(ValueError, match="weights is required"):
-        model.train()(*(torch.as_tensor(x) for x in (gene_ids, values, flags, padding)),
-                      CCE=True)
+        model.train()(*(torch.as_tensor(x) for x in (gene_ids, values, flags, padding)), CCE=True)
 
 
 def test_ecs_and_cce_losses_as_the_original():
     model = tiny_model("torch", ecs_threshold=0.3)
     gene_ids, values, flags, padding = make_batch(model, seed=6)
     with torch.no_grad():
-        out = model.eval()(torch.as_tensor(gene_ids), torch.as_tensor(values),
-                           torch.as_tensor(flags), torch.as_tensor(padding),
-                           CLS=True, CCE=True, ECS=True)
+        out = model.eval()(
+            torch.as_tensor(gene_ids),
+            torch.as_tensor(values),
+            torch.as_tensor(flags),
+            torch.as_tensor(padding),
+            CLS=True,
+            CCE=True,
+            ECS=True,
+        )
     cell = out["cell_emb"].double().numpy()
     normed = cell / np.linalg.norm(cell, axis=1, keepdims=True)
     cos = normed @ normed.T
@@ -264,24 +317,43 @@ def test_ecs_and_cce_losses_as_the_original():
     # In eval mode both encodings agree, so CCE is cross-entropy of cos/0.5 with labels i.
     logits = (normed @ normed.T) / 0.5
     log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    np.testing.assert_allclose(float(out["loss_cce"]), -np.mean(np.diag(log_softmax)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(out["loss_cce"]), -np.mean(np.diag(log_softmax)), rtol=1e-5)
     assert tuple(out["cls_output"].shape) == (3, 1)
 
 
 # ----- checkpoint folder -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layout", ["torch", "flash"])
 def test_checkpoint_folder_round_trip(tmp_path, layout):
     model = tiny_model(layout, do_mvc=True, mvc_decoder_style="sum query", n_cls=4)
     folder = ref.save_reference_checkpoint(model, tmp_path / "ckpt", extra_args={"lr": 1e-4})
-    assert sorted(p.name for p in folder.iterdir()) == ["args.json", "best_model.pt",
-                                                        "vocab.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["args.json", "best_model.pt", "vocab.json"]
     args = json.loads((folder / "args.json").read_text())
-    assert {k: args[k] for k in ("embsize", "nheads", "d_hid", "nlayers", "n_layers_cls",
-                                 "dropout", "pad_token", "pad_value", "lr")} == {
-        "embsize": 16, "nheads": 4, "d_hid": 24, "nlayers": 2, "n_layers_cls": 3,
-        "dropout": 0.1, "pad_token": "<pad>", "pad_value": 0, "lr": 1e-4}
+    assert {
+        k: args[k]
+        for k in (
+            "embsize",
+            "nheads",
+            "d_hid",
+            "nlayers",
+            "n_layers_cls",
+            "dropout",
+            "pad_token",
+            "pad_value",
+            "lr",
+        )
+    } == {
+        "embsize": 16,
+        "nheads": 4,
+        "d_hid": 24,
+        "nlayers": 2,
+        "n_layers_cls": 3,
+        "dropout": 0.1,
+        "pad_token": "<pad>",
+        "pad_value": 0,
+        "lr": 1e-4,
+    }
     assert args["fast_transformer"] is (layout == "flash")
     vocab = json.loads((folder / "vocab.json").read_text())
     assert vocab["GENE0000"] == 0
@@ -319,29 +391,76 @@ def test_reference_forward_rejects_bad_inputs():
 
 # ----- benchmark script --------------------------------------------------------------------
 
+
 def run_bench(*args):
-    return subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "torch_bench.py"), *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "torch_bench.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
 
 
 def test_bench_prints_one_json_record():
-    done = run_bench("--seq-len", "16", "--batch", "2", "--steps", "2", "--warmup", "0",
-                     "--mode", "train", "--nlayers", "1", "--threads", "1", "--n-genes", "32",
-                     "--json")
+    done = run_bench(
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--mode",
+        "train",
+        "--nlayers",
+        "1",
+        "--threads",
+        "1",
+        "--n-genes",
+        "32",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"seq_len", "batch", "mode", "sec_per_step", "cells_per_s", "peak_rss_gb",
-            "torch_version", "threads"} <= set(record)
+    assert {
+        "seq_len",
+        "batch",
+        "mode",
+        "sec_per_step",
+        "cells_per_s",
+        "peak_rss_gb",
+        "torch_version",
+        "threads",
+    } <= set(record)
     assert (record["seq_len"], record["batch"], record["mode"], record["threads"]) == (
-        16, 2, "train", 1)
+        16,
+        2,
+        "train",
+        1,
+    )
     assert record["cells_per_s"] == pytest.approx(2 / record["sec_per_step"])
     assert len(record["step_times_s"]) == 2 and record["peak_rss_gb"] > 0
 
 
 def test_bench_reports_out_of_memory():
     # Training materialises attention probabilities: 8 * 4 * 2048^2 * 4 bytes = 512 MiB.
-    done = run_bench("--seq-len", "2048", "--batch", "8", "--steps", "1", "--warmup", "0",
-                     "--mode", "train", "--mem-limit-gb", "0.2", "--json")
+    done = run_bench(
+        "--seq-len",
+        "2048",
+        "--batch",
+        "8",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--mode",
+        "train",
+        "--mem-limit-gb",
+        "0.2",
+        "--json",
+    )
     assert done.returncode == 3, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["error"] == "out of memory"
     assert "out of memory" in done.stderr

@@ -26,16 +26,24 @@ def fresh_state(model_config=MODEL, lr=1e-4):
 
 
 def single_device_step(state, batch, rng, objective, model_config=MODEL):
-    fn = jax.jit(functools.partial(train_step, model=TransformerGenerator(model_config),
-                                   objective=objective, axis_name=None))
+    fn = jax.jit(
+        functools.partial(
+            train_step,
+            model=TransformerGenerator(model_config),
+            objective=objective,
+            axis_name=None,
+        )
+    )
     return fn(state, jax.tree_util.tree_map(np.asarray, batch), rng)
 
 
 def multi_device_step(state, batch, rng, objective, model_config=MODEL):
-    p_step = parallel.pmap(functools.partial(train_step, model=TransformerGenerator(model_config),
-                                             objective=objective))
-    new_state, metrics = p_step(parallel.replicate(state), parallel.shard_batch(batch),
-                                parallel.replicate(rng))
+    p_step = parallel.pmap(
+        functools.partial(train_step, model=TransformerGenerator(model_config), objective=objective)
+    )
+    new_state, metrics = p_step(
+        parallel.replicate(state), parallel.shard_batch(batch), parallel.replicate(rng)
+    )
     return parallel.unreplicate(new_state), jax.tree_util.tree_map(lambda m: m[0], metrics)
 
 
@@ -44,10 +52,14 @@ def assert_trees_close(a, b, tol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("objective", [
-    ObjectiveConfig(),
-    ObjectiveConfig(cls=True, mvc=True, ecs=True, cce=True),
-], ids=["mse", "all"])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ObjectiveConfig(),
+        ObjectiveConfig(cls=True, mvc=True, ecs=True, cce=True),
+    ],
+    ids=["mse", "all"],
+)
 def test_two_devices_equal_one_device(objective):
     assert jax.local_device_count() == 2, "tests/conftest.py forces two CPU devices"
     batch = random_batch(n_pad_rows=2)
@@ -68,7 +80,8 @@ def test_padding_rows_do_not_change_the_update():
     padded = random_batch(batch=8, seed=1, n_pad_rows=2)
     # The first 6 rows of `padded` are the same cells as `real` (same seed, same draws).
     padded = jax.tree_util.tree_map(
-        lambda p, r: np.concatenate([np.asarray(r), np.asarray(p)[6:]]), padded, real)
+        lambda p, r: np.concatenate([np.asarray(r), np.asarray(p)[6:]]), padded, real
+    )
     padded = dataclasses.replace(padded, cell_weights=np.array([1] * 6 + [0] * 2, np.float32))
     a, _ = single_device_step(state, real, rng, objective)
     b, _ = single_device_step(state, padded, rng, objective)
@@ -80,8 +93,14 @@ def test_each_objective_lowers_its_loss(switch):
     model_config = dataclasses.replace(MODEL, dropout=0.1)
     objective = ObjectiveConfig(**({} if switch == "mse" else {switch: True}))
     state = fresh_state(model_config, lr=3e-3)
-    step = jax.jit(functools.partial(train_step, model=TransformerGenerator(model_config),
-                                     objective=objective, axis_name=None))
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model=TransformerGenerator(model_config),
+            objective=objective,
+            axis_name=None,
+        )
+    )
     batch = jax.tree_util.tree_map(np.asarray, random_batch(batch=16, seed=2))
     history = []
     for i in range(30):
@@ -102,8 +121,11 @@ def test_train_step_is_traced_once():
 
     state = fresh_state()
     for seed in range(3):
-        state, _ = step(state, jax.tree_util.tree_map(np.asarray, random_batch(seed=seed)),
-                        jax.random.PRNGKey(seed))
+        state, _ = step(
+            state,
+            jax.tree_util.tree_map(np.asarray, random_batch(seed=seed)),
+            jax.random.PRNGKey(seed),
+        )
 
 
 def test_one_channel_batch_fails_in_the_train_step():

@@ -127,17 +127,37 @@ def test_two_processes_equal_one_process(tmp_path):
     import os
 
     base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    single = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "single.npz")],
-                            env={**base_env, **env_single}, capture_output=True, text=True,
-                            timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path / "single.npz")],
+        env={**base_env, **env_single},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     port = 12000 + os.getpid() % 20000
     env_multi = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen(
-        [sys.executable, str(script), "--out", str(tmp_path / f"multi{i}.npz"),
-         "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
-         "--process-id", str(i)], env={**base_env, **env_multi}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                "--out",
+                str(tmp_path / f"multi{i}.npz"),
+                "--coordinator-address",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env={**base_env, **env_multi},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -170,8 +190,11 @@ def test_max_steps_mid_epoch_then_resume_equals_straight_run(tmp_path):
     resumed, _ = final_params(tmp_path / "split")
     for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(resumed)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "split/metrics.jsonl").open()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "split/metrics.jsonl").open()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == sorted(set(steps))  # no step logged twice
 
 
@@ -182,16 +205,22 @@ def test_bad_data_path_writes_nothing(tmp_path, capsys):
     assert not run.exists()
 
 
-@pytest.mark.parametrize("tty,flag,want", [(True, [], True), (False, [], False),
-                                           (True, ["--no-progress"], False)])
+@pytest.mark.parametrize(
+    "tty,flag,want", [(True, [], True), (False, [], False), (True, ["--no-progress"], False)]
+)
 def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty, flag, want):
     """Cluster job logs (stderr not a terminal) get log lines, not a redrawn bar."""
     seen = {}
 
     def fake_train(config, workdir, *, progress):
         seen["progress"] = progress
-        return {"workdir": str(workdir), "steps": 0, "best_metric": "val_mse",
-                "best_value": None, "best_epoch": None}
+        return {
+            "workdir": str(workdir),
+            "steps": 0,
+            "best_metric": "val_mse",
+            "best_value": None,
+            "best_epoch": None,
+        }
 
     monkeypatch.setattr(training, "train_and_evaluate", fake_train)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)

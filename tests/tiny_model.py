@@ -53,6 +53,11 @@ def random_batch(batch=8, length=12, seed=0, n_pad_rows=0) -> PerturbBatch:
     if n_pad_rows:
         weights[-n_pad_rows:] = 0
     return PerturbBatch.from_arrays(
-        gene_ids=gene_ids, control_values=control, pert_flags=flags, target_values=target,
-        padding_mask=np.zeros((batch, length), bool), cell_weights=weights,
-        labels=rng.integers(0, 3, batch))
+        gene_ids=gene_ids,
+        control_values=control,
+        pert_flags=flags,
+        target_values=target,
+        padding_mask=np.zeros((batch, length), bool),
+        cell_weights=weights,
+        labels=rng.integers(0, 3, batch),
+    )

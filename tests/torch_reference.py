@@ -214,8 +214,9 @@ class FusedQKVSelfAttention(nn.Module):
     of ``head_dim`` consecutive rows.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, attention_dropout: float = 0.0,
-                 bias: bool = True):
+    def __init__(
+        self, embed_dim: int, num_heads: int, attention_dropout: float = 0.0, bias: bool = True
+    ):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(
@@ -288,8 +289,13 @@ class FlashLayoutEncoderLayer(nn.Module):
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def forward(self, src: Tensor, src_mask: Tensor | None = None,
-                src_key_padding_mask: Tensor | None = None, **kwargs) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        **kwargs,
+    ) -> Tensor:
         """Args:
             src: (batch, seq_len, d_model).
             src_mask: must be None (no attention-mask support, as in scGPT).
@@ -392,8 +398,9 @@ class TransformerGenerator(nn.Module):
         self.decoder.bias.data.zero_()
         self.decoder.weight.data.uniform_(-init_range, init_range)
 
-    def _encode(self, gene_ids: Tensor, values: Tensor, pert_flags: Tensor,
-                src_key_padding_mask: Tensor) -> Tensor:
+    def _encode(
+        self, gene_ids: Tensor, values: Tensor, pert_flags: Tensor, src_key_padding_mask: Tensor
+    ) -> Tensor:
         """Returns the encoder output, (batch, seq_len, d_model)."""
         gene_embs = self.encoder(gene_ids)
         # The MVC decoder reads these: the only place the raw gene embeddings exist.
@@ -401,8 +408,9 @@ class TransformerGenerator(nn.Module):
         total = gene_embs + self.value_encoder(values) + self.pert_encoder(pert_flags)
         return self.transformer_encoder(total, src_key_padding_mask=src_key_padding_mask)
 
-    def _get_cell_emb_from_layer(self, layer_output: Tensor,
-                                 weights: Tensor | None = None) -> Tensor:
+    def _get_cell_emb_from_layer(
+        self, layer_output: Tensor, weights: Tensor | None = None
+    ) -> Tensor:
         """Args:
             layer_output: (batch, seq_len, d_model).
             weights: (batch, seq_len), needed for "w-pool".
@@ -453,9 +461,7 @@ class TransformerGenerator(nn.Module):
             output["cls_output"] = self.cls_decoder(cell_emb)
         if CCE:
             cell1 = cell_emb
-            transformer_output2 = self._encode(
-                src, values, input_pert_flags, src_key_padding_mask
-            )
+            transformer_output2 = self._encode(src, values, input_pert_flags, src_key_padding_mask)
             cell2 = self._get_cell_emb_from_layer(transformer_output2)
             if dist.is_available() and dist.is_initialized() and self.training:
                 world = dist.get_world_size()
@@ -483,8 +489,9 @@ class TransformerGenerator(nn.Module):
         return output
 
 
-def make_vocab(gene_names: Sequence[str],
-               special_tokens: Sequence[str] = SPECIAL_TOKENS) -> dict[str, int]:
+def make_vocab(
+    gene_names: Sequence[str], special_tokens: Sequence[str] = SPECIAL_TOKENS
+) -> dict[str, int]:
     """Gene -> token id as the original builds it: genes in order, special tokens after.
 
     Args:
@@ -577,11 +584,22 @@ def build_reference_model(
     if ids != list(range(len(vocab))):
         raise ValueError("vocab ids must be exactly 0..len(vocab)-1, each once.")
     config = dict(
-        ntoken=len(vocab), d_model=d_model, nhead=nhead, d_hid=d_hid, nlayers=nlayers,
-        nlayers_cls=nlayers_cls, n_cls=n_cls, dropout=dropout, pad_token=pad_token,
-        pad_value=pad_value, pert_pad_id=pert_pad_id, do_mvc=do_mvc,
-        cell_emb_style=cell_emb_style, mvc_decoder_style=mvc_decoder_style,
-        ecs_threshold=ecs_threshold, attention_layout=attention_layout,
+        ntoken=len(vocab),
+        d_model=d_model,
+        nhead=nhead,
+        d_hid=d_hid,
+        nlayers=nlayers,
+        nlayers_cls=nlayers_cls,
+        n_cls=n_cls,
+        dropout=dropout,
+        pad_token=pad_token,
+        pad_value=pad_value,
+        pert_pad_id=pert_pad_id,
+        do_mvc=do_mvc,
+        cell_emb_style=cell_emb_style,
+        mvc_decoder_style=mvc_decoder_style,
+        ecs_threshold=ecs_threshold,
+        attention_layout=attention_layout,
     )
     with _seeded(seed):
         model = TransformerGenerator(vocab=vocab, **config)
@@ -659,8 +677,11 @@ def scgpt_args(model: TransformerGenerator) -> dict[str, Any]:
     }
 
 
-def save_reference_checkpoint(model: TransformerGenerator, folder: str | os.PathLike,
-                              extra_args: Mapping[str, Any] | None = None) -> Path:
+def save_reference_checkpoint(
+    model: TransformerGenerator,
+    folder: str | os.PathLike,
+    extra_args: Mapping[str, Any] | None = None,
+) -> Path:
     """Writes ``best_model.pt`` (state dict), ``args.json`` and ``vocab.json`` as scGPT does.
 
     Every file is first written to a temporary name in ``folder`` and renamed only once all

@@ -77,9 +77,22 @@ from scformer_jax.convert.report import ConversionError, ConversionReport, Shape
 from scformer_jax.convert.writing import REPORT_FILE, convert_checkpoint, main, parse_args
 
 __all__ = [
-    "ARGS_FILE", "CHECKPOINT_FILE", "REPORT_FILE", "SCGPT_PREFIXES", "TORCH_INSTALL_HINT",
-    "ConversionError", "ConversionReport", "ShapeMismatch", "convert_checkpoint",
-    "convert_params", "load_pretrained", "load_pretrained_params", "main",
-    "model_config_from_args", "parse_args", "read_source", "read_state_dict",
+    "ARGS_FILE",
+    "CHECKPOINT_FILE",
+    "REPORT_FILE",
+    "SCGPT_PREFIXES",
+    "TORCH_INSTALL_HINT",
+    "ConversionError",
+    "ConversionReport",
+    "ShapeMismatch",
+    "convert_checkpoint",
+    "convert_params",
+    "load_pretrained",
+    "load_pretrained_params",
+    "main",
+    "model_config_from_args",
+    "parse_args",
+    "read_source",
+    "read_state_dict",
     "torch_key_to_path",
 ]

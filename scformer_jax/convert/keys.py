@@ -27,20 +27,28 @@ _MODULE_RULES = [
     (r"value_encoder\.(linear1|linear2)", lambda m: (("value_encoder", m[1]), LINEAR)),
     (r"value_encoder\.norm", lambda m: (("value_encoder", "norm"), NORM)),
     (r"pert_encoder", lambda m: (("pert_encoder",), EMBED)),
-    (LAYER_PATTERN + r"\.self_attn\.(in_proj|out_proj)",
-     lambda m: ((f"layers_{m[1]}", "self_attn", m[2]), LINEAR)),
+    (
+        LAYER_PATTERN + r"\.self_attn\.(in_proj|out_proj)",
+        lambda m: ((f"layers_{m[1]}", "self_attn", m[2]), LINEAR),
+    ),
     (LAYER_PATTERN + r"\.(linear1|linear2)", lambda m: ((f"layers_{m[1]}", m[2]), LINEAR)),
     (LAYER_PATTERN + r"\.(norm1|norm2)", lambda m: ((f"layers_{m[1]}", m[2]), NORM)),
     (r"decoder", lambda m: (("decoder",), LINEAR)),
     # ClsDecoder's ModuleList repeats (Linear, ReLU, LayerNorm): index 3i is dense_i,
     # 3i + 2 is norm_i (ReLU has no parameters).
-    (r"cls_decoder\._decoder\.(\d+)", lambda m: (
-        ("cls_decoder", f"dense_{int(m[1]) // 3}"), LINEAR) if int(m[1]) % 3 == 0 else (
-        ("cls_decoder", f"norm_{int(m[1]) // 3}"), NORM) if int(m[1]) % 3 == 2 else None),
+    (
+        r"cls_decoder\._decoder\.(\d+)",
+        lambda m: (
+            (("cls_decoder", f"dense_{int(m[1]) // 3}"), LINEAR)
+            if int(m[1]) % 3 == 0
+            else (("cls_decoder", f"norm_{int(m[1]) // 3}"), NORM)
+            if int(m[1]) % 3 == 2
+            else None
+        ),
+    ),
     (r"cls_decoder\.out_layer", lambda m: (("cls_decoder", "out_layer"), LINEAR)),
     (r"mvc_decoder\.(gene2query|W|fc1|fc2)", lambda m: (("mvc_decoder", m[1]), LINEAR)),
-    (r"mvc_decoder\.hidden_activation", lambda m: (("mvc_decoder", "hidden_activation"),
-                                                   PRELU)),
+    (r"mvc_decoder\.hidden_activation", lambda m: (("mvc_decoder", "hidden_activation"), PRELU)),
 ]
 _MODULE_RULES = [(re.compile(pattern), rule) for pattern, rule in _MODULE_RULES]
 
@@ -52,9 +60,11 @@ def torch_key_to_path(key: str) -> tuple[tuple[str, ...], str] | None:
     ``(("layers_3", "self_attn", "in_proj", "kernel"), "linear")``.
     """
     # Both attention layouts name one (3 * d, d) projection; give them one module name.
-    key = (key.replace(".self_attn.in_proj_weight", ".self_attn.in_proj.weight")
-           .replace(".self_attn.in_proj_bias", ".self_attn.in_proj.bias")
-           .replace(".self_attn.Wqkv.", ".self_attn.in_proj."))
+    key = (
+        key.replace(".self_attn.in_proj_weight", ".self_attn.in_proj.weight")
+        .replace(".self_attn.in_proj_bias", ".self_attn.in_proj.bias")
+        .replace(".self_attn.Wqkv.", ".self_attn.in_proj.")
+    )
     if "." not in key:
         return None
     module, param = key.rsplit(".", 1)
@@ -86,7 +96,8 @@ def attention_layout(state_dict: Mapping[str, Any]) -> str | None:
     if flash and torch_style:
         raise ConversionError(
             "The state_dict mixes both attention layouts (self_attn.in_proj_weight and "
-            "self_attn.Wqkv); it is not one model's state_dict.")
+            "self_attn.Wqkv); it is not one model's state_dict."
+        )
     return "flash" if flash else "torch" if torch_style else None
 
 

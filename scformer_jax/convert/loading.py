@@ -37,16 +37,24 @@ def _check_prefixes(entries: Sequence[Entry], prefixes: Sequence[str]) -> None:
         groups = sorted({e.key.split(".")[0] for e in entries})
         raise ConversionError(
             f"load_param_prefixes {unused} select no tensor of the checkpoint; its groups are "
-            f"{groups} (scGPT's tutorial uses {list(SCGPT_PREFIXES)}).")
+            f"{groups} (scGPT's tutorial uses {list(SCGPT_PREFIXES)})."
+        )
 
 
-def _assign(source: Source, target_params: Any, *, prefixes: Sequence[str],
-            token_names: Sequence[str] | None, pad_token: str) -> tuple[Any, ConversionReport]:
+def _assign(
+    source: Source,
+    target_params: Any,
+    *,
+    prefixes: Sequence[str],
+    token_names: Sequence[str] | None,
+    pad_token: str,
+) -> tuple[Any, ConversionReport]:
     prefixes = tuple(prefixes)
     _check_prefixes(source.entries, prefixes)
     report = ConversionReport(str(source.folder), source.attention_layout, prefixes)
-    flat = {path: np.asarray(value) for path, value in
-            traverse_util.flatten_dict(target_params).items()}
+    flat = {
+        path: np.asarray(value) for path, value in traverse_util.flatten_dict(target_params).items()
+    }
     out = dict(flat)
     provided: set[tuple[str, ...]] = set()
     for entry in source.entries:
@@ -54,22 +62,33 @@ def _assign(source: Source, target_params: Any, *, prefixes: Sequence[str],
             report.unexpected.append(entry.key)
             continue
         if entry.path in provided:
-            raise ConversionError(f"Two tensors map onto {'/'.join(entry.path)} (the last: "
-                                  f"{entry.key}); the state_dict is not one model's.")
+            raise ConversionError(
+                f"Two tensors map onto {'/'.join(entry.path)} (the last: "
+                f"{entry.key}); the state_dict is not one model's."
+            )
         provided.add(entry.path)
         if not _selected(entry.key, entry.path, prefixes):
             report.skipped.append(entry.key)
             continue
         value = entry.value
         expected = flat[entry.path].shape
-        if entry.kind == EMBED and entry.path == ("encoder", "embedding") \
-                and token_names is not None and value.ndim == 2:
+        if (
+            entry.kind == EMBED
+            and entry.path == ("encoder", "embedding")
+            and token_names is not None
+            and value.ndim == 2
+        ):
             if value.shape[1] == expected[1] and len(token_names) == expected[0]:
                 value = remap_embedding(value, source.vocab, token_names, pad_token)
         if tuple(value.shape) != tuple(expected):
-            report.shape_mismatched.append(ShapeMismatch(
-                entry.key, "/".join(entry.path), entry.source_shape,
-                tuple(int(s) for s in expected)))
+            report.shape_mismatched.append(
+                ShapeMismatch(
+                    entry.key,
+                    "/".join(entry.path),
+                    entry.source_shape,
+                    tuple(int(s) for s in expected),
+                )
+            )
             continue
         out[entry.path] = value.astype(flat[entry.path].dtype)
         report.loaded.append((entry.key, "/".join(entry.path)))
@@ -77,21 +96,36 @@ def _assign(source: Source, target_params: Any, *, prefixes: Sequence[str],
     return traverse_util.unflatten_dict(out), report
 
 
-_COMPARED_FIELDS = ("embsize", "nhead", "d_hid", "nlayers", "nlayers_cls", "mvc_decoder_style",
-                    "cell_emb_style", "prepend_cls_token", "pad_value")
+_COMPARED_FIELDS = (
+    "embsize",
+    "nhead",
+    "d_hid",
+    "nlayers",
+    "nlayers_cls",
+    "mvc_decoder_style",
+    "cell_emb_style",
+    "prepend_cls_token",
+    "pad_value",
+)
 
 
 def _config_differences(run: ModelConfig, checkpoint: ModelConfig) -> list[str]:
     """Hints for a run whose model config differs from the checkpoint's."""
-    diffs = [f"model.{name}: {getattr(checkpoint, name)!r} in the checkpoint, "
-             f"{getattr(run, name)!r} in this run"
-             for name in _COMPARED_FIELDS if getattr(run, name) != getattr(checkpoint, name)]
+    diffs = [
+        f"model.{name}: {getattr(checkpoint, name)!r} in the checkpoint, "
+        f"{getattr(run, name)!r} in this run"
+        for name in _COMPARED_FIELDS
+        if getattr(run, name) != getattr(checkpoint, name)
+    ]
     if not diffs:
         return []
-    return ["The run's model config differs from the checkpoint's (" + "; ".join(diffs)
-            + "). Set these keys to the checkpoint's values to reuse it as trained "
-            "(mismatched shapes stay at initialisation; a different nhead, pooling or "
-            "pad_value changes what the loaded weights compute)."]
+    return [
+        "The run's model config differs from the checkpoint's ("
+        + "; ".join(diffs)
+        + "). Set these keys to the checkpoint's values to reuse it as trained "
+        "(mismatched shapes stay at initialisation; a different nhead, pooling or "
+        "pad_value changes what the loaded weights compute)."
+    ]
 
 
 def _check_pre_norm(source: Source, report: ConversionReport) -> None:
@@ -99,16 +133,19 @@ def _check_pre_norm(source: Source, report: ConversionReport) -> None:
         raise ConversionError(
             f"{source.folder} holds pre-LayerNorm transformer layers (args.json pre_norm: "
             "true); scformer-jax implements the original post-LayerNorm layer, so they would "
-            "compute something else. Leave transformer_encoder out of load_param_prefixes.")
+            "compute something else. Leave transformer_encoder out of load_param_prefixes."
+        )
 
 
-def _load(source: Source, model_config: ModelConfig, rng, *, prefixes: Sequence[str],
-          dataset=None) -> tuple[Any, ConversionReport]:
+def _load(
+    source: Source, model_config: ModelConfig, rng, *, prefixes: Sequence[str], dataset=None
+) -> tuple[Any, ConversionReport]:
     token_names = list(dataset.token_names) if dataset is not None else None
     target = init_params(model_config, rng)
     pad_token = str(source.args.get("pad_token", PAD_TOKEN))
-    params, report = _assign(source, target, prefixes=prefixes, token_names=token_names,
-                             pad_token=pad_token)
+    params, report = _assign(
+        source, target, prefixes=prefixes, token_names=token_names, pad_token=pad_token
+    )
     _check_pre_norm(source, report)
     report.notes += source.notes + _config_differences(model_config, source.model_config)
     if dataset is not None:
@@ -116,12 +153,19 @@ def _load(source: Source, model_config: ModelConfig, rng, *, prefixes: Sequence[
     elif model_config.ntoken != source.model_config.ntoken:
         report.notes.append(
             f"The model has {model_config.ntoken} tokens and the checkpoint "
-            f"{source.model_config.ntoken}; pass the dataset to map genes by name.")
+            f"{source.model_config.ntoken}; pass the dataset to map genes by name."
+        )
     return params, report
 
 
-def load_pretrained(path: str | os.PathLike, model_config: ModelConfig, rng, *,
-                    prefixes: Sequence[str] = (), dataset=None) -> tuple[Any, ConversionReport]:
+def load_pretrained(
+    path: str | os.PathLike,
+    model_config: ModelConfig,
+    rng,
+    *,
+    prefixes: Sequence[str] = (),
+    dataset=None,
+) -> tuple[Any, ConversionReport]:
     """Initialises `model_config`'s parameters with `rng` and loads a checkpoint into them.
 
     Args:
@@ -145,31 +189,44 @@ def load_pretrained(path: str | os.PathLike, model_config: ModelConfig, rng, *,
     return _load(source, model_config, rng, prefixes=prefixes, dataset=dataset)
 
 
-def load_pretrained_params(path: str | os.PathLike, model_config: ModelConfig, rng, *,
-                           prefixes: Sequence[str] = (), dataset=None) -> Any:
+def load_pretrained_params(
+    path: str | os.PathLike,
+    model_config: ModelConfig,
+    rng,
+    *,
+    prefixes: Sequence[str] = (),
+    dataset=None,
+) -> Any:
     """:func:`load_pretrained` for the training loop: prints the report, returns params.
 
     Shape mismatches and a model config that differs from the checkpoint's also raise a
     ``UserWarning``, since training then starts those parameters from scratch.
     """
-    params, report = load_pretrained(path, model_config, rng, prefixes=prefixes,
-                                     dataset=dataset)
+    params, report = load_pretrained(path, model_config, rng, prefixes=prefixes, dataset=dataset)
     if parallel.is_primary():
         print(report.summary())
     if report.shape_mismatched:
         warnings.warn(
             f"{len(report.shape_mismatched)} tensor(s) of {path} do not fit the model and "
             f"start from initialisation (first: {report.shape_mismatched[0].source_key}); see "
-            "the report above.", stacklevel=2)
+            "the report above.",
+            stacklevel=2,
+        )
     if not report.loaded:
-        raise ConversionError(f"Nothing of {path} fits the model; see the report:\n"
-                              f"{report.summary()}")
+        raise ConversionError(
+            f"Nothing of {path} fits the model; see the report:\n{report.summary()}"
+        )
     return params
 
 
-def convert_params(torch_dir: str | os.PathLike, *, base: ModelConfig | None = None,
-                   prefixes: Sequence[str] = (), rng=None, dataset=None
-                   ) -> tuple[ModelConfig, Any, ConversionReport]:
+def convert_params(
+    torch_dir: str | os.PathLike,
+    *,
+    base: ModelConfig | None = None,
+    prefixes: Sequence[str] = (),
+    rng=None,
+    dataset=None,
+) -> tuple[ModelConfig, Any, ConversionReport]:
     """Converts a PyTorch checkpoint folder in memory.
 
     Args:
@@ -183,12 +240,12 @@ def convert_params(torch_dir: str | os.PathLike, *, base: ModelConfig | None = N
     Returns:
       (model config, params, report).
     """
-    return convert_source(read_source(torch_dir, base), prefixes=prefixes, rng=rng,
-                           dataset=dataset)
+    return convert_source(read_source(torch_dir, base), prefixes=prefixes, rng=rng, dataset=dataset)
 
 
-def convert_source(source: Source, *, prefixes: Sequence[str] = (), rng=None, dataset=None
-                    ) -> tuple[ModelConfig, Any, ConversionReport]:
+def convert_source(
+    source: Source, *, prefixes: Sequence[str] = (), rng=None, dataset=None
+) -> tuple[ModelConfig, Any, ConversionReport]:
     model_config = source.model_config
     if dataset is not None:
         model_config = model_config.with_vocab(dataset)

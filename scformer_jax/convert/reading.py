@@ -30,8 +30,10 @@ from scformer_jax.vocab import VOCAB_FILE, VocabularyError, check_vocab
 
 CHECKPOINT_FILE = "best_model.pt"
 ARGS_FILE = "args.json"
-TORCH_INSTALL_HINT = ("pip install torch==2.13.0 (the CPU wheel), or the project's extra: "
-                      "pip install 'scformer-jax[torch]'")
+TORCH_INSTALL_HINT = (
+    "pip install torch==2.13.0 (the CPU wheel), or the project's extra: "
+    "pip install 'scformer-jax[torch]'"
+)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -54,33 +56,38 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"Reading a PyTorch checkpoint ({path}) needs torch: "
-                          f"{TORCH_INSTALL_HINT}.") from e
+        raise ImportError(
+            f"Reading a PyTorch checkpoint ({path}) needs torch: {TORCH_INSTALL_HINT}."
+        ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         raise ConversionError(
             f"Cannot read {path} as a PyTorch state_dict ({type(e).__name__}: {e}). Save the "
             "weights with torch.save(model.state_dict(), 'best_model.pt'), not the pickled "
-            "model object.") from e
+            "model object."
+        ) from e
     if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not obj or not all(
-            isinstance(v, torch.Tensor) for v in obj.values()):
+    if (
+        not isinstance(obj, Mapping)
+        or not obj
+        or not all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
         raise ConversionError(
             f"{path} does not hold a state_dict (a mapping of parameter names to tensors); "
-            "save it with torch.save(model.state_dict(), 'best_model.pt').")
+            "save it with torch.save(model.state_dict(), 'best_model.pt')."
+        )
     keys = list(obj)
     if all(k.startswith("module.") for k in keys):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     out = {}
     for key, tensor in obj.items():
         tensor = tensor.detach().cpu()
-        out[key] = (tensor.float().numpy() if tensor.is_floating_point()
-                    else tensor.numpy()).copy()
+        out[key] = (tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()).copy()
     return out
 
 
@@ -96,8 +103,6 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConversionError(f"Cannot read {path} ({what}): {e}") from e
-
-
 
 
 @dataclasses.dataclass
@@ -122,9 +127,12 @@ class Source:
     notes: list[str]
 
 
-def model_config_from_args(args: Mapping[str, Any], vocab: Mapping[str, int],
-                           state_dict: Mapping[str, np.ndarray],
-                           base: ModelConfig | None = None) -> tuple[ModelConfig, list[str]]:
+def model_config_from_args(
+    args: Mapping[str, Any],
+    vocab: Mapping[str, int],
+    state_dict: Mapping[str, np.ndarray],
+    base: ModelConfig | None = None,
+) -> tuple[ModelConfig, list[str]]:
     """Our model config for a checkpoint, from its ``args.json`` (scGPT's key names).
 
     Sizes absent from ``args.json`` are read off the tensors; other absent keys take the
@@ -155,69 +163,104 @@ def model_config_from_args(args: Mapping[str, Any], vocab: Mapping[str, int],
         if inferred is None:
             raise ConversionError(
                 f"args.json lacks {names[0]!r} ({what}) and the state_dict does not show it; "
-                f"add \"{names[0]}\": N to args.json.")
+                f'add "{names[0]}": N to args.json.'
+            )
         notes.append(f"args.json has no {names[0]!r}; read {inferred} off the tensors.")
         return int(inferred)
 
     layer_ids = {int(m[1]) for k in state_dict if (m := re.match(LAYER_PATTERN + r"\.", k))}
     linear1 = state_dict.get("transformer_encoder.layers.0.linear1.weight")
-    cls_linears = [int(m[1]) for k in state_dict
-                   if (m := re.fullmatch(r"cls_decoder\._decoder\.(\d+)\.weight", k))
-                   and int(m[1]) % 3 == 0]
-    embsize = size(("embsize", "d_model"), None if embedding is None else embedding.shape[1],
-                   "the embedding size")
+    cls_linears = [
+        int(m[1])
+        for k in state_dict
+        if (m := re.fullmatch(r"cls_decoder\._decoder\.(\d+)\.weight", k)) and int(m[1]) % 3 == 0
+    ]
+    embsize = size(
+        ("embsize", "d_model"),
+        None if embedding is None else embedding.shape[1],
+        "the embedding size",
+    )
     nhead = size(("nheads", "nhead"), None, "the number of attention heads")
-    d_hid = size(("d_hid",), None if linear1 is None else linear1.shape[0],
-                 "the feed-forward width")
-    nlayers = size(("nlayers",), max(layer_ids) + 1 if layer_ids else None,
-                   "the number of transformer layers")
-    nlayers_cls = size(("n_layers_cls", "nlayers_cls"),
-                       len(cls_linears) + 1 if cls_linears else 3,
-                       "the classification decoder's layers")
+    d_hid = size(
+        ("d_hid",), None if linear1 is None else linear1.shape[0], "the feed-forward width"
+    )
+    nlayers = size(
+        ("nlayers",), max(layer_ids) + 1 if layer_ids else None, "the number of transformer layers"
+    )
+    nlayers_cls = size(
+        ("n_layers_cls", "nlayers_cls"),
+        len(cls_linears) + 1 if cls_linears else 3,
+        "the classification decoder's layers",
+    )
     out_layer = state_dict.get("cls_decoder.out_layer.weight")
     n_cls = int(out_layer.shape[0]) if out_layer is not None else int(args.get("n_cls", 1))
 
     cell_emb_style = str(args.get("cell_emb_style", "cls"))
     if cell_emb_style not in CELL_EMB_STYLES:
-        raise ConversionError(f"args.json cell_emb_style {cell_emb_style!r} is not one of "
-                              f"{list(CELL_EMB_STYLES)}.")
-    mvc_style = args.get("mvc_decoder_style") or infer_mvc_style(state_dict, embsize) \
-        or "inner product"
+        raise ConversionError(
+            f"args.json cell_emb_style {cell_emb_style!r} is not one of {list(CELL_EMB_STYLES)}."
+        )
+    mvc_style = (
+        args.get("mvc_decoder_style") or infer_mvc_style(state_dict, embsize) or "inner product"
+    )
     if mvc_style not in MVC_DECODER_STYLES:
-        raise ConversionError(f"args.json mvc_decoder_style {mvc_style!r} is not one of "
-                              f"{list(MVC_DECODER_STYLES)}.")
+        raise ConversionError(
+            f"args.json mvc_decoder_style {mvc_style!r} is not one of {list(MVC_DECODER_STYLES)}."
+        )
     pad_token = str(args.get("pad_token", PAD_TOKEN))
     if pad_token not in vocab:
-        raise ConversionError(f"args.json pad_token {pad_token!r} is not in vocab.json; use "
-                              "the vocab.json saved with this checkpoint.")
+        raise ConversionError(
+            f"args.json pad_token {pad_token!r} is not in vocab.json; use "
+            "the vocab.json saved with this checkpoint."
+        )
     pad_token_id = vocab[pad_token]
     cls_token_id = vocab.get(CLS_TOKEN, pad_token_id)
     prepend_cls_token = base.prepend_cls_token
     if cell_emb_style == "cls":
         prepend_cls_token = False
-        notes.append("cell_emb_style 'cls': prepend_cls_token is false, as in the original "
-                     "(the cell embedding is the first gene's output, since the perturbation "
-                     "input has no <cls> token).")
+        notes.append(
+            "cell_emb_style 'cls': prepend_cls_token is false, as in the original "
+            "(the cell embedding is the first gene's output, since the perturbation "
+            "input has no <cls> token)."
+        )
     pert_pad_id = args.get("pert_pad_id", 2)
     if pert_pad_id != 2:
-        notes.append(f"The checkpoint used pert_pad_id {pert_pad_id}; scformer-jax pads the "
-                     "flag channel with 2. Flags 0 and 1 keep their pert_encoder rows.")
+        notes.append(
+            f"The checkpoint used pert_pad_id {pert_pad_id}; scformer-jax pads the "
+            "flag channel with 2. Flags 0 and 1 keep their pert_encoder rows."
+        )
     if args.get("pre_norm"):
-        notes.append("The checkpoint's layers are pre-LayerNorm (pre_norm: true); scformer-jax "
-                     "implements the original post-LayerNorm layer only.")
+        notes.append(
+            "The checkpoint's layers are pre-LayerNorm (pre_norm: true); scformer-jax "
+            "implements the original post-LayerNorm layer only."
+        )
     if args.get("input_emb_style", "continuous") != "continuous":
-        notes.append(f"input_emb_style {args['input_emb_style']!r}: its value_encoder has "
-                     "another form than our continuous value encoder and does not load.")
+        notes.append(
+            f"input_emb_style {args['input_emb_style']!r}: its value_encoder has "
+            "another form than our continuous value encoder and does not load."
+        )
     if args.get("input_style") == "binned":
-        notes.append("The checkpoint was trained on binned expression (input_style 'binned'); "
-                     "scformer-jax feeds log-normalised values, so fine-tune before use.")
-    fields = dict(embsize=embsize, nhead=nhead, d_hid=d_hid, nlayers=nlayers,
-                  nlayers_cls=nlayers_cls, n_cls=n_cls,
-                  dropout=float(args.get("dropout", base.dropout)),
-                  pad_value=float(args.get("pad_value", 0.0)), pert_pad_id=2,
-                  cell_emb_style=cell_emb_style, prepend_cls_token=prepend_cls_token,
-                  mvc_decoder_style=mvc_style, ntoken=max(vocab.values()) + 1,
-                  pad_token_id=pad_token_id, cls_token_id=cls_token_id)
+        notes.append(
+            "The checkpoint was trained on binned expression (input_style 'binned'); "
+            "scformer-jax feeds log-normalised values, so fine-tune before use."
+        )
+    fields = dict(
+        embsize=embsize,
+        nhead=nhead,
+        d_hid=d_hid,
+        nlayers=nlayers,
+        nlayers_cls=nlayers_cls,
+        n_cls=n_cls,
+        dropout=float(args.get("dropout", base.dropout)),
+        pad_value=float(args.get("pad_value", 0.0)),
+        pert_pad_id=2,
+        cell_emb_style=cell_emb_style,
+        prepend_cls_token=prepend_cls_token,
+        mvc_decoder_style=mvc_style,
+        ntoken=max(vocab.values()) + 1,
+        pad_token_id=pad_token_id,
+        cls_token_id=cls_token_id,
+    )
     try:
         return dataclasses.replace(base, **fields), notes
     except ConfigError as e:
@@ -230,18 +273,19 @@ def _read_torch_folder(folder: Path, base: ModelConfig | None) -> Source:
         raise ConversionError(
             f"{folder} lacks {', '.join(missing)}: a PyTorch checkpoint folder needs "
             f"{CHECKPOINT_FILE} (the state_dict), {ARGS_FILE} and {VOCAB_FILE} as scGPT saves "
-            "them (or give a folder written by python -m scformer_jax.convert).")
+            "them (or give a folder written by python -m scformer_jax.convert)."
+        )
     args = _read_json(folder / ARGS_FILE, "the model's settings")
     if not isinstance(args, Mapping):
         raise ConversionError(f"{folder / ARGS_FILE} must be a JSON object.")
-    vocab = _read_vocab(_read_json(folder / VOCAB_FILE, "the gene vocabulary"),
-                         folder / VOCAB_FILE)
+    vocab = _read_vocab(_read_json(folder / VOCAB_FILE, "the gene vocabulary"), folder / VOCAB_FILE)
     state_dict = read_state_dict(folder / CHECKPOINT_FILE)
     embedding = state_dict.get("encoder.embedding.weight")
     if embedding is not None and max(vocab.values()) >= embedding.shape[0]:
         raise ConversionError(
             f"vocab.json has ids up to {max(vocab.values())} but encoder.embedding.weight has "
-            f"{embedding.shape[0]} rows; use the vocab.json saved with this checkpoint.")
+            f"{embedding.shape[0]} rows; use the vocab.json saved with this checkpoint."
+        )
     layout = attention_layout(state_dict)
     model_config, notes = model_config_from_args(args, vocab, state_dict, base)
     if embedding is not None:
@@ -263,15 +307,17 @@ def _read_converted_folder(folder: Path) -> Source:
         raise ConversionError(
             f"{folder} has no {VOCAB_FILE}, so it is not a converted checkpoint: give a "
             "PyTorch checkpoint folder or one written by python -m scformer_jax.convert (to "
-            "continue a scformer-jax run, pass its folder as --workdir instead).")
+            "continue a scformer-jax run, pass its folder as --workdir instead)."
+        )
     model_config, params, meta = restore_params(folder)
     source_keys = meta.get("source_keys")
     if not isinstance(source_keys, Mapping):
-        raise ConversionError(f"{folder} is a training run, not a converted checkpoint; "
-                              "point train.load_model at a PyTorch checkpoint folder or a "
-                              "folder written by python -m scformer_jax.convert.")
-    vocab = _read_vocab(_read_json(folder / VOCAB_FILE, "the gene vocabulary"),
-                         folder / VOCAB_FILE)
+        raise ConversionError(
+            f"{folder} is a training run, not a converted checkpoint; "
+            "point train.load_model at a PyTorch checkpoint folder or a "
+            "folder written by python -m scformer_jax.convert."
+        )
+    vocab = _read_vocab(_read_json(folder / VOCAB_FILE, "the gene vocabulary"), folder / VOCAB_FILE)
     flat = traverse_util.flatten_dict(params)
     entries = []
     # Only what came from PyTorch counts as pretrained; the rest of the folder's tree is
@@ -281,16 +327,25 @@ def _read_converted_folder(folder: Path) -> Source:
         kind = EMBED if path == ("encoder", "embedding") else "converted"
         value = np.asarray(flat[path])
         entries.append(Entry(str(key), path, kind, value, tuple(value.shape)))
-    return Source(folder, entries, vocab, dict(meta.get("args") or {}), model_config,
-                  "converted", list(meta.get("notes") or []))
+    return Source(
+        folder,
+        entries,
+        vocab,
+        dict(meta.get("args") or {}),
+        model_config,
+        "converted",
+        list(meta.get("notes") or []),
+    )
 
 
 def read_source(path: str | os.PathLike, base: ModelConfig | None = None) -> Source:
     """Reads a PyTorch checkpoint folder or a folder written by :func:`convert_checkpoint`."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ConversionError(f"Checkpoint folder {str(folder)!r} does not exist (expected "
-                              f"{CHECKPOINT_FILE}, {ARGS_FILE} and {VOCAB_FILE} in it).")
+        raise ConversionError(
+            f"Checkpoint folder {str(folder)!r} does not exist (expected "
+            f"{CHECKPOINT_FILE}, {ARGS_FILE} and {VOCAB_FILE} in it)."
+        )
     if (folder / CHECKPOINTS_DIR).is_dir() and not (folder / CHECKPOINT_FILE).is_file():
         return _read_converted_folder(folder)
     return _read_torch_folder(folder, base)

@@ -65,32 +65,49 @@ class ConversionReport:
 
         def listed(items: Sequence[str]) -> str:
             shown = ", ".join(items[:max_items])
-            return shown + (f", ... ({len(items) - max_items} more)"
-                            if len(items) > max_items else "")
+            return shown + (
+                f", ... ({len(items) - max_items} more)" if len(items) > max_items else ""
+            )
 
-        lines = [f"Weights from {self.source}"
-                 + (f" (attention layout: {self.attention_layout})"
-                    if self.attention_layout else "")
-                 + (f", prefixes {list(self.prefixes)}" if self.prefixes else "") + ":",
-                 f"  loaded: {len(self.loaded)} tensor(s)"]
+        lines = [
+            f"Weights from {self.source}"
+            + (f" (attention layout: {self.attention_layout})" if self.attention_layout else "")
+            + (f", prefixes {list(self.prefixes)}" if self.prefixes else "")
+            + ":",
+            f"  loaded: {len(self.loaded)} tensor(s)",
+        ]
         if self.skipped:
             lines.append(f"  skipped by prefix ({len(self.skipped)}): {listed(self.skipped)}")
         if self.missing:
-            lines.append(f"  missing from the checkpoint, left at initialisation "
-                         f"({len(self.missing)}): {listed(self.missing)}")
+            lines.append(
+                f"  missing from the checkpoint, left at initialisation "
+                f"({len(self.missing)}): {listed(self.missing)}"
+            )
         if self.unexpected:
-            lines.append(f"  unexpected, not used ({len(self.unexpected)}): "
-                         f"{listed(self.unexpected)}")
+            lines.append(
+                f"  unexpected, not used ({len(self.unexpected)}): {listed(self.unexpected)}"
+            )
         if self.shape_mismatched:
-            lines.append(f"  shape mismatched, left at initialisation "
-                         f"({len(self.shape_mismatched)}): " + listed(
-                             [f"{m.source_key} {m.source_shape} -> {m.path} {m.expected_shape}"
-                              for m in self.shape_mismatched]))
+            lines.append(
+                f"  shape mismatched, left at initialisation "
+                f"({len(self.shape_mismatched)}): "
+                + listed(
+                    [
+                        f"{m.source_key} {m.source_shape} -> {m.path} {m.expected_shape}"
+                        for m in self.shape_mismatched
+                    ]
+                )
+            )
         if self.vocabulary is not None:
             v = self.vocabulary
-            lines.append(f"  vocabulary: {v.message}"
-                         + (f"; not in it (embedding starts at zero): "
-                            f"{listed(list(v.unmatched_genes))}" if v.unmatched_genes else ""))
+            lines.append(
+                f"  vocabulary: {v.message}"
+                + (
+                    f"; not in it (embedding starts at zero): {listed(list(v.unmatched_genes))}"
+                    if v.unmatched_genes
+                    else ""
+                )
+            )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

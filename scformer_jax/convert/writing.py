@@ -36,9 +36,15 @@ from scformer_jax.vocab import VOCAB_FILE, match_vocabulary
 REPORT_FILE = "conversion_report.json"
 
 
-def convert_checkpoint(torch_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                       config: Config | None = None, prefixes: Sequence[str] = (),
-                       data: str | None = None, overwrite: bool = False) -> ConversionReport:
+def convert_checkpoint(
+    torch_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    config: Config | None = None,
+    prefixes: Sequence[str] = (),
+    data: str | None = None,
+    overwrite: bool = False,
+) -> ConversionReport:
     """Converts a PyTorch checkpoint folder into a folder scformer-jax reads.
 
     ``out_dir`` receives ``config.yaml`` (the model section from the checkpoint; data,
@@ -70,8 +76,9 @@ def convert_checkpoint(torch_dir: str | os.PathLike, out_dir: str | os.PathLike,
     torch_dir = Path(torch_dir).expanduser()
     out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists; choose a new folder or pass "
-                              "overwrite=True (--overwrite).")
+        raise FileExistsError(
+            f"{out_dir} already exists; choose a new folder or pass overwrite=True (--overwrite)."
+        )
     if out_dir == torch_dir.absolute():
         raise ConversionError("OUT_DIR must differ from TORCH_DIR.")
     config = config or Config()
@@ -88,20 +95,24 @@ def convert_checkpoint(torch_dir: str | os.PathLike, out_dir: str | os.PathLike,
             f"{len(report.shape_mismatched)} tensor(s) of {torch_dir / CHECKPOINT_FILE} do not "
             f"fit the model described by its {ARGS_FILE}; fix {ARGS_FILE} (sizes embsize, "
             f"nheads, d_hid, nlayers, n_layers_cls) to match. Nothing was written.\n"
-            + report.summary())
+            + report.summary()
+        )
     if data is not None:
         dataset = load_dataset(data, label_key=config.data.label_key)
         report.vocabulary = match_vocabulary(list(dataset.token_names), source.vocab)
     run_config = dataclasses.replace(
-        config, model=model_config,
-        train=dataclasses.replace(config.train, load_model=str(out_dir),
-                                  load_param_prefixes=()))
-    meta = {"model_config": dataclasses.asdict(model_config),
-            "params_only": True,
-            "converted_from": str(torch_dir.absolute()),
-            "source_keys": {path: key for key, path in report.loaded},
-            "args": json.loads(json.dumps(source.args, default=str)),
-            "notes": report.notes}
+        config,
+        model=model_config,
+        train=dataclasses.replace(config.train, load_model=str(out_dir), load_param_prefixes=()),
+    )
+    meta = {
+        "model_config": dataclasses.asdict(model_config),
+        "params_only": True,
+        "converted_from": str(torch_dir.absolute()),
+        "source_keys": {path: key for key, path in report.loaded},
+        "args": json.loads(json.dumps(source.args, default=str)),
+        "notes": report.notes,
+    }
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # mkdtemp makes a private folder; make_temp_dir gives it the mode mkdir would.
@@ -110,15 +121,21 @@ def convert_checkpoint(torch_dir: str | os.PathLike, out_dir: str | os.PathLike,
     try:
         ckpts = Checkpoints(staging / CHECKPOINTS_DIR)
         try:
-            ckpts.save(0, {"step": np.zeros((), np.int32), "params": jax.device_get(params)},
-                       meta, metric=None)
+            ckpts.save(
+                0,
+                {"step": np.zeros((), np.int32), "params": jax.device_get(params)},
+                meta,
+                metric=None,
+            )
         finally:
             ckpts.close()
-        write_text_atomic(staging / CONFIG_FILE,
-                          yaml.safe_dump(config_to_dict(run_config), sort_keys=False))
+        write_text_atomic(
+            staging / CONFIG_FILE, yaml.safe_dump(config_to_dict(run_config), sort_keys=False)
+        )
         write_text_atomic(staging / VOCAB_FILE, json.dumps(source.vocab, indent=1))
-        write_text_atomic(staging / REPORT_FILE,
-                          json.dumps(report.to_dict(), indent=2, default=str))
+        write_text_atomic(
+            staging / REPORT_FILE, json.dumps(report.to_dict(), indent=2, default=str)
+        )
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "folder")
@@ -138,20 +155,37 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m scformer_jax.convert",
         description="Convert a PyTorch scGPT/scFormer checkpoint folder (best_model.pt, "
-                    "args.json, vocab.json) into a folder train.py, eval.py and predict read.")
+        "args.json, vocab.json) into a folder train.py, eval.py and predict read.",
+    )
     parser.add_argument("torch_dir", help="Folder with best_model.pt, args.json, vocab.json.")
     parser.add_argument("out_dir", help="Folder to write (must not exist, or --overwrite).")
-    parser.add_argument("--config", default=None,
-                        help="YAML config for the data/optim/train sections of OUT_DIR/"
-                             "config.yaml (the model section comes from the checkpoint).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE", help="Override a config key (repeatable).")
-    parser.add_argument("--data", default=None,
-                        help="Dataset path or built-in name: data.path of the config, and the "
-                             "report counts its genes found in the checkpoint's vocabulary.")
-    parser.add_argument("--prefixes", nargs="*", default=[],
-                        help="Load only these parameter groups, e.g. encoder value_encoder "
-                             "transformer_encoder (default: all).")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML config for the data/optim/train sections of OUT_DIR/"
+        "config.yaml (the model section comes from the checkpoint).",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="Override a config key (repeatable).",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="Dataset path or built-in name: data.path of the config, and the "
+        "report counts its genes found in the checkpoint's vocabulary.",
+    )
+    parser.add_argument(
+        "--prefixes",
+        nargs="*",
+        default=[],
+        help="Load only these parameter groups, e.g. encoder value_encoder "
+        "transformer_encoder (default: all).",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR.")
     return parser.parse_args(argv)
 
@@ -163,14 +197,21 @@ def main(argv=None) -> int:
             config = load_config(args.config, args.overrides)
         else:
             config = config_from_dict(apply_overrides({}, args.overrides))
-        report = convert_checkpoint(args.torch_dir, args.out_dir, config=config,
-                                    prefixes=args.prefixes, data=args.data,
-                                    overwrite=args.overwrite)
+        report = convert_checkpoint(
+            args.torch_dir,
+            args.out_dir,
+            config=config,
+            prefixes=args.prefixes,
+            data=args.data,
+            overwrite=args.overwrite,
+        )
     except (ValueError, FileExistsError, ImportError, OSError) as e:
         print(f"convert: {e}", file=sys.stderr)
         return 2
     print(report.summary())
     out = Path(args.out_dir)
-    print(f"Converted into {out}. Evaluate: python eval.py --workdir {out}; fine-tune: "
-          f"python train.py --config {out / CONFIG_FILE} (train.load_model is set).")
+    print(
+        f"Converted into {out}. Evaluate: python eval.py --workdir {out}; fine-tune: "
+        f"python train.py --config {out / CONFIG_FILE} (train.load_model is set)."
+    )
     return 0

@@ -49,8 +49,10 @@ def _cmd_simulate(args: argparse.Namespace) -> str:
     adata = simulate(cfg, seed=args.seed)
     write_h5ad_atomic(adata, out)
     n_conditions = adata.obs["condition"].nunique()
-    return (f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes, {n_conditions} "
-            f"conditions (preset {args.preset!r}, seed {args.seed})")
+    return (
+        f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes, {n_conditions} "
+        f"conditions (preset {args.preset!r}, seed {args.seed})"
+    )
 
 
 def _cmd_prepare(args: argparse.Namespace) -> str:
@@ -69,15 +71,24 @@ def _cmd_prepare(args: argparse.Namespace) -> str:
     except Exception as e:  # h5py raises various errors on a bad file
         raise DataFormatError(f"Could not read {str(source)!r} as .h5ad: {e}") from e
     normalize = {"auto": None, "yes": True, "no": False}[args.normalize]
-    result = prepare(adata, perturbation_key=args.perturbation_key,
-                     control_label=args.control_label, cell_type_key=args.cell_type_key,
-                     cell_type=args.cell_type, gene_name_key=args.gene_name_key,
-                     combo_separator=args.combo_separator, normalize=normalize,
-                     min_cells=args.min_cells, de_backend=args.de_backend,
-                     labels_are_gene_names=args.labels_are_gene_names)
+    result = prepare(
+        adata,
+        perturbation_key=args.perturbation_key,
+        control_label=args.control_label,
+        cell_type_key=args.cell_type_key,
+        cell_type=args.cell_type,
+        gene_name_key=args.gene_name_key,
+        combo_separator=args.combo_separator,
+        normalize=normalize,
+        min_cells=args.min_cells,
+        de_backend=args.de_backend,
+        labels_are_gene_names=args.labels_are_gene_names,
+    )
     write_h5ad_atomic(result, out)
-    return (f"wrote {out}: {result.n_obs} cells x {result.n_vars} genes, "
-            f"{result.obs['condition'].nunique()} conditions")
+    return (
+        f"wrote {out}: {result.n_obs} cells x {result.n_vars} genes, "
+        f"{result.obs['condition'].nunique()} conditions"
+    )
 
 
 def _conditions_of(data: str, data_seed: int) -> list[str]:
@@ -89,7 +100,8 @@ def _conditions_of(data: str, data_seed: int) -> list[str]:
         if "condition" not in adata.obs.columns:
             raise DataFormatError(
                 f"{data!r} has no obs['condition'] (columns: {list(adata.obs.columns)}). Run "
-                "`python -m scformer_jax.data prepare` on it first.")
+                "`python -m scformer_jax.data prepare` on it first."
+            )
         return adata.obs["condition"].astype(str).tolist()
     finally:
         if adata.isbacked:
@@ -98,10 +110,14 @@ def _conditions_of(data: str, data_seed: int) -> list[str]:
 
 def _cmd_split(args: argparse.Namespace) -> str:
     conditions = _conditions_of(args.data, args.data_seed)
-    result = gears_split(conditions, split=args.split, seed=args.seed,
-                         train_gene_set_size=args.train_gene_set_size,
-                         combo_seen2_train_frac=args.combo_seen2_train_frac,
-                         split_path=args.split_path)
+    result = gears_split(
+        conditions,
+        split=args.split,
+        seed=args.seed,
+        train_gene_set_size=args.train_gene_set_size,
+        combo_seen2_train_frac=args.combo_seen2_train_frac,
+        split_path=args.split_path,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_split_json(result, out)
@@ -112,41 +128,74 @@ def _cmd_split(args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scformer_jax.data",
-        description="Perturb-seq data in GEARS's layout: simulate, prepare, split.")
+        description="Perturb-seq data in GEARS's layout: simulate, prepare, split.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="write the built-in simulated dataset")
     sim.add_argument("--out", required=True, help="output .h5ad file")
     sim.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
-    sim.add_argument("--preset", default="default", choices=["tiny", "default", "norman"],
-                     help="size preset (default: default)")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a SimulationConfig field, e.g. --set n_genes=200")
+    sim.add_argument(
+        "--preset",
+        default="default",
+        choices=["tiny", "default", "norman"],
+        help="size preset (default: default)",
+    )
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a SimulationConfig field, e.g. --set n_genes=200",
+    )
     sim.set_defaults(func=_cmd_simulate)
 
     prep = sub.add_parser("prepare", help="turn a Perturb-seq AnnData into GEARS's layout")
     prep.add_argument("input", help="input .h5ad")
     prep.add_argument("output", help="output .h5ad, or a folder for perturb_processed.h5ad")
-    prep.add_argument("--perturbation-key", required=True,
-                      help="obs column with each cell's perturbed gene(s)")
-    prep.add_argument("--control-label", required=True,
-                      help="value of that column for control cells")
+    prep.add_argument(
+        "--perturbation-key", required=True, help="obs column with each cell's perturbed gene(s)"
+    )
+    prep.add_argument(
+        "--control-label", required=True, help="value of that column for control cells"
+    )
     prep.add_argument("--cell-type-key", default=None, help="obs column with the cell type")
-    prep.add_argument("--cell-type", default="cell",
-                      help="cell type of all cells when --cell-type-key is not given")
-    prep.add_argument("--gene-name-key", default=None,
-                      help="var column with gene symbols (default: the var names)")
-    prep.add_argument("--combo-separator", default="+",
-                      help="joins the two genes of a double in the labels (default '+')")
-    prep.add_argument("--normalize", default="auto", choices=["auto", "yes", "no"],
-                      help="normalise + log1p: auto (if X holds counts), yes, no")
-    prep.add_argument("--min-cells", type=int, default=2,
-                      help="fewest cells per condition (default 2)")
-    prep.add_argument("--de-backend", default="scanpy", choices=["scanpy", "numpy"],
-                      help="DE t-test via scanpy (GEARS's call, default) or numpy (faster)")
-    prep.add_argument("--labels-are-gene-names", action="store_true",
-                      help="accept perturbation labels that look like integer codes or name "
-                           "no measured gene (refused by default: usually category codes)")
+    prep.add_argument(
+        "--cell-type",
+        default="cell",
+        help="cell type of all cells when --cell-type-key is not given",
+    )
+    prep.add_argument(
+        "--gene-name-key",
+        default=None,
+        help="var column with gene symbols (default: the var names)",
+    )
+    prep.add_argument(
+        "--combo-separator",
+        default="+",
+        help="joins the two genes of a double in the labels (default '+')",
+    )
+    prep.add_argument(
+        "--normalize",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="normalise + log1p: auto (if X holds counts), yes, no",
+    )
+    prep.add_argument(
+        "--min-cells", type=int, default=2, help="fewest cells per condition (default 2)"
+    )
+    prep.add_argument(
+        "--de-backend",
+        default="scanpy",
+        choices=["scanpy", "numpy"],
+        help="DE t-test via scanpy (GEARS's call, default) or numpy (faster)",
+    )
+    prep.add_argument(
+        "--labels-are-gene-names",
+        action="store_true",
+        help="accept perturbation labels that look like integer codes or name "
+        "no measured gene (refused by default: usually category codes)",
+    )
     prep.set_defaults(func=_cmd_prepare)
 
     spl = sub.add_parser("split", help="write GEARS's train/val/test split as JSON")
@@ -157,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     spl.add_argument("--train-gene-set-size", type=float, default=0.75)
     spl.add_argument("--combo-seen2-train-frac", type=float, default=0.75)
     spl.add_argument("--split-path", default=None, help="custom split file (--split custom)")
-    spl.add_argument("--data-seed", type=int, default=0,
-                     help="simulation seed when DATA is a built-in name (default 0)")
+    spl.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="simulation seed when DATA is a built-in name (default 0)",
+    )
     spl.set_defaults(func=_cmd_split)
     return parser
 

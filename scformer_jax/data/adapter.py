@@ -32,11 +32,20 @@ def _numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-def from_gears_batch(x: Any, y: Any, pert: Sequence[str], pert_idx: Any = None,
-                     pert_names: Sequence[str] | None = None, *, gene_names: Sequence[str],
-                     vocab: Mapping[str, int] | Any = None, pad_token_id: int | None = None,
-                     pad_value: float = 0.0, pert_pad_id: int = DEFAULT_PERT_PAD_ID,
-                     labels: Any = None) -> PerturbBatch:
+def from_gears_batch(
+    x: Any,
+    y: Any,
+    pert: Sequence[str],
+    pert_idx: Any = None,
+    pert_names: Sequence[str] | None = None,
+    *,
+    gene_names: Sequence[str],
+    vocab: Mapping[str, int] | Any = None,
+    pad_token_id: int | None = None,
+    pad_value: float = 0.0,
+    pert_pad_id: int = DEFAULT_PERT_PAD_ID,
+    labels: Any = None,
+) -> PerturbBatch:
     """Converts a GEARS batch into the two-channel batch, all genes in column order.
 
     Args:
@@ -72,8 +81,10 @@ def from_gears_batch(x: Any, y: Any, pert: Sequence[str], pert_idx: Any = None,
     n_genes = len(gene_names)
     y = _numpy(y).astype(np.float32)
     if y.ndim != 2 or y.shape[1] != n_genes:
-        raise ValueError(f"y must be (batch, n_genes) = (batch, {n_genes}); got {y.shape}. "
-                         "Pass gene_names = pert_data.adata.var['gene_name'] of the same data.")
+        raise ValueError(
+            f"y must be (batch, n_genes) = (batch, {n_genes}); got {y.shape}. "
+            "Pass gene_names = pert_data.adata.var['gene_name'] of the same data."
+        )
     batch = y.shape[0]
     x = _numpy(x).astype(np.float32)
     if x.ndim == 1:
@@ -81,7 +92,8 @@ def from_gears_batch(x: Any, y: Any, pert: Sequence[str], pert_idx: Any = None,
     if x.ndim != 2 or x.shape[0] != batch * n_genes or x.shape[1] not in (1, 2):
         raise ValueError(
             f"x must be (batch * n_genes, 1) or (batch * n_genes, 2) = ({batch * n_genes}, 1|2) "
-            f"for y of shape {y.shape}; got {x.shape}.")
+            f"for y of shape {y.shape}; got {x.shape}."
+        )
     pert = [str(p) for p in pert]
     if len(pert) != batch:
         raise ValueError(f"pert has {len(pert)} conditions for a batch of {batch} cells.")
@@ -100,8 +112,10 @@ def from_gears_batch(x: Any, y: Any, pert: Sequence[str], pert_idx: Any = None,
     else:
         missing = [g for g in gene_names if g not in vocab]
         if missing:
-            raise ValueError(f"{len(missing)} expression genes are not in vocab, e.g. "
-                             f"{missing[:5]}; use the vocabulary the model was trained with.")
+            raise ValueError(
+                f"{len(missing)} expression genes are not in vocab, e.g. "
+                f"{missing[:5]}; use the vocabulary the model was trained with."
+            )
         token_of_column = np.array([vocab[g] for g in gene_names], dtype=np.int64)
         if pad_token_id is None:
             if "<pad>" not in vocab:
@@ -114,13 +128,16 @@ def from_gears_batch(x: Any, y: Any, pert: Sequence[str], pert_idx: Any = None,
         for row, (given, genes) in enumerate(zip(pert_idx, genes_per_row)):
             positions = [int(i) for i in np.ravel(_numpy(given)) if int(i) >= 0]
             if any(i >= len(names) for i in positions):
-                raise ValueError(f"pert_idx of cell {row} ({positions}) is out of range for "
-                                 f"{len(names)} pert_names.")
+                raise ValueError(
+                    f"pert_idx of cell {row} ({positions}) is out of range for "
+                    f"{len(names)} pert_names."
+                )
             if sorted(names[i] for i in positions) != sorted(genes):
                 raise ValueError(
                     f"Cell {row}: pert_idx points at {[names[i] for i in positions]} in "
                     f"pert_names, but its condition {pert[row]!r} names {list(genes)}. pert_idx "
-                    "indexes GEARS's GO-graph gene list; pass that list as pert_names.")
+                    "indexes GEARS's GO-graph gene list; pass that list as pert_names."
+                )
 
     extras_per_row = []
     flags = np.zeros((batch, n_genes), np.float32)
@@ -134,21 +151,33 @@ def from_gears_batch(x: Any, y: Any, pert: Sequence[str], pert_idx: Any = None,
             if vocab is None or gene not in vocab:
                 raise ValueError(
                     f"Unknown gene {gene!r} in condition {pert[row]!r}: it is not among the "
-                    "expression genes" + (" and has no token in vocab" if vocab is not None
-                                          else "; pass vocab (e.g. the PerturbData) so that "
-                                          "an unmeasured perturbed gene gets a token") + ".")
+                    "expression genes"
+                    + (
+                        " and has no token in vocab"
+                        if vocab is not None
+                        else "; pass vocab (e.g. the PerturbData) so that "
+                        "an unmeasured perturbed gene gets a token"
+                    )
+                    + "."
+                )
             unmeasured.add(gene)
             extra.append(int(vocab[gene]))
         extras_per_row.append(extra)
     if unmeasured:
-        warnings.warn(f"Perturbed gene(s) {sorted(unmeasured)} are not measured; they are added "
-                      "as extra tokens with flag 1 and expression 0.", stacklevel=2)
+        warnings.warn(
+            f"Perturbed gene(s) {sorted(unmeasured)} are not measured; they are added "
+            "as extra tokens with flag 1 and expression 0.",
+            stacklevel=2,
+        )
     if x.shape[1] == 2:
         old_flags = x[:, 1].reshape(batch, n_genes)
         disagree = int(np.sum(np.any((old_flags != 0) != (flags != 0), axis=1)))
         if disagree:
-            warnings.warn(f"x[:, 1] disagrees with the condition names in {disagree} of {batch} "
-                          "cells; the flags follow the condition names.", stacklevel=2)
+            warnings.warn(
+                f"x[:, 1] disagrees with the condition names in {disagree} of {batch} "
+                "cells; the flags follow the condition names.",
+                stacklevel=2,
+            )
 
     length = n_genes + max(len(e) for e in extras_per_row)
     gene_ids = np.full((batch, length), pad_token_id, np.int64)
@@ -172,5 +201,11 @@ def from_gears_batch(x: Any, y: Any, pert: Sequence[str], pert_idx: Any = None,
     target_mask = np.zeros((batch, length), bool)
     target_mask[:, :n_genes] = True
     return PerturbBatch.from_arrays(
-        gene_ids=gene_ids, control_values=values, pert_flags=pert_flags,
-        target_values=targets, padding_mask=padding, labels=labels, target_mask=target_mask)
+        gene_ids=gene_ids,
+        control_values=values,
+        pert_flags=pert_flags,
+        target_values=targets,
+        padding_mask=padding,
+        labels=labels,
+        target_mask=target_mask,
+    )

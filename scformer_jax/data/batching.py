@@ -66,8 +66,9 @@ class HostBatch:
     control_indices: np.ndarray
 
 
-def pair_controls(data: PerturbData, cell_indices: np.ndarray,
-                  rng: np.random.Generator) -> np.ndarray:
+def pair_controls(
+    data: PerturbData, cell_indices: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """A random control cell (of the same cell type) for each cell; controls map to themselves.
 
     Args:
@@ -91,7 +92,8 @@ def pair_controls(data: PerturbData, cell_indices: np.ndarray,
         if pool is None or len(pool) == 0:
             raise DataFormatError(
                 f"Cell type {cell_type!r} has perturbed cells but no control cells to pair them "
-                "with; add its control cells or drop its perturbed cells.")
+                "with; add its control cells or drop its perturbed cells."
+            )
         paired[rows] = pool[rng.integers(0, len(pool), len(rows))]
     return paired
 
@@ -102,8 +104,9 @@ def bucket_sizes(max_len: int, n_buckets: int = 4, multiple: int = 8) -> tuple[i
     Example: ``bucket_sizes(150, 4) == (40, 80, 120, 150)``.
     """
     if max_len < 1 or n_buckets < 1:
-        raise ValueError(f"bucket_sizes needs max_len >= 1 and n_buckets >= 1, got "
-                         f"{max_len}, {n_buckets}.")
+        raise ValueError(
+            f"bucket_sizes needs max_len >= 1 and n_buckets >= 1, got {max_len}, {n_buckets}."
+        )
     sizes = {max_len}
     for i in range(1, n_buckets):
         size = int(math.ceil(max_len * i / n_buckets / multiple) * multiple)
@@ -111,8 +114,14 @@ def bucket_sizes(max_len: int, n_buckets: int = 4, multiple: int = 8) -> tuple[i
     return tuple(sorted(sizes))
 
 
-def _select(candidates: np.ndarray, keep: np.ndarray, n_extra: int, max_seq_len: int | None,
-            rng: np.random.Generator, where: str) -> np.ndarray:
+def _select(
+    candidates: np.ndarray,
+    keep: np.ndarray,
+    n_extra: int,
+    max_seq_len: int | None,
+    rng: np.random.Generator,
+    where: str,
+) -> np.ndarray:
     """Measured columns to use: all of `candidates` or, above max_seq_len, all of `keep`
     (the perturbed genes) plus a sample of the rest, drawn by gene id; sorted."""
     candidates = np.union1d(candidates, keep)
@@ -122,19 +131,28 @@ def _select(candidates: np.ndarray, keep: np.ndarray, n_extra: int, max_seq_len:
     if room < 0:
         raise ValueError(
             f"{where} has {len(keep) + n_extra} perturbed genes, more than max_seq_len "
-            f"({max_seq_len}); raise max_seq_len or lower the batch size.")
+            f"({max_seq_len}); raise max_seq_len or lower the batch size."
+        )
     others = np.setdiff1d(candidates, keep, assume_unique=True)
     return np.sort(np.concatenate([keep, rng.choice(others, room, replace=False)]))
 
 
-def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
-                   control_cells: Sequence[int] | np.ndarray, *,
-                   conditions: Sequence[str] | None = None, include_zero_gene: str = "all",
-                   max_seq_len: int | None = None, bucket_sizes: Sequence[int] | None = None,
-                   batch_size: int | None = None, rng: np.random.Generator | None = None,
-                   pad_value: float = 0.0, pert_pad_id: int = DEFAULT_PERT_PAD_ID,
-                   target_profiles: Mapping[str, np.ndarray] | None = None,
-                   target_offsets: Mapping[str, np.ndarray] | None = None) -> HostBatch:
+def assemble_batch(
+    data: PerturbData,
+    target_cells: Sequence[int] | np.ndarray,
+    control_cells: Sequence[int] | np.ndarray,
+    *,
+    conditions: Sequence[str] | None = None,
+    include_zero_gene: str = "all",
+    max_seq_len: int | None = None,
+    bucket_sizes: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    rng: np.random.Generator | None = None,
+    pad_value: float = 0.0,
+    pert_pad_id: int = DEFAULT_PERT_PAD_ID,
+    target_profiles: Mapping[str, np.ndarray] | None = None,
+    target_offsets: Mapping[str, np.ndarray] | None = None,
+) -> HostBatch:
     """Builds one fixed-shape batch from (target, control) cell pairs.
 
     Args:
@@ -162,19 +180,26 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
       A :class:`HostBatch`.
     """
     if include_zero_gene not in INCLUDE_ZERO_GENE_MODES:
-        raise ValueError(f"include_zero_gene {include_zero_gene!r} is not one of "
-                         f"{list(INCLUDE_ZERO_GENE_MODES)}.")
+        raise ValueError(
+            f"include_zero_gene {include_zero_gene!r} is not one of "
+            f"{list(INCLUDE_ZERO_GENE_MODES)}."
+        )
     targets = np.asarray(target_cells, dtype=np.int64)
     controls = np.asarray(control_cells, dtype=np.int64)
     n = len(targets)
     if n == 0 or targets.shape != controls.shape or targets.ndim != 1:
-        raise ValueError(f"target_cells {targets.shape} and control_cells {controls.shape} must "
-                         "be two non-empty 1-D arrays of one length.")
+        raise ValueError(
+            f"target_cells {targets.shape} and control_cells {controls.shape} must "
+            "be two non-empty 1-D arrays of one length."
+        )
     rows_total = n if batch_size is None else int(batch_size)
     if n > rows_total:
         raise ValueError(f"{n} cells do not fit a batch of {rows_total} rows.")
-    conditions = ([str(c) for c in data.cell_conditions[targets]] if conditions is None
-                  else [str(c) for c in conditions])
+    conditions = (
+        [str(c) for c in data.cell_conditions[targets]]
+        if conditions is None
+        else [str(c) for c in conditions]
+    )
     if len(conditions) != n:
         raise ValueError(f"{len(conditions)} conditions for {n} cells.")
     rng = np.random.default_rng(0) if rng is None else rng
@@ -186,11 +211,11 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
         missing = sorted(set(conditions) - set(target_profiles))
         if missing:
             raise ValueError(f"target_profiles has no profile for condition(s) {missing[:5]}.")
-        target_values = np.stack([np.asarray(target_profiles[c], np.float32)
-                                  for c in conditions])
+        target_values = np.stack([np.asarray(target_profiles[c], np.float32) for c in conditions])
     if target_offsets is not None:
         target_values = target_values - np.stack(
-            [np.asarray(target_offsets[c], np.float32) for c in conditions])
+            [np.asarray(target_offsets[c], np.float32) for c in conditions]
+        )
     n_genes = data.n_genes
     pert = {}
     for c in set(conditions):
@@ -213,8 +238,14 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
         for i in range(n):
             mask = control_values[i] != 0
             extra = np.unique(row_extra[i]).astype(np.int64)
-            columns = _select(np.flatnonzero(mask), np.unique(row_cols[i]).astype(np.int64),
-                              len(extra), max_seq_len, rng, f"Row {i} ({conditions[i]!r})")
+            columns = _select(
+                np.flatnonzero(mask),
+                np.unique(row_cols[i]).astype(np.int64),
+                len(extra),
+                max_seq_len,
+                rng,
+                f"Row {i} ({conditions[i]!r})",
+            )
             per_row.append((columns, extra))
 
     longest = max(len(c) + len(e) for c, e in per_row)
@@ -223,8 +254,10 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
     else:
         fitting = [b for b in sorted(bucket_sizes) if b >= longest]
         if not fitting:
-            raise ValueError(f"A row has {longest} tokens, more than the largest length bucket "
-                             f"{max(bucket_sizes)}; add a larger bucket or set max_seq_len.")
+            raise ValueError(
+                f"A row has {longest} tokens, more than the largest length bucket "
+                f"{max(bucket_sizes)}; add a larger bucket or set max_seq_len."
+            )
         length = fitting[0]
 
     gene_ids = np.full((rows_total, length), data.pad_token_id, np.int32)
@@ -265,14 +298,24 @@ def assemble_batch(data: PerturbData, target_cells: Sequence[int] | np.ndarray,
         for array in (gene_ids, gene_index, inputs_value, inputs_flag, target, padding, labels):
             array[n:] = array[0]
     batch = PerturbBatch.from_arrays(
-        gene_ids=gene_ids, control_values=inputs_value, pert_flags=inputs_flag,
-        target_values=target, padding_mask=padding, cell_weights=weights, labels=labels,
-        target_mask=gene_index >= 0)
+        gene_ids=gene_ids,
+        control_values=inputs_value,
+        pert_flags=inputs_flag,
+        target_values=target,
+        padding_mask=padding,
+        cell_weights=weights,
+        labels=labels,
+        target_mask=gene_index >= 0,
+    )
     pad_rows = rows_total - n
     return HostBatch(
-        batch=batch, conditions=conditions + [""] * pad_rows, gene_index=gene_index,
-        n_real=n, cell_indices=np.concatenate([targets, np.full(pad_rows, -1, np.int64)]),
-        control_indices=np.concatenate([controls, np.full(pad_rows, -1, np.int64)]))
+        batch=batch,
+        conditions=conditions + [""] * pad_rows,
+        gene_index=gene_index,
+        n_real=n,
+        cell_indices=np.concatenate([targets, np.full(pad_rows, -1, np.int64)]),
+        control_indices=np.concatenate([controls, np.full(pad_rows, -1, np.int64)]),
+    )
 
 
 class BatchLoader:
@@ -302,15 +345,28 @@ class BatchLoader:
       bucket_sizes: the lengths batches are padded to.
     """
 
-    def __init__(self, data: PerturbData, conditions: Sequence[str], *, batch_size: int,
-                 include_zero_gene: str = "all", max_seq_len: int | None = None,
-                 seed: int = 0, shuffle: bool = True, pad_value: float = 0.0,
-                 pert_pad_id: int = DEFAULT_PERT_PAD_ID, frozen_pairing: bool = False,
-                 length_buckets: int | Sequence[int] = 4, target: str = "cell",
-                 target_offsets: Mapping[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        data: PerturbData,
+        conditions: Sequence[str],
+        *,
+        batch_size: int,
+        include_zero_gene: str = "all",
+        max_seq_len: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        pad_value: float = 0.0,
+        pert_pad_id: int = DEFAULT_PERT_PAD_ID,
+        frozen_pairing: bool = False,
+        length_buckets: int | Sequence[int] = 4,
+        target: str = "cell",
+        target_offsets: Mapping[str, np.ndarray] | None = None,
+    ):
         if include_zero_gene not in INCLUDE_ZERO_GENE_MODES:
-            raise ValueError(f"include_zero_gene {include_zero_gene!r} is not one of "
-                             f"{list(INCLUDE_ZERO_GENE_MODES)}.")
+            raise ValueError(
+                f"include_zero_gene {include_zero_gene!r} is not one of "
+                f"{list(INCLUDE_ZERO_GENE_MODES)}."
+            )
         if isinstance(conditions, str):
             raise ValueError("conditions must be a list of condition names, not one string.")
         if int(batch_size) < 1:
@@ -325,8 +381,10 @@ class BatchLoader:
             raise ValueError(f"target {target!r} is not one of {list(TRAIN_TARGETS)}.")
         unknown = [c for c in conditions if c not in data.condition_cells]
         if unknown:
-            raise ValueError(f"Condition(s) {unknown[:10]} are not in the dataset {data.name!r} "
-                             f"(e.g. it has {data.conditions[:5]}).")
+            raise ValueError(
+                f"Condition(s) {unknown[:10]} are not in the dataset {data.name!r} "
+                f"(e.g. it has {data.conditions[:5]})."
+            )
         self.data = data
         self.conditions = list(dict.fromkeys(str(c) for c in conditions))
         self.cell_indices = data.cells_of(self.conditions)
@@ -341,8 +399,9 @@ class BatchLoader:
         self.pert_pad_id = int(pert_pad_id)
         self.frozen_pairing = frozen_pairing
         # A split holds whole conditions, so a condition's mean is over the cells served.
-        self.target_profiles = (None if target == "cell" else
-                                {c: data.condition_mean(c) for c in self.conditions})
+        self.target_profiles = (
+            None if target == "cell" else {c: data.condition_mean(c) for c in self.conditions}
+        )
         self.target_offsets = target_offsets
 
         # The longest possible row, to size the buckets.
@@ -356,11 +415,15 @@ class BatchLoader:
             if self.max_seq_len < must_keep:
                 raise ValueError(
                     f"max_seq_len {self.max_seq_len} is below the {must_keep} perturbed genes a "
-                    f"batch may hold (always kept); raise it or lower the batch size.")
+                    f"batch may hold (always kept); raise it or lower the batch size."
+                )
             longest = min(longest, self.max_seq_len)
         if isinstance(length_buckets, (int, np.integer)):
-            self.bucket_sizes = ((longest,) if include_zero_gene == "all"
-                                 else bucket_sizes(longest, int(length_buckets)))
+            self.bucket_sizes = (
+                (longest,)
+                if include_zero_gene == "all"
+                else bucket_sizes(longest, int(length_buckets))
+            )
         else:
             sizes = tuple(sorted({int(b) for b in length_buckets}))
             if not sizes or sizes[0] < 1:
@@ -368,7 +431,8 @@ class BatchLoader:
             if sizes[-1] < longest:
                 raise ValueError(
                     f"The largest length bucket ({sizes[-1]}) is below the longest possible row "
-                    f"({longest} tokens); add a bucket of {longest} or set max_seq_len.")
+                    f"({longest} tokens); add a bucket of {longest} or set max_seq_len."
+                )
             self.bucket_sizes = sizes
 
     def __len__(self) -> int:
@@ -380,8 +444,11 @@ class BatchLoader:
 
     def pairing(self, epoch_index: int) -> np.ndarray:
         """int64 (n_cells,): the control partner of each served cell in this epoch."""
-        entropy = ([self.seed, _STREAM_FROZEN_PAIRING] if self.frozen_pairing
-                   else [self.seed, _STREAM_PAIRING, int(epoch_index)])
+        entropy = (
+            [self.seed, _STREAM_FROZEN_PAIRING]
+            if self.frozen_pairing
+            else [self.seed, _STREAM_PAIRING, int(epoch_index)]
+        )
         return pair_controls(self.data, self.cell_indices, np.random.default_rng(entropy))
 
     def order(self, epoch_index: int) -> np.ndarray:
@@ -394,21 +461,32 @@ class BatchLoader:
     def epoch(self, epoch_index: int, start_batch: int = 0) -> Iterator[HostBatch]:
         """Yields the batches of an epoch, from `start_batch` on (to resume mid-epoch)."""
         if epoch_index < 0 or not 0 <= start_batch <= len(self):
-            raise ValueError(f"epoch_index must be >= 0 and start_batch in [0, {len(self)}]; "
-                             f"got {epoch_index}, {start_batch}.")
+            raise ValueError(
+                f"epoch_index must be >= 0 and start_batch in [0, {len(self)}]; "
+                f"got {epoch_index}, {start_batch}."
+            )
         partners = self.pairing(epoch_index)
         order = self.order(epoch_index)
         for b in range(start_batch, len(self)):
-            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
+            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield assemble_batch(
-                self.data, self.cell_indices[rows], partners[rows],
-                include_zero_gene=self.include_zero_gene, max_seq_len=self.max_seq_len,
-                bucket_sizes=self.bucket_sizes, batch_size=self.batch_size,
+                self.data,
+                self.cell_indices[rows],
+                partners[rows],
+                include_zero_gene=self.include_zero_gene,
+                max_seq_len=self.max_seq_len,
+                bucket_sizes=self.bucket_sizes,
+                batch_size=self.batch_size,
                 rng=np.random.default_rng([self.seed, _STREAM_GENES, int(epoch_index), b]),
-                pad_value=self.pad_value, pert_pad_id=self.pert_pad_id,
-                target_profiles=self.target_profiles, target_offsets=self.target_offsets)
+                pad_value=self.pad_value,
+                pert_pad_id=self.pert_pad_id,
+                target_profiles=self.target_profiles,
+                target_offsets=self.target_offsets,
+            )
 
     def __repr__(self) -> str:
-        return (f"BatchLoader({len(self.conditions)} conditions, {self.n_cells} cells, "
-                f"{len(self)} batches of {self.batch_size}, {self.include_zero_gene!r}, "
-                f"buckets {self.bucket_sizes})")
+        return (
+            f"BatchLoader({len(self.conditions)} conditions, {self.n_cells} cells, "
+            f"{len(self)} batches of {self.batch_size}, {self.include_zero_gene!r}, "
+            f"buckets {self.bucket_sizes})"
+        )

@@ -33,7 +33,8 @@ def parse_condition(condition: str) -> tuple[str, ...]:
     if not isinstance(condition, str):
         raise DataFormatError(
             f"Condition {condition!r} is not a string; obs['condition'] must hold strings such "
-            "as 'ctrl', 'A+ctrl' or 'A+B'.")
+            "as 'ctrl', 'A+ctrl' or 'A+B'."
+        )
     if condition == CONTROL:
         return ()
     parts = condition.split("+")
@@ -49,12 +50,15 @@ def parse_condition(condition: str) -> tuple[str, ...]:
     else:
         odd = [p for p in parts if CONTROL in p and p != CONTROL]
         if odd:
-            problem = (f"gene name {odd[0]!r} contains 'ctrl', which GEARS takes as the control "
-                       "marker; rename the gene")
+            problem = (
+                f"gene name {odd[0]!r} contains 'ctrl', which GEARS takes as the control "
+                "marker; rename the gene"
+            )
     if problem is not None:
         raise DataFormatError(
             f"Malformed condition {condition!r}: {problem}. Expected 'ctrl', 'A+ctrl' (single "
-            "perturbation of gene A) or 'A+B' (double).")
+            "perturbation of gene A) or 'A+B' (double)."
+        )
     return tuple(p for p in parts if p != CONTROL)
 
 

@@ -36,9 +36,13 @@ SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
 N_TOP_DE = 20
 
 # Built-in dataset names -> simulation preset.
-BUILTIN_DATASETS = {"simulated": "default", "simulated:default": "default",
-                    "simulated:tiny": "tiny", "simulated:screen": "screen",
-                    "simulated:norman": "norman"}
+BUILTIN_DATASETS = {
+    "simulated": "default",
+    "simulated:default": "default",
+    "simulated:tiny": "tiny",
+    "simulated:screen": "screen",
+    "simulated:norman": "norman",
+}
 
 
 class UnknownGeneError(DataFormatError, KeyError):
@@ -79,10 +83,17 @@ class PerturbData:
       label_key: obs column of the CLS labels; labels: int32 (n_cells,); label_names: list.
     """
 
-    def __init__(self, adata: anndata.AnnData, *, name: str = "dataset",
-                 label_key: str = "cell_type", min_cells: int = 2,
-                 drop_small_conditions: bool = False, require_de: bool = True,
-                 check_values: bool = True):
+    def __init__(
+        self,
+        adata: anndata.AnnData,
+        *,
+        name: str = "dataset",
+        label_key: str = "cell_type",
+        min_cells: int = 2,
+        drop_small_conditions: bool = False,
+        require_de: bool = True,
+        check_values: bool = True,
+    ):
         """Builds the dataset from a GEARS-format AnnData (see :func:`load_dataset`).
 
         Args:
@@ -104,16 +115,18 @@ class PerturbData:
             counts = adata.obs["condition"].astype(str).value_counts()
             small = [c for c, n in counts.items() if n < min_cells and c != CONTROL]
             if small:
-                warnings.warn(f"Dropping {len(small)} condition(s) with fewer than {min_cells} "
-                              f"cells: {small[:10]}{' ...' if len(small) > 10 else ''}.",
-                              stacklevel=2)
+                warnings.warn(
+                    f"Dropping {len(small)} condition(s) with fewer than {min_cells} "
+                    f"cells: {small[:10]}{' ...' if len(small) > 10 else ''}.",
+                    stacklevel=2,
+                )
                 adata = adata[~adata.obs["condition"].astype(str).isin(small).to_numpy()]
-        validate_gears_adata(adata, require_de=require_de, min_cells=min_cells,
-                             check_values=False)
+        validate_gears_adata(adata, require_de=require_de, min_cells=min_cells, check_values=False)
         if label_key not in adata.obs.columns:
             raise DataFormatError(
                 f"Label column {label_key!r} (data.label_key) is not in adata.obs (columns: "
-                f"{list(adata.obs.columns)}); name an existing column, e.g. 'cell_type'.")
+                f"{list(adata.obs.columns)}); name an existing column, e.g. 'cell_type'."
+            )
         self.name = name
         X = adata.X
         if X is None:
@@ -133,38 +146,46 @@ class PerturbData:
         codes = pd.Index(self.conditions).get_indexer(self.cell_conditions)
         order = np.argsort(codes, kind="stable")
         bounds = np.searchsorted(codes[order], np.arange(len(self.conditions) + 1))
-        self.condition_cells = {c: order[bounds[i]:bounds[i + 1]]
-                                for i, c in enumerate(self.conditions)}
+        self.condition_cells = {
+            c: order[bounds[i] : bounds[i + 1]] for i, c in enumerate(self.conditions)
+        }
         self.condition_genes = {c: parse_condition(c) for c in self.conditions}
-        self.condition_name_of = {c: str(cell_condition_names[cells[0]])
-                                  for c, cells in self.condition_cells.items()}
+        self.condition_name_of = {
+            c: str(cell_condition_names[cells[0]]) for c, cells in self.condition_cells.items()
+        }
         self.control_cells = self.condition_cells[CONTROL]
         self.control_cells_by_type = {
             t: self.control_cells[self.cell_types[self.control_cells] == t]
-            for t in pd.unique(self.cell_types[self.control_cells])}
-        self.control_mean = np.asarray(self.X[self.control_cells].mean(axis=0),
-                                       dtype=np.float32).ravel()
+            for t in pd.unique(self.cell_types[self.control_cells])
+        }
+        self.control_mean = np.asarray(
+            self.X[self.control_cells].mean(axis=0), dtype=np.float32
+        ).ravel()
 
         # Vocabulary.
         self._column_of: dict[str, int] = {}
         for column, gene in enumerate(self.gene_names):
             self._column_of.setdefault(gene, column)
-        perturbed = unique_conditions([g for c in self.conditions
-                                       for g in self.condition_genes[c]])
-        duplicated = sorted(g for g in perturbed
-                            if np.count_nonzero(self.gene_names == g) > 1)
+        perturbed = unique_conditions([g for c in self.conditions for g in self.condition_genes[c]])
+        duplicated = sorted(g for g in perturbed if np.count_nonzero(self.gene_names == g) > 1)
         if duplicated:
-            warnings.warn(f"Perturbed gene(s) {duplicated[:10]} appear in several columns of "
-                          "var['gene_name']; flags mark the first column.", stacklevel=2)
+            warnings.warn(
+                f"Perturbed gene(s) {duplicated[:10]} appear in several columns of "
+                "var['gene_name']; flags mark the first column.",
+                stacklevel=2,
+            )
         self.unmeasured_genes = [g for g in perturbed if g not in self._column_of]
         if self.unmeasured_genes:
             warnings.warn(
                 f"{len(self.unmeasured_genes)} perturbed gene(s) are not among the measured "
                 f"genes: {self.unmeasured_genes[:10]}"
                 f"{' ...' if len(self.unmeasured_genes) > 10 else ''}. Each becomes an extra "
-                "input token with flag 1 and expression 0 (never dropped).", stacklevel=2)
-        self.token_names = (list(self.gene_names) + list(self.unmeasured_genes)
-                            + list(SPECIAL_TOKENS))
+                "input token with flag 1 and expression 0 (never dropped).",
+                stacklevel=2,
+            )
+        self.token_names = (
+            list(self.gene_names) + list(self.unmeasured_genes) + list(SPECIAL_TOKENS)
+        )
         self.vocab = dict(self._column_of)
         for i, gene in enumerate(self.unmeasured_genes):
             self.vocab[gene] = self.n_genes + i
@@ -181,8 +202,10 @@ class PerturbData:
         self.label_key = label_key
         label_values = adata.obs[label_key]
         if label_values.isna().any():
-            raise DataFormatError(f"obs[{label_key!r}] (the CLS labels) is missing for "
-                                  f"{int(label_values.isna().sum())} cells; fill it.")
+            raise DataFormatError(
+                f"obs[{label_key!r}] (the CLS labels) is missing for "
+                f"{int(label_values.isna().sum())} cells; fill it."
+            )
         label_values = label_values.astype(str).to_numpy()
         self.label_names = sorted(pd.unique(label_values))
         self.labels = pd.Index(self.label_names).get_indexer(label_values).astype(np.int32)
@@ -202,7 +225,8 @@ class PerturbData:
             if (found < 0).any():
                 missing = values.astype(str)[found < 0][:5].tolist()
                 raise DataFormatError(
-                    f"uns[{key!r}][{what!r}] names genes that are not var names: {missing}.")
+                    f"uns[{key!r}][{what!r}] names genes that are not var names: {missing}."
+                )
             return found.astype(np.int64)
 
         self.de_rank: dict[str, np.ndarray] = {}
@@ -212,10 +236,12 @@ class PerturbData:
         self.non_dropout_gene_idx: dict[str, np.ndarray] = {}
         if DE_KEY not in uns:
             return
-        tables = {"de": uns.get(DE_KEY, {}),
-                  "nd20": uns.get("top_non_dropout_de_20", {}),
-                  "nz": uns.get("non_zeros_gene_idx", {}),
-                  "ndi": uns.get("non_dropout_gene_idx", {})}
+        tables = {
+            "de": uns.get(DE_KEY, {}),
+            "nd20": uns.get("top_non_dropout_de_20", {}),
+            "nz": uns.get("non_zeros_gene_idx", {}),
+            "ndi": uns.get("non_dropout_gene_idx", {}),
+        }
         missing = []
         for condition in self.conditions:
             if condition == CONTROL:
@@ -228,24 +254,32 @@ class PerturbData:
             self.top_de_20[condition] = self.de_rank[condition][:N_TOP_DE]
             if key in tables["nd20"]:
                 self.top_non_dropout_de_20[condition] = columns(
-                    tables["nd20"][key], key, "top_non_dropout_de_20")
+                    tables["nd20"][key], key, "top_non_dropout_de_20"
+                )
             if key in tables["nz"]:
-                self.non_zeros_gene_idx[condition] = columns(tables["nz"][key], key,
-                                                             "non_zeros_gene_idx")
+                self.non_zeros_gene_idx[condition] = columns(
+                    tables["nz"][key], key, "non_zeros_gene_idx"
+                )
             if key in tables["ndi"]:
-                self.non_dropout_gene_idx[condition] = columns(tables["ndi"][key], key,
-                                                               "non_dropout_gene_idx")
+                self.non_dropout_gene_idx[condition] = columns(
+                    tables["ndi"][key], key, "non_dropout_gene_idx"
+                )
         if missing:
-            message = (f"{len(missing)} condition(s) have no DE genes in uns[{DE_KEY!r}]: "
-                       f"{missing[:10]}{' ...' if len(missing) > 10 else ''}.")
+            message = (
+                f"{len(missing)} condition(s) have no DE genes in uns[{DE_KEY!r}]: "
+                f"{missing[:10]}{' ...' if len(missing) > 10 else ''}."
+            )
             if require_de:
-                raise DataFormatError(message + " Recompute them with `python -m "
-                                      "scformer_jax.data prepare` (or gears_io.prepare), or "
-                                      "load with require_de=False (no DE-gene metrics).")
+                raise DataFormatError(
+                    message + " Recompute them with `python -m "
+                    "scformer_jax.data prepare` (or gears_io.prepare), or "
+                    "load with require_de=False (no DE-gene metrics)."
+                )
             warnings.warn(message, stacklevel=3)
 
-    def de_indices(self, condition: str, n: int = N_TOP_DE, *,
-                   non_dropout: bool = False) -> np.ndarray:
+    def de_indices(
+        self, condition: str, n: int = N_TOP_DE, *, non_dropout: bool = False
+    ) -> np.ndarray:
         """Expression columns of a condition's top-`n` DE genes, most differential first.
 
         Args:
@@ -258,8 +292,10 @@ class PerturbData:
         """
         table = self.top_non_dropout_de_20 if non_dropout else self.de_rank
         if condition not in table:
-            raise KeyError(f"No DE genes for condition {condition!r} (control cells have none; "
-                           f"other conditions get them from uns[{DE_KEY!r}]).")
+            raise KeyError(
+                f"No DE genes for condition {condition!r} (control cells have none; "
+                f"other conditions get them from uns[{DE_KEY!r}])."
+            )
         return table[condition][:n]
 
     # ------------------------------------------------------------------------- tokens
@@ -273,7 +309,8 @@ class PerturbData:
         raise UnknownGeneError(
             f"Unknown gene {gene!r}: it is neither measured (var['gene_name']) nor a perturbed "
             f"gene of this dataset, so it has no token. Known perturbed genes: "
-            f"{sorted(set(g for gs in self.condition_genes.values() for g in gs))[:20]}.")
+            f"{sorted(set(g for gs in self.condition_genes.values() for g in gs))[:20]}."
+        )
 
     def perturbed_tokens(self, condition: str) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and expression columns (-1 if unmeasured) of a condition's genes.
@@ -315,24 +352,35 @@ class PerturbData:
         """int (n,) ascending indices of the cells of the given conditions."""
         unknown = [c for c in conditions if c not in self.condition_cells]
         if unknown:
-            raise KeyError(f"Condition(s) {unknown[:10]} are not in the dataset {self.name!r} "
-                           f"(it has {len(self.conditions)} conditions, e.g. "
-                           f"{self.conditions[:5]}).")
+            raise KeyError(
+                f"Condition(s) {unknown[:10]} are not in the dataset {self.name!r} "
+                f"(it has {len(self.conditions)} conditions, e.g. "
+                f"{self.conditions[:5]})."
+            )
         if not len(conditions):
             return np.zeros(0, np.int64)
         return np.sort(np.concatenate([self.condition_cells[c] for c in conditions]))
 
     def __repr__(self) -> str:
-        return (f"PerturbData({self.name!r}: {self.n_cells} cells x {self.n_genes} genes, "
-                f"{len(self.conditions)} conditions, {len(self.control_cells)} control cells, "
-                f"{self.n_tokens} tokens)")
+        return (
+            f"PerturbData({self.name!r}: {self.n_cells} cells x {self.n_genes} genes, "
+            f"{len(self.conditions)} conditions, {len(self.control_cells)} control cells, "
+            f"{self.n_tokens} tokens)"
+        )
 
 
-def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
-                 label_key: str = "cell_type", seed: int = 0, preset: str | None = None,
-                 simulation: Mapping[str, Any] | None = None, min_cells: int = 2,
-                 drop_small_conditions: bool = False, require_de: bool = True,
-                 check_values: bool = True) -> PerturbData:
+def load_dataset(
+    path_or_name: str | os.PathLike | anndata.AnnData,
+    *,
+    label_key: str = "cell_type",
+    seed: int = 0,
+    preset: str | None = None,
+    simulation: Mapping[str, Any] | None = None,
+    min_cells: int = 2,
+    drop_small_conditions: bool = False,
+    require_de: bool = True,
+    check_values: bool = True,
+) -> PerturbData:
     """Loads a dataset from a GEARS data folder, an ``.h5ad`` file or a built-in name.
 
     Args:
@@ -352,9 +400,13 @@ def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
       DataFormatError: a path that does not exist and is not a built-in name, or a dataset
         that fails the checks.
     """
-    options = dict(label_key=label_key, min_cells=min_cells,
-                   drop_small_conditions=drop_small_conditions, require_de=require_de,
-                   check_values=check_values)
+    options = dict(
+        label_key=label_key,
+        min_cells=min_cells,
+        drop_small_conditions=drop_small_conditions,
+        require_de=require_de,
+        check_values=check_values,
+    )
     if isinstance(path_or_name, anndata.AnnData):
         return PerturbData(path_or_name, name="anndata", **options)
     text = str(path_or_name)
@@ -365,11 +417,13 @@ def load_dataset(path_or_name: str | os.PathLike | anndata.AnnData, *,
     if text in BUILTIN_DATASETS:
         cfg = simulation_config(preset or BUILTIN_DATASETS[text], **dict(simulation or {}))
         adata = simulate(cfg, seed=seed)
-        return PerturbData(adata, name=f"simulated:{preset or BUILTIN_DATASETS[text]}",
-                           **options)
+        return PerturbData(adata, name=f"simulated:{preset or BUILTIN_DATASETS[text]}", **options)
     if preset is not None or simulation:
-        raise DataFormatError(f"preset/simulation options apply only to the built-in names "
-                              f"{sorted(BUILTIN_DATASETS)}, not to {text!r}.")
+        raise DataFormatError(
+            f"preset/simulation options apply only to the built-in names "
+            f"{sorted(BUILTIN_DATASETS)}, not to {text!r}."
+        )
     raise DataFormatError(
         f"{text!r} is neither an existing GEARS data folder or .h5ad file nor a built-in "
-        f"dataset name ({', '.join(sorted(BUILTIN_DATASETS))}).")
+        f"dataset name ({', '.join(sorted(BUILTIN_DATASETS))})."
+    )

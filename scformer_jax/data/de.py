@@ -22,8 +22,9 @@ from scformer_jax.data.gears_io import DE_KEY, condition_dose, condition_name
 DE_METHOD = "t-test"
 
 
-def group_stats(X, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 8192
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_stats(
+    X, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 8192
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cell counts, means and unbiased variances of the rows of X per group.
 
     One pass over the stored values (bincount per chunk of rows), float64 throughout; no
@@ -46,7 +47,7 @@ def group_stats(X, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 8192
     for start in range(0, n_cells, chunk_rows):
         stop = min(start + chunk_rows, n_cells)
         lo, hi = X.indptr[start], X.indptr[stop]
-        rows = np.repeat(codes[start:stop], np.diff(X.indptr[start:stop + 1]))
+        rows = np.repeat(codes[start:stop], np.diff(X.indptr[start : stop + 1]))
         keys = rows * n_genes + X.indices[lo:hi]
         values = X.data[lo:hi].astype(np.float64)
         sums += np.bincount(keys, weights=values, minlength=n_groups * n_genes)
@@ -54,7 +55,7 @@ def group_stats(X, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 8192
     counts = np.bincount(codes, minlength=n_groups).astype(np.float64)
     safe = np.maximum(counts, 1.0)[:, None]
     means = sums.reshape(n_groups, n_genes) / safe
-    variances = squares.reshape(n_groups, n_genes) / safe - means ** 2
+    variances = squares.reshape(n_groups, n_genes) / safe - means**2
     variances = np.maximum(variances, 0.0) * (safe / np.maximum(safe - 1.0, 1.0))
     return counts, means, variances
 
@@ -82,35 +83,51 @@ def _rank_numpy(X, group_names: np.ndarray, reference: str) -> dict[str, np.ndar
             if g == ref:
                 continue
             scores = (means[g] - means[ref]) / np.sqrt(
-                variances[g] / counts[g] + variances[ref] / counts[ref])
+                variances[g] / counts[g] + variances[ref] / counts[ref]
+            )
             scores[np.isnan(scores)] = 0.0
             out[str(name)] = _rank_by_abs_score(scores)
     return out
 
 
-def _rank_scanpy(X, group_names: np.ndarray, reference: str,
-                 var_names: pd.Index) -> dict[str, np.ndarray]:
+def _rank_scanpy(
+    X, group_names: np.ndarray, reference: str, var_names: pd.Index
+) -> dict[str, np.ndarray]:
     import scanpy as sc
 
     sub = anndata.AnnData(
-        X=X, obs=pd.DataFrame({"condition_name": pd.Categorical(group_names)},
-                              index=pd.RangeIndex(len(group_names)).astype(str)),
-        var=pd.DataFrame(index=var_names))
+        X=X,
+        obs=pd.DataFrame(
+            {"condition_name": pd.Categorical(group_names)},
+            index=pd.RangeIndex(len(group_names)).astype(str),
+        ),
+        var=pd.DataFrame(index=var_names),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc.tl.rank_genes_groups(sub, groupby="condition_name", reference=reference,
-                                method=DE_METHOD, rankby_abs=True, n_genes=sub.n_vars,
-                                use_raw=False, corr_method="benjamini-hochberg")
+        sc.tl.rank_genes_groups(
+            sub,
+            groupby="condition_name",
+            reference=reference,
+            method=DE_METHOD,
+            rankby_abs=True,
+            n_genes=sub.n_vars,
+            use_raw=False,
+            corr_method="benjamini-hochberg",
+        )
     names = sub.uns["rank_genes_groups"]["names"]
-    return {group: var_names.get_indexer(np.asarray(names[group]).astype(str))
-            for group in names.dtype.names}
+    return {
+        group: var_names.get_indexer(np.asarray(names[group]).astype(str))
+        for group in names.dtype.names
+    }
 
 
 DE_BACKENDS = ("scanpy", "numpy")
 
 
-def rank_genes_vs_control(adata: anndata.AnnData, *, backend: str = "scanpy"
-                          ) -> dict[str, np.ndarray]:
+def rank_genes_vs_control(
+    adata: anndata.AnnData, *, backend: str = "scanpy"
+) -> dict[str, np.ndarray]:
     """Every gene ranked per ``condition_name`` against the cell type's control group.
 
     GEARS's ranking: within each cell type, group by ``condition_name``, reference
@@ -140,7 +157,8 @@ def rank_genes_vs_control(adata: anndata.AnnData, *, backend: str = "scanpy"
         if reference not in set(groups):
             raise DataFormatError(
                 f"Cell type {cell_type!r} has no control cells (no condition_name "
-                f"{reference!r}); DE genes are computed against each cell type's controls.")
+                f"{reference!r}); DE genes are computed against each cell type's controls."
+            )
         if len(set(groups)) < 2:
             continue
         sub_X = X[mask] if not mask.all() else X
@@ -172,12 +190,15 @@ def dropout_gene_sets(adata: anndata.AnnData, ranked: dict[str, np.ndarray]) -> 
     unique, codes = np.unique(conditions, return_inverse=True)
     _, means, _ = group_stats(adata.X, codes, len(unique))
     ctrl_mean = means[int(np.flatnonzero(unique == CONTROL)[0])]
-    name_to_condition = dict(zip(adata.obs["condition_name"].astype(str).to_numpy(),
-                                 conditions))
+    name_to_condition = dict(zip(adata.obs["condition_name"].astype(str).to_numpy(), conditions))
     row_of = {c: i for i, c in enumerate(unique)}
     var_names = pd.Index(adata.var_names.astype(str))
-    out = {"top_non_dropout_de_20": {}, "non_dropout_gene_idx": {}, "non_zeros_gene_idx": {},
-           "top_non_zero_de_20": {}}
+    out = {
+        "top_non_dropout_de_20": {},
+        "non_dropout_gene_idx": {},
+        "non_zeros_gene_idx": {},
+        "top_non_zero_de_20": {},
+    }
     for name, genes in ranked.items():
         mean = means[row_of[name_to_condition[name]]]
         non_zero = mean != 0
@@ -186,14 +207,13 @@ def dropout_gene_sets(adata: anndata.AnnData, ranked: dict[str, np.ndarray]) -> 
         out["non_zeros_gene_idx"][name] = np.flatnonzero(non_zero)
         out["non_dropout_gene_idx"][name] = np.flatnonzero(non_dropout)
         out["top_non_dropout_de_20"][name] = var_names[order[non_dropout[order]][:20]].to_numpy(
-            dtype=str)
-        out["top_non_zero_de_20"][name] = var_names[order[non_zero[order]][:20]].to_numpy(
-            dtype=str)
+            dtype=str
+        )
+        out["top_non_zero_de_20"][name] = var_names[order[non_zero[order]][:20]].to_numpy(dtype=str)
     return out
 
 
-def add_gears_annotations(adata: anndata.AnnData, *, de_backend: str = "scanpy"
-                          ) -> anndata.AnnData:
+def add_gears_annotations(adata: anndata.AnnData, *, de_backend: str = "scanpy") -> anndata.AnnData:
     """Adds GEARS's derived obs columns and DE entries in place (and returns `adata`).
 
     Needs obs 'condition' and 'cell_type' and log1p-normalised X. Adds obs 'dose_val',
@@ -209,7 +229,8 @@ def add_gears_annotations(adata: anndata.AnnData, *, de_backend: str = "scanpy"
     adata.obs["dose_val"] = pd.Categorical(conditions.map(condition_dose))
     adata.obs["control"] = (conditions == CONTROL).astype(np.int64).to_numpy()
     adata.obs["condition_name"] = pd.Categorical(
-        [condition_name(t, c) for t, c in zip(cell_types, conditions)])
+        [condition_name(t, c) for t, c in zip(cell_types, conditions)]
+    )
     adata.obs["condition"] = pd.Categorical(conditions.to_numpy())
     adata.obs["cell_type"] = pd.Categorical(cell_types.to_numpy())
     ranked = rank_genes_vs_control(adata, backend=de_backend)

@@ -81,11 +81,11 @@ def check_finite(X, *, what: str = "adata.X") -> None:
         row = int(np.searchsorted(csr.indptr, first, side="right") - 1)
         col = int(csr.indices[first])
     else:
-        row, col = (int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]),
-                                                     np.shape(X)))
+        row, col = (int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]), np.shape(X)))
     raise DataFormatError(
         f"{what} holds {int(bad.sum())} NaN/inf values (first at cell {row}, gene column "
-        f"{col}). Remove or impute them before use (e.g. drop the affected cells).")
+        f"{col}). Remove or impute them before use (e.g. drop the affected cells)."
+    )
 
 
 def looks_like_counts(X) -> bool:
@@ -119,17 +119,20 @@ def check_log_values(X, *, what: str = "adata.X") -> None:
         raise DataFormatError(
             f"{what} holds negative values (min {low:.3g}); scFormer expects log1p-normalised "
             "expression (>= 0), not scaled or centred data. Use the log1p-normalised matrix "
-            "(often adata.raw or a 'log1p' layer).")
+            "(often adata.raw or a 'log1p' layer)."
+        )
     if looks_like_counts(X):
         raise DataFormatError(
             f"{what} holds raw counts (all values are integers, max {high:g}) where "
             f"log1p-normalised expression is expected. {PREPARE_HINT} It normalises and "
-            "log-transforms counts.")
+            "log-transforms counts."
+        )
     if high > MAX_LOG_VALUE:
         raise DataFormatError(
             f"{what} has values up to {high:.4g}, too large for log1p-normalised expression "
             f"(expected < {MAX_LOG_VALUE:g}); the data look normalised but not log-transformed. "
-            "Apply scanpy.pp.log1p, or run `prepare` with --normalize yes on the raw counts.")
+            "Apply scanpy.pp.log1p, or run `prepare` with --normalize yes on the raw counts."
+        )
 
 
 # ----------------------------------------------------------------------------- reading
@@ -144,7 +147,8 @@ def resolve_h5ad_path(path: str | os.PathLike) -> Path:
             found = sorted(p.name for p in path.glob("*.h5ad"))
             raise DataFormatError(
                 f"Folder {str(path)!r} has no {PROCESSED_FILE} (a GEARS data folder holds one)"
-                + (f"; it has {found}: pass one of them as the path." if found else "."))
+                + (f"; it has {found}: pass one of them as the path." if found else ".")
+            )
         return inner
     if path.is_file():
         return path
@@ -165,8 +169,9 @@ def read_gears(path: str | os.PathLike, *, backed: bool = False) -> anndata.AnnD
         raise DataFormatError(f"Could not read {str(file)!r} as an .h5ad file: {e}") from e
 
 
-def check_unique_var_names(adata: anndata.AnnData, *, where: str = "adata.var_names",
-                           fix: str | None = None) -> None:
+def check_unique_var_names(
+    adata: anndata.AnnData, *, where: str = "adata.var_names", fix: str | None = None
+) -> None:
     """Raises :class:`DataFormatError` listing duplicated var names (genes are looked up by
     name, so two columns may not share one) and how to make them unique."""
     names = pd.Index(adata.var_names.astype(str))
@@ -175,16 +180,24 @@ def check_unique_var_names(adata: anndata.AnnData, *, where: str = "adata.var_na
     counts = names.value_counts()
     duplicated = counts[counts > 1]
     listed = ", ".join(f"{name!r} ({n}x)" for name, n in duplicated.head(10).items())
-    unique_columns = [str(c) for c in adata.var.columns
-                      if not adata.var[c].isna().any() and adata.var[c].astype(str).is_unique]
-    column_hint = (f"; or index the genes by a column with unique values (here: "
-                   f"{unique_columns[:5]}), e.g. adata.var_names = "
-                   f"adata.var[{unique_columns[0]!r}].astype(str)" if unique_columns else "")
+    unique_columns = [
+        str(c)
+        for c in adata.var.columns
+        if not adata.var[c].isna().any() and adata.var[c].astype(str).is_unique
+    ]
+    column_hint = (
+        f"; or index the genes by a column with unique values (here: "
+        f"{unique_columns[:5]}), e.g. adata.var_names = "
+        f"adata.var[{unique_columns[0]!r}].astype(str)"
+        if unique_columns
+        else ""
+    )
     raise DataFormatError(
         f"{where} has {len(duplicated)} duplicated gene name(s): {listed}"
         f"{' ...' if len(duplicated) > 10 else ''}. Each gene must have its own name: call "
         f"adata.var_names_make_unique() (it appends -1, -2, ... to repeats){column_hint}"
-        f"{'. ' + fix if fix else ''}.")
+        f"{'. ' + fix if fix else ''}."
+    )
 
 
 # Labels such as "3", "-1" or "3.0": codes of a categorical column, not gene symbols.
@@ -192,11 +205,17 @@ def check_columns(frame: pd.DataFrame, keys: Iterable[str], where: str, fix: str
     missing = [k for k in keys if k not in frame.columns]
     if missing:
         raise DataFormatError(
-            f"{where} has no column(s) {missing} (it has {list(frame.columns)}). {fix}")
+            f"{where} has no column(s) {missing} (it has {list(frame.columns)}). {fix}"
+        )
 
 
-def validate_gears_adata(adata: anndata.AnnData, *, require_de: bool = True,
-                         min_cells: int = 2, check_values: bool = True) -> None:
+def validate_gears_adata(
+    adata: anndata.AnnData,
+    *,
+    require_de: bool = True,
+    min_cells: int = 2,
+    check_values: bool = True,
+) -> None:
     """Checks that an AnnData is a usable GEARS-format Perturb-seq dataset.
 
     Args:
@@ -209,12 +228,20 @@ def validate_gears_adata(adata: anndata.AnnData, *, require_de: bool = True,
       DataFormatError: naming the missing column or key, the malformed condition, the
         conditions with too few cells, the absent controls or the bad values.
     """
-    check_columns(adata.obs, OBS_KEYS, "adata.obs",
-                   "GEARS-format data need obs['condition'], obs['cell_type'] and "
-                   f"obs['condition_name']. {PREPARE_HINT}")
-    check_columns(adata.var, ("gene_name",), "adata.var",
-                   "Set adata.var['gene_name'] to the gene symbols (e.g. "
-                   "adata.var['gene_name'] = adata.var_names).")
+    check_columns(
+        adata.obs,
+        OBS_KEYS,
+        "adata.obs",
+        "GEARS-format data need obs['condition'], obs['cell_type'] and "
+        f"obs['condition_name']. {PREPARE_HINT}",
+    )
+    check_columns(
+        adata.var,
+        ("gene_name",),
+        "adata.var",
+        "Set adata.var['gene_name'] to the gene symbols (e.g. "
+        "adata.var['gene_name'] = adata.var_names).",
+    )
     check_unique_var_names(adata, fix="Then write the file again")
     conditions = adata.obs["condition"].astype(str)
     counts = conditions.value_counts()
@@ -223,21 +250,25 @@ def validate_gears_adata(adata: anndata.AnnData, *, require_de: bool = True,
     if CONTROL not in counts.index:
         raise DataFormatError(
             "No control cells: obs['condition'] has no 'ctrl' entries. Perturbed cells are "
-            "paired with control cells, so the data must include them (label them 'ctrl').")
+            "paired with control cells, so the data must include them (label them 'ctrl')."
+        )
     small = counts[counts < min_cells]
     if len(small):
-        listed = ", ".join(f"{c!r} ({n} cell{'s' if n != 1 else ''})"
-                           for c, n in small.head(10).items())
+        listed = ", ".join(
+            f"{c!r} ({n} cell{'s' if n != 1 else ''})" for c, n in small.head(10).items()
+        )
         raise DataFormatError(
             f"{len(small)} condition(s) have fewer than {min_cells} cells: {listed}"
             f"{' ...' if len(small) > 10 else ''}. DE genes and means need at least "
-            f"{min_cells}; remove these cells or pass drop_small_conditions=True.")
+            f"{min_cells}; remove these cells or pass drop_small_conditions=True."
+        )
     if require_de:
         missing = [k for k in UNS_KEYS if k not in adata.uns]
         if missing:
             raise DataFormatError(
                 f"adata.uns has no {missing}: the DE genes GEARS computes for evaluation. "
-                + PREPARE_HINT)
+                + PREPARE_HINT
+            )
     if check_values:
         check_log_values(adata.X)
 

@@ -26,8 +26,9 @@ from scformer_jax.data.gears_io import (
 _CODE_LABEL = re.compile(r"[+-]?\d+(\.0+)?")
 
 
-def _check_labels_are_genes(perturbed: Sequence[str], gene_names: Sequence[str],
-                            perturbation_key: str) -> None:
+def _check_labels_are_genes(
+    perturbed: Sequence[str], gene_names: Sequence[str], perturbation_key: str
+) -> None:
     """Refuses perturbation labels that look like integer codes or name no measured gene."""
     if not perturbed:
         return
@@ -44,7 +45,8 @@ def _check_labels_are_genes(perturbed: Sequence[str], gene_names: Sequence[str],
         f"If they are codes, map them to gene symbols first, e.g. adata.obs["
         f"{perturbation_key!r}] = adata.obs[{perturbation_key!r}].map(code_to_gene); if they "
         "are the symbols of perturbed genes that were not measured, pass "
-        "--labels-are-gene-names (labels_are_gene_names=True).")
+        "--labels-are-gene-names (labels_are_gene_names=True)."
+    )
 
 
 def _user_label_to_condition(label: str, control_label: str, separator: str) -> str:
@@ -57,7 +59,8 @@ def _user_label_to_condition(label: str, control_label: str, separator: str) -> 
     if not genes or any(g.strip() == "" for g in genes) or len(genes) > 2:
         raise DataFormatError(
             f"Malformed perturbation label {label!r}: expected the control label "
-            f"{control_label!r}, one gene, or two genes joined by {separator!r}.")
+            f"{control_label!r}, one gene, or two genes joined by {separator!r}."
+        )
     condition = f"{genes[0]}+{CONTROL}" if len(genes) == 1 else f"{genes[0]}+{genes[1]}"
     try:
         parse_condition(condition)
@@ -66,12 +69,21 @@ def _user_label_to_condition(label: str, control_label: str, separator: str) -> 
     return condition
 
 
-def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str,
-            cell_type_key: str | None = None, cell_type: str = "cell",
-            gene_name_key: str | None = None, combo_separator: str = "+",
-            normalize: bool | None = None, target_sum: float = 1e4,
-            min_cells: int = 2, de_backend: str = "scanpy",
-            labels_are_gene_names: bool = False) -> anndata.AnnData:
+def prepare(
+    adata: anndata.AnnData,
+    *,
+    perturbation_key: str,
+    control_label: str,
+    cell_type_key: str | None = None,
+    cell_type: str = "cell",
+    gene_name_key: str | None = None,
+    combo_separator: str = "+",
+    normalize: bool | None = None,
+    target_sum: float = 1e4,
+    min_cells: int = 2,
+    de_backend: str = "scanpy",
+    labels_are_gene_names: bool = False,
+) -> anndata.AnnData:
     """A user's Perturb-seq AnnData -> a new AnnData in GEARS's processed layout.
 
     Args:
@@ -105,41 +117,62 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
     """
     import scanpy as sc
 
-    check_columns(adata.obs, [perturbation_key], "adata.obs",
-                   "Pass the obs column that holds each cell's perturbed gene(s) as "
-                   "--perturbation-key / perturbation_key.")
+    check_columns(
+        adata.obs,
+        [perturbation_key],
+        "adata.obs",
+        "Pass the obs column that holds each cell's perturbed gene(s) as "
+        "--perturbation-key / perturbation_key.",
+    )
     if cell_type_key is not None:
-        check_columns(adata.obs, [cell_type_key], "adata.obs",
-                       "Pass an existing column as --cell-type-key, or leave it out to use one "
-                       "cell type for all cells (--cell-type NAME).")
+        check_columns(
+            adata.obs,
+            [cell_type_key],
+            "adata.obs",
+            "Pass an existing column as --cell-type-key, or leave it out to use one "
+            "cell type for all cells (--cell-type NAME).",
+        )
     if gene_name_key is not None:
-        check_columns(adata.var, [gene_name_key], "adata.var",
-                       "Pass the var column holding gene symbols as --gene-name-key, or leave it "
-                       "out to use the var names.")
+        check_columns(
+            adata.var,
+            [gene_name_key],
+            "adata.var",
+            "Pass the var column holding gene symbols as --gene-name-key, or leave it "
+            "out to use the var names.",
+        )
     check_unique_var_names(adata)
     labels = adata.obs[perturbation_key]
     if labels.isna().any():
         first = adata.obs_names[labels.isna().to_numpy()][0]
         raise DataFormatError(
             f"obs[{perturbation_key!r}] is missing for {int(labels.isna().sum())} cells (first: "
-            f"{first!r}). Label every cell (controls with {control_label!r}) or drop them.")
+            f"{first!r}). Label every cell (controls with {control_label!r}) or drop them."
+        )
     labels = labels.astype(str).to_numpy()
     if not np.any(labels == control_label):
         examples = list(pd.unique(labels)[:8])
         raise DataFormatError(
             f"No control cells: no cell has obs[{perturbation_key!r}] == {control_label!r} "
             f"(values include {examples}). Pass the label your data use for control cells as "
-            "--control-label.")
+            "--control-label."
+        )
     unique_labels = pd.unique(labels)
-    mapping = {label: _user_label_to_condition(label, control_label, combo_separator)
-               for label in unique_labels}
+    mapping = {
+        label: _user_label_to_condition(label, control_label, combo_separator)
+        for label in unique_labels
+    }
     conditions = pd.Series(labels).map(mapping).to_numpy()
-    gene_names = (adata.var[gene_name_key].astype(str).to_numpy() if gene_name_key is not None
-                  else adata.var_names.astype(str).to_numpy())
+    gene_names = (
+        adata.var[gene_name_key].astype(str).to_numpy()
+        if gene_name_key is not None
+        else adata.var_names.astype(str).to_numpy()
+    )
     if not labels_are_gene_names:
         _check_labels_are_genes(
-            sorted({g for c in mapping.values() for g in parse_condition(c)}), gene_names,
-            perturbation_key)
+            sorted({g for c in mapping.values() for g in parse_condition(c)}),
+            gene_names,
+            perturbation_key,
+        )
     counts = pd.Series(conditions).value_counts()
     small = counts[counts < min_cells]
     if len(small):
@@ -149,7 +182,8 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
             f"{' ...' if len(small) > 10 else ''}. The t-test behind the DE genes needs at "
             f"least {min_cells} cells per condition; remove those cells first, e.g. "
             f"adata = adata[adata.obs[{perturbation_key!r}].map(adata.obs[{perturbation_key!r}]"
-            f".value_counts()) >= {min_cells}].")
+            f".value_counts()) >= {min_cells}]."
+        )
 
     X = adata.X
     if X is None:
@@ -163,23 +197,31 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
     elif normalize is False and is_counts:
         raise DataFormatError(
             "adata.X holds raw counts (all values are integers) but normalize=False says it is "
-            "log1p-normalised. Use --normalize auto/yes to normalise and log-transform it.")
+            "log1p-normalised. Use --normalize auto/yes to normalise and log-transform it."
+        )
     if normalize and not is_counts:
-        warnings.warn("normalize=True on a matrix that is not integer counts; normalising and "
-                      "log-transforming it anyway.", stacklevel=2)
+        warnings.warn(
+            "normalize=True on a matrix that is not integer counts; normalising and "
+            "log-transforming it anyway.",
+            stacklevel=2,
+        )
 
     if cell_type_key is not None:
         if adata.obs[cell_type_key].isna().any():
             raise DataFormatError(
                 f"obs[{cell_type_key!r}] is missing for "
-                f"{int(adata.obs[cell_type_key].isna().sum())} cells; fill it or drop them.")
+                f"{int(adata.obs[cell_type_key].isna().sum())} cells; fill it or drop them."
+            )
         cell_types = adata.obs[cell_type_key].astype(str).to_numpy()
     else:
         cell_types = np.full(adata.n_obs, str(cell_type), dtype=object)
     for t in pd.unique(cell_types):
         if "_" in t:
-            warnings.warn(f"Cell type {t!r} contains '_', which GEARS also uses to join "
-                          "condition_name; names stay unambiguous here.", stacklevel=2)
+            warnings.warn(
+                f"Cell type {t!r} contains '_', which GEARS also uses to join "
+                "condition_name; names stay unambiguous here.",
+                stacklevel=2,
+            )
 
     obs = adata.obs.copy()
     obs["condition"] = conditions
@@ -196,11 +238,12 @@ def prepare(adata: anndata.AnnData, *, perturbation_key: str, control_label: str
     check_log_values(out.X)
 
     measured = set(gene_names)
-    unmeasured = sorted({g for c in pd.unique(conditions) for g in parse_condition(c)}
-                        - measured)
+    unmeasured = sorted({g for c in pd.unique(conditions) for g in parse_condition(c)} - measured)
     if unmeasured:
         warnings.warn(
             f"{len(unmeasured)} perturbed gene(s) are not among the measured genes: "
             f"{unmeasured[:10]}{' ...' if len(unmeasured) > 10 else ''}. They become extra "
-            "input tokens (flag 1, expression 0).", stacklevel=2)
+            "input tokens (flag 1, expression 0).",
+            stacklevel=2,
+        )
     return add_gears_annotations(out, de_backend=de_backend)

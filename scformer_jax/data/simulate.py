@@ -82,41 +82,62 @@ class SimulationConfig:
 
         need(self.n_genes >= 4, f"n_genes must be >= 4, got {self.n_genes}.")
         need(self.n_pert_genes >= 2, f"n_pert_genes must be >= 2, got {self.n_pert_genes}.")
-        need(0 <= self.n_unmeasured_pert_genes < self.n_pert_genes,
-             "n_unmeasured_pert_genes must be in [0, n_pert_genes).")
-        need(self.n_pert_genes - self.n_unmeasured_pert_genes <= self.n_genes,
-             "more measured perturbed genes than genes.")
+        need(
+            0 <= self.n_unmeasured_pert_genes < self.n_pert_genes,
+            "n_unmeasured_pert_genes must be in [0, n_pert_genes).",
+        )
+        need(
+            self.n_pert_genes - self.n_unmeasured_pert_genes <= self.n_genes,
+            "more measured perturbed genes than genes.",
+        )
         max_pairs = self.n_pert_genes * (self.n_pert_genes - 1) // 2
-        need(0 <= self.n_combos <= max_pairs,
-             f"n_combos must be in [0, {max_pairs}] for {self.n_pert_genes} perturbed genes.")
+        need(
+            0 <= self.n_combos <= max_pairs,
+            f"n_combos must be in [0, {max_pairs}] for {self.n_pert_genes} perturbed genes.",
+        )
         need(self.cells_per_condition >= 2, "cells_per_condition must be >= 2.")
         need(self.n_control_cells >= 2, "n_control_cells must be >= 2.")
         need(self.min_cells_per_condition >= 2, "min_cells_per_condition must be >= 2.")
         need(self.grn_layers >= 2, "grn_layers must be >= 2.")
-        need(len(self.interaction_probs) == 3 and min(self.interaction_probs) >= 0
-             and sum(self.interaction_probs) > 0,
-             "interaction_probs must be three non-negative weights.")
+        need(
+            len(self.interaction_probs) == 3
+            and min(self.interaction_probs) >= 0
+            and sum(self.interaction_probs) > 0,
+            "interaction_probs must be three non-negative weights.",
+        )
         need(0 < self.efficiency_low <= 1, "efficiency_low must be in (0, 1].")
         need("_" not in self.cell_type, "cell_type must not contain '_'.")
 
 
 PRESETS: dict[str, SimulationConfig] = {
     # Unit tests: a few hundred cells, 40 genes.
-    "tiny": SimulationConfig(n_genes=40, n_pert_genes=10, n_combos=8, cells_per_condition=12,
-                             n_control_cells=80),
+    "tiny": SimulationConfig(
+        n_genes=40, n_pert_genes=10, n_combos=8, cells_per_condition=12, n_control_cells=80
+    ),
     # The default built-in dataset: ~3.8k cells x 150 genes; trains in minutes on 2 cores.
     "default": SimulationConfig(),
     # A CRISPR knock-out screen as many real ones: single perturbations only, a panel of 300
     # measured genes, most perturbed genes outside the panel, ~2.6k cells. Its test
     # perturbations are unseen singles whose gene is mostly not measured.
-    "screen": SimulationConfig(n_genes=300, n_pert_genes=100, n_unmeasured_pert_genes=80,
-                               n_combos=0, cells_per_condition=20, n_control_cells=600,
-                               activation_fraction=0.0),
+    "screen": SimulationConfig(
+        n_genes=300,
+        n_pert_genes=100,
+        n_unmeasured_pert_genes=80,
+        n_combos=0,
+        cells_per_condition=20,
+        n_control_cells=600,
+        activation_fraction=0.0,
+    ),
     # Benchmarks only: the size of GEARS's Norman 2019 data (~91k cells x 5045 genes,
     # 105 perturbed genes, 131 doubles, ~7.4k control cells).
-    "norman": SimulationConfig(n_genes=5045, n_pert_genes=105, n_combos=131,
-                               cells_per_condition=355, n_control_cells=7353,
-                               umis_per_gene=0.6),
+    "norman": SimulationConfig(
+        n_genes=5045,
+        n_pert_genes=105,
+        n_combos=131,
+        cells_per_condition=355,
+        n_control_cells=7353,
+        umis_per_gene=0.6,
+    ),
 }
 
 
@@ -155,8 +176,9 @@ def _make_network(cfg: SimulationConfig, total: int, rng: np.random.Generator) -
         candidates = np.concatenate(by_layer[:depth])
         p = hubness[candidates] / hubness[candidates].sum()
         genes = by_layer[depth]
-        k = np.minimum(1 + rng.poisson(max(cfg.mean_regulators - 1.0, 0.0), len(genes)),
-                       len(candidates))
+        k = np.minimum(
+            1 + rng.poisson(max(cfg.mean_regulators - 1.0, 0.0), len(genes)), len(candidates)
+        )
         # Weighted sampling without replacement for all genes of the layer at once
         # (Gumbel top-k on log-propensities).
         keys = np.log(p)[None, :] + rng.gumbel(size=(len(genes), len(candidates)))
@@ -178,8 +200,14 @@ def _gene_names(total: int) -> np.ndarray:
     return np.array([f"G{i:0{width}d}" for i in range(total)], dtype=object)
 
 
-def _propagate(start: np.ndarray, baseline: np.ndarray, regulators: np.ndarray,
-               weights_in: sparse.csr_matrix, scale: float, steps: int) -> np.ndarray:
+def _propagate(
+    start: np.ndarray,
+    baseline: np.ndarray,
+    regulators: np.ndarray,
+    weights_in: sparse.csr_matrix,
+    scale: float,
+    steps: int,
+) -> np.ndarray:
     """Fixed point of a = start + H(a - b) @ W on a DAG (exact after `steps` = depth).
 
     Works gene-major, (genes, cells), so that every step is a row gather, an elementwise
@@ -207,8 +235,7 @@ def _propagate(start: np.ndarray, baseline: np.ndarray, regulators: np.ndarray,
 def _to_csr_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(data, indices, row lengths) of a dense (cells, genes) block, row-major."""
     rows, cols = np.nonzero(values)
-    return values[rows, cols], cols.astype(np.int32), np.bincount(rows,
-                                                                  minlength=values.shape[0])
+    return values[rows, cols], cols.astype(np.int32), np.bincount(rows, minlength=values.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +249,9 @@ class _ChunkTables:
     keep: np.ndarray  # int (n_genes,): the measured genes
 
 
-def _simulate_chunk(cfg: SimulationConfig, tables: _ChunkTables, rng: np.random.Generator,
-                    cond: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _simulate_chunk(
+    cfg: SimulationConfig, tables: _ChunkTables, rng: np.random.Generator, cond: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Expression of one chunk of cells as CSR pieces (data, indices, row lengths).
 
     Args:
@@ -242,20 +270,34 @@ def _simulate_chunk(cfg: SimulationConfig, tables: _ChunkTables, rng: np.random.
         genes = tables.pert_table[cond, k]
         has = genes >= 0
         perturbed[genes[has], cells[has]] += (
-            tables.shift_table[cond[has], k] * efficiency[has]).astype(np.float32)
-    state = _propagate(perturbed, tables.baseline, tables.regulators, tables.weights_in,
-                       cfg.response_scale, cfg.grn_layers)
+            tables.shift_table[cond[has], k] * efficiency[has]
+        ).astype(np.float32)
+    state = _propagate(
+        perturbed,
+        tables.baseline,
+        tables.regulators,
+        tables.weights_in,
+        cfg.response_scale,
+        cfg.grn_layers,
+    )
     gain = tables.gain_table[cond]
     doubles = np.flatnonzero(gain != 1.0)
     if len(doubles):
         # Scale the downstream response of a double relative to the same cell without the
         # perturbation; the perturbed genes themselves keep their direct shift.
-        reference = _propagate(unperturbed[:, doubles], tables.baseline, tables.regulators,
-                               tables.weights_in, cfg.response_scale, cfg.grn_layers)
+        reference = _propagate(
+            unperturbed[:, doubles],
+            tables.baseline,
+            tables.regulators,
+            tables.weights_in,
+            cfg.response_scale,
+            cfg.grn_layers,
+        )
         targets = tables.pert_table[cond[doubles]].T  # (2, n_doubles)
         direct = state[targets, doubles[None, :]]
         state[:, doubles] = reference + gain[doubles].astype(np.float32) * (
-            state[:, doubles] - reference)
+            state[:, doubles] - reference
+        )
         state[targets, doubles[None, :]] = direct
     state = np.ascontiguousarray(state.T)  # (cells, genes)
     state -= state.max(axis=1, keepdims=True)
@@ -302,26 +344,38 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
     unmeasured = np.zeros(total, bool)
     unmeasured[pert_genes[: cfg.n_unmeasured_pert_genes]] = True
     activated = rng.random(cfg.n_pert_genes) < cfg.activation_fraction
-    shift_of = dict(zip(pert_genes.tolist(),
-                        np.where(activated, cfg.activation_shift, cfg.knockdown_shift)))
+    shift_of = dict(
+        zip(pert_genes.tolist(), np.where(activated, cfg.activation_shift, cfg.knockdown_shift))
+    )
 
     # Conditions: singles of every perturbed gene, doubles among pairs of them.
     singles = [(int(g),) for g in pert_genes]
-    pairs = np.array([(i, j) for i in range(cfg.n_pert_genes)
-                      for j in range(i + 1, cfg.n_pert_genes)], dtype=np.int64).reshape(-1, 2)
+    pairs = np.array(
+        [(i, j) for i in range(cfg.n_pert_genes) for j in range(i + 1, cfg.n_pert_genes)],
+        dtype=np.int64,
+    ).reshape(-1, 2)
     chosen = pairs[np.sort(rng.choice(len(pairs), cfg.n_combos, replace=False))]
-    combos = [tuple(sorted((int(pert_genes[i]), int(pert_genes[j])), key=lambda g: names[g]))
-              for i, j in chosen]
+    combos = [
+        tuple(sorted((int(pert_genes[i]), int(pert_genes[j])), key=lambda g: names[g]))
+        for i, j in chosen
+    ]
     probs = np.asarray(cfg.interaction_probs, float) / np.sum(cfg.interaction_probs)
     interaction = rng.choice(len(INTERACTIONS), len(combos), p=probs)
     gains = np.array([1.0, cfg.synergy_gain, cfg.buffering_gain])
 
     perturbations: list[tuple[int, ...]] = [()] + singles + combos
-    condition_strings = [CONTROL] + [f"{names[g]}+{CONTROL}" for (g,) in singles] + [
-        f"{names[a]}+{names[b]}" for a, b in combos]
-    sizes = np.maximum(cfg.min_cells_per_condition, np.round(
-        cfg.cells_per_condition * rng.lognormal(0.0, cfg.condition_size_sd,
-                                                len(perturbations) - 1))).astype(np.int64)
+    condition_strings = (
+        [CONTROL]
+        + [f"{names[g]}+{CONTROL}" for (g,) in singles]
+        + [f"{names[a]}+{names[b]}" for a, b in combos]
+    )
+    sizes = np.maximum(
+        cfg.min_cells_per_condition,
+        np.round(
+            cfg.cells_per_condition
+            * rng.lognormal(0.0, cfg.condition_size_sd, len(perturbations) - 1)
+        ),
+    ).astype(np.int64)
     sizes = np.concatenate([[cfg.n_control_cells], sizes])
     cell_condition = rng.permutation(np.repeat(np.arange(len(perturbations)), sizes))
     n_cells = len(cell_condition)
@@ -334,20 +388,26 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
             pert_table[i, k] = g
             shift_table[i, k] = shift_of[g]
     gain_table = np.ones(len(perturbations))
-    gain_table[1 + len(singles):] = gains[interaction]
+    gain_table[1 + len(singles) :] = gains[interaction]
 
     regulators = np.flatnonzero(np.bincount(network.regulators, minlength=total))
     tables = _ChunkTables(
-        pert_table=pert_table, shift_table=shift_table, gain_table=gain_table,
+        pert_table=pert_table,
+        shift_table=shift_table,
+        gain_table=gain_table,
         regulators=regulators,
         weights_in=sparse.csr_matrix(network.weights[regulators].T, dtype=np.float32),
-        baseline=baseline.astype(np.float32), keep=np.flatnonzero(~unmeasured))
+        baseline=baseline.astype(np.float32),
+        keep=np.flatnonzero(~unmeasured),
+    )
     # The chunk size and each chunk's random stream depend only on (config, seed), so the
     # result is the same whatever the number of worker threads.
     chunk = int(max(256, min(16384, 4_000_000 // total)))
     starts = range(0, n_cells, chunk)
-    work = [(np.random.default_rng([int(seed), 1, i]), cell_condition[s:s + chunk])
-            for i, s in enumerate(starts)]
+    work = [
+        (np.random.default_rng([int(seed), 1, i]), cell_condition[s : s + chunk])
+        for i, s in enumerate(starts)
+    ]
     workers = max(1, min(len(work), os.cpu_count() or 1, 4))
     if workers > 1:
         # numpy's samplers, ufuncs and scipy's sparse products release the GIL.
@@ -358,15 +418,22 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
     indptr = np.concatenate([[0], np.cumsum(np.concatenate([b[2] for b in blocks]))])
     index_dtype = np.int32 if indptr[-1] < np.iinfo(np.int32).max else np.int64
     X = sparse.csr_matrix(
-        (np.concatenate([b[0] for b in blocks]),
-         np.concatenate([b[1] for b in blocks]).astype(index_dtype, copy=False),
-         indptr.astype(index_dtype)), shape=(n_cells, len(tables.keep)))
+        (
+            np.concatenate([b[0] for b in blocks]),
+            np.concatenate([b[1] for b in blocks]).astype(index_dtype, copy=False),
+            indptr.astype(index_dtype),
+        ),
+        shape=(n_cells, len(tables.keep)),
+    )
     del blocks
 
-    obs = pd.DataFrame({
-        "condition": np.asarray(condition_strings, dtype=object)[cell_condition],
-        "cell_type": cfg.cell_type,
-    }, index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+    obs = pd.DataFrame(
+        {
+            "condition": np.asarray(condition_strings, dtype=object)[cell_condition],
+            "cell_type": cfg.cell_type,
+        },
+        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
+    )
     keep = tables.keep
     var = pd.DataFrame({"gene_name": names[keep]}, index=pd.Index(names[keep].astype(str)))
     adata = anndata.AnnData(X=X, obs=obs, var=var)
@@ -380,7 +447,7 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
         "perturbed_genes": names[pert_genes].astype(str),
         "perturbation_mode": np.where(activated, "activation", "knockdown").astype(str),
         "unmeasured_genes": names[unmeasured].astype(str),
-        "combo_conditions": np.asarray(condition_strings[1 + len(singles):], dtype=str),
+        "combo_conditions": np.asarray(condition_strings[1 + len(singles) :], dtype=str),
         "combo_interactions": np.asarray([INTERACTIONS[i] for i in interaction], dtype=str),
     }
     return adata
@@ -389,17 +456,25 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
 def simulation_truth(adata: anndata.AnnData) -> dict[str, Any]:
     """The ground truth stored by :func:`simulate` (config, edges, modes, interactions)."""
     if "simulation" not in adata.uns:
-        raise ValueError("This AnnData was not made by scformer_jax.data.simulate "
-                         "(no uns['simulation']).")
+        raise ValueError(
+            "This AnnData was not made by scformer_jax.data.simulate (no uns['simulation'])."
+        )
     info: Mapping[str, Any] = adata.uns["simulation"]
     return {
         "config": json.loads(str(info["config"])),
         "seed": int(info["seed"]),
-        "edges": list(zip(map(str, info["edge_regulator"]), map(str, info["edge_target"]),
-                          map(float, info["edge_weight"]))),
-        "perturbation_mode": dict(zip(map(str, info["perturbed_genes"]),
-                                      map(str, info["perturbation_mode"]))),
+        "edges": list(
+            zip(
+                map(str, info["edge_regulator"]),
+                map(str, info["edge_target"]),
+                map(float, info["edge_weight"]),
+            )
+        ),
+        "perturbation_mode": dict(
+            zip(map(str, info["perturbed_genes"]), map(str, info["perturbation_mode"]))
+        ),
         "unmeasured_genes": [str(g) for g in info["unmeasured_genes"]],
-        "interaction": dict(zip(map(str, info["combo_conditions"]),
-                                map(str, info["combo_interactions"]))),
+        "interaction": dict(
+            zip(map(str, info["combo_conditions"]), map(str, info["combo_interactions"]))
+        ),
     }

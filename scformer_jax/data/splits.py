@@ -62,8 +62,16 @@ import numpy as np
 from scformer_jax.data.conditions import CONTROL, parse_condition, unique_conditions
 from scformer_jax.io import atomic_path
 
-SPLIT_TYPES = ("simulation", "simulation_single", "single", "combo_seen0", "combo_seen1",
-               "combo_seen2", "no_test", "custom")
+SPLIT_TYPES = (
+    "simulation",
+    "simulation_single",
+    "single",
+    "combo_seen0",
+    "combo_seen1",
+    "combo_seen2",
+    "no_test",
+    "custom",
+)
 # GEARS's test subgroups, in its order (metrics and reports group by these).
 SUBGROUP_NAMES = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 SET_NAMES = ("train", "val", "test")
@@ -92,9 +100,11 @@ def _checked_conditions(conditions: Iterable[Any]) -> list[str]:
     conditions = list(conditions)
     for position, condition in enumerate(conditions):
         if not isinstance(condition, str):
-            raise ValueError(f"conditions[{position}] is {condition!r} ({type(condition).__name__})"
-                             "; every entry must be a GEARS condition name such as 'A+ctrl' "
-                             "(missing values in obs['condition']?)")
+            raise ValueError(
+                f"conditions[{position}] is {condition!r} ({type(condition).__name__})"
+                "; every entry must be a GEARS condition name such as 'A+ctrl' "
+                "(missing values in obs['condition']?)"
+            )
     distinct = unique_conditions(conditions)
     for condition in distinct:
         parse_condition(condition)
@@ -106,9 +116,14 @@ def _genes_in(perts: Sequence[str], genes_of: dict[str, tuple[str, ...]]) -> lis
     return sorted({gene for pert in perts for gene in genes_of[pert]})
 
 
-def _simulation_stage(perts: list[str], genes_of: dict[str, tuple[str, ...]], seed: int,
-                      gene_fraction: float, seen2_train_frac: float,
-                      singles_only: bool) -> tuple[list[str], list[str], dict[str, list[str]]]:
+def _simulation_stage(
+    perts: list[str],
+    genes_of: dict[str, tuple[str, ...]],
+    seed: int,
+    gene_fraction: float,
+    seen2_train_frac: float,
+    singles_only: bool,
+) -> tuple[list[str], list[str], dict[str, list[str]]]:
     """One GEARS simulation draw: splits ``perts`` into kept and held-out conditions.
 
     GEARS seeds NumPy afresh with the same seed for the gene draw and again for the double
@@ -127,7 +142,8 @@ def _simulation_stage(perts: list[str], genes_of: dict[str, tuple[str, ...]], se
     if singles_only and doubles:
         raise ValueError(
             f"split 'simulation_single' handles single-gene perturbations only, but the data "
-            f"has {len(doubles)} double(s) ({_format_names(doubles)}); use split='simulation'")
+            f"has {len(doubles)} double(s) ({_format_names(doubles)}); use split='simulation'"
+        )
     train_singles = [p for p in singles if genes_of[p][0] in seen_genes]
     unseen_single = [p for p in singles if genes_of[p][0] not in seen_genes]
 
@@ -139,21 +155,29 @@ def _simulation_stage(perts: list[str], genes_of: dict[str, tuple[str, ...]], se
     # GEARS draws from the sorted distinct doubles with both genes seen (np.setdiff1d sorts).
     seen2_pool = sorted({p for p in doubles if n_seen_of(p) == 2})
     n_seen2_train = int(len(seen2_pool) * seen2_train_frac)
-    seen2_draw = np.random.RandomState(seed).choice(len(seen2_pool), n_seen2_train,
-                                                    replace=False)
+    seen2_draw = np.random.RandomState(seed).choice(len(seen2_pool), n_seen2_train, replace=False)
     seen2_train = [seen2_pool[i] for i in seen2_draw]
     seen2_train_set = set(seen2_train)
     combo_seen2 = [p for p in seen2_pool if p not in seen2_train_set]
 
     kept = train_singles + seen2_train
-    subgroups = {"unseen_single": unseen_single, "combo_seen0": combo_seen0,
-                 "combo_seen1": combo_seen1, "combo_seen2": combo_seen2}
+    subgroups = {
+        "unseen_single": unseen_single,
+        "combo_seen0": combo_seen0,
+        "combo_seen1": combo_seen1,
+        "combo_seen2": combo_seen2,
+    }
     held_out = unseen_single + combo_seen1 + combo_seen2 + combo_seen0
     return kept, held_out, subgroups
 
 
-def _list_stage(perts: list[str], genes_of: dict[str, tuple[str, ...]], split: str,
-                fraction: float, rng: np.random.RandomState) -> tuple[list[str], list[str]]:
+def _list_stage(
+    perts: list[str],
+    genes_of: dict[str, tuple[str, ...]],
+    split: str,
+    fraction: float,
+    rng: np.random.RandomState,
+) -> tuple[list[str], list[str]]:
     """One draw of GEARS's list-based splits (single, combo_seen*, no_test).
 
     GEARS always draws ``int(n_singles * fraction)`` genes with replacement first, even for the
@@ -186,8 +210,7 @@ def _list_stage(perts: list[str], genes_of: dict[str, tuple[str, ...]], split: s
         # A double is "seen k" when k of its genes lie outside the drawn (unseen) genes.
         max_seen = int(split[-1])
         dropped = {p for p in touched if len(genes_of[p]) - n_drawn_of(p) > max_seen}
-        held_out = ([p for p in singles if n_drawn_of(p)]
-                    + [p for p in touched if p not in dropped])
+        held_out = [p for p in singles if n_drawn_of(p)] + [p for p in touched if p not in dropped]
     else:  # pragma: no cover - callers pass only the types above
         raise AssertionError(split)
     excluded = set(held_out) | dropped
@@ -197,12 +220,20 @@ def _list_stage(perts: list[str], genes_of: dict[str, tuple[str, ...]], split: s
 def _too_small_error(split: str, seed: int, set_name: str, detail: str) -> ValueError:
     gears_error = {"val": "KeyError: 'val'", "test": "KeyError: 'test'"}.get(set_name)
     also = f" (GEARS itself would fail later with {gears_error})" if gears_error else ""
-    return ValueError(f"split {split!r} with seed {seed} leaves the {set_name} set without "
-                      f"perturbations{also}: {detail}")
+    return ValueError(
+        f"split {split!r} with seed {seed} leaves the {set_name} set without "
+        f"perturbations{also}: {detail}"
+    )
 
 
-def _check_sizes(split: str, seed: int, train: list[str], val: list[str], test: list[str],
-                 details: dict[str, str]) -> None:
+def _check_sizes(
+    split: str,
+    seed: int,
+    train: list[str],
+    val: list[str],
+    test: list[str],
+    details: dict[str, str],
+) -> None:
     # The test draw comes first, so an empty test set is the root cause when several are empty.
     if split != "no_test" and not test:
         raise _too_small_error(split, seed, "test", details["test"])
@@ -228,17 +259,23 @@ def _derived_subgroups(train: Sequence[str], test: Sequence[str]) -> dict[str, l
 
 def _check_fraction(name: str, value: float, allow_zero: bool) -> None:
     numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, bool)
+        value, bool
+    )
     if not numeric or not ((value >= 0 if allow_zero else value > 0) and value <= 1):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
 
-def gears_split(conditions: list[str], split: str = "simulation", seed: int = 1,
-                train_gene_set_size: float = 0.75, combo_seen2_train_frac: float = 0.75,
-                split_path: str | None = None, *,
-                combo_single_split_test_set_fraction: float = _LIST_SPLIT_FRACTION
-                ) -> dict:
+def gears_split(
+    conditions: list[str],
+    split: str = "simulation",
+    seed: int = 1,
+    train_gene_set_size: float = 0.75,
+    combo_seen2_train_frac: float = 0.75,
+    split_path: str | None = None,
+    *,
+    combo_single_split_test_set_fraction: float = _LIST_SPLIT_FRACTION,
+) -> dict:
     """Splits perturbation conditions into train/val/test exactly as GEARS 0.1.2 does.
 
     Args:
@@ -274,48 +311,61 @@ def gears_split(conditions: list[str], split: str = "simulation", seed: int = 1,
         return _custom_split(all_conditions, split_path)
     if split_path is not None:
         raise ValueError(f"split_path is only read for split='custom', not {split!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
-            0 <= seed < 2**32):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (0 <= seed < 2**32):
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     seed = int(seed)
     _check_fraction("train_gene_set_size", train_gene_set_size, allow_zero=False)
     _check_fraction("combo_seen2_train_frac", combo_seen2_train_frac, allow_zero=True)
-    _check_fraction("combo_single_split_test_set_fraction",
-                    combo_single_split_test_set_fraction, allow_zero=False)
+    _check_fraction(
+        "combo_single_split_test_set_fraction",
+        combo_single_split_test_set_fraction,
+        allow_zero=False,
+    )
 
     perts = [c for c in all_conditions if c != CONTROL]
     if not perts:
-        raise ValueError("conditions hold no perturbation (only 'ctrl' or nothing); a split "
-                         "needs conditions such as 'A+ctrl' or 'A+B'")
+        raise ValueError(
+            "conditions hold no perturbation (only 'ctrl' or nothing); a split "
+            "needs conditions such as 'A+ctrl' or 'A+B'"
+        )
     genes_of = {p: parse_condition(p) for p in perts}
     n_genes = len(_genes_in(perts, genes_of))
 
     if split in ("simulation", "simulation_single"):
         singles_only = split == "simulation_single"
-        train, test, subgroups = _simulation_stage(perts, genes_of, seed, train_gene_set_size,
-                                                   combo_seen2_train_frac, singles_only)
-        train, val, _ = _simulation_stage(train, genes_of, seed, _SIMULATION_VAL_GENE_FRACTION,
-                                          _SIMULATION_VAL_COMBO_SEEN2_TRAIN_FRAC, singles_only)
+        train, test, subgroups = _simulation_stage(
+            perts, genes_of, seed, train_gene_set_size, combo_seen2_train_frac, singles_only
+        )
+        train, val, _ = _simulation_stage(
+            train,
+            genes_of,
+            seed,
+            _SIMULATION_VAL_GENE_FRACTION,
+            _SIMULATION_VAL_COMBO_SEEN2_TRAIN_FRAC,
+            singles_only,
+        )
         if singles_only:
-            subgroups = {name: subgroups[name] if name == "unseen_single" else []
-                         for name in SUBGROUP_NAMES}
+            subgroups = {
+                name: subgroups[name] if name == "unseen_single" else [] for name in SUBGROUP_NAMES
+            }
         n_seen = int(n_genes * train_gene_set_size)
         grow = "use data with more perturbed genes, or a custom split"
         details = {
             "train": f"of the {n_genes} perturbed gene(s), int({n_genes} * "
-                     f"{train_gene_set_size}) = {n_seen} are seen in training, and validation "
-                     f"takes 10% of those; raise train_gene_set_size or {grow}",
+            f"{train_gene_set_size}) = {n_seen} are seen in training, and validation "
+            f"takes 10% of those; raise train_gene_set_size or {grow}",
             "val": f"validation is drawn from the {len(train) + len(val)} training "
-                   f"perturbation(s) left by the test split; raise train_gene_set_size or "
-                   f"{grow}",
+            f"perturbation(s) left by the test split; raise train_gene_set_size or "
+            f"{grow}",
             "test": f"int({n_genes} * {train_gene_set_size}) = {n_seen} of {n_genes} gene(s) "
-                    f"are seen, which leaves nothing to test; lower train_gene_set_size or "
-                    f"{grow}",
+            f"are seen, which leaves nothing to test; lower train_gene_set_size or "
+            f"{grow}",
         }
     else:
         rng = np.random.RandomState(seed)
-        first_fraction = (_LIST_SPLIT_FRACTION if split == "no_test"
-                          else combo_single_split_test_set_fraction)
+        first_fraction = (
+            _LIST_SPLIT_FRACTION if split == "no_test" else combo_single_split_test_set_fraction
+        )
         train, held_out = _list_stage(perts, genes_of, split, first_fraction, rng)
         first_train = train
         if split == "no_test":
@@ -332,8 +382,9 @@ def gears_split(conditions: list[str], split: str = "simulation", seed: int = 1,
     label.update({c: "val" for c in val})
     label.update({c: "test" for c in test})
     label[CONTROL] = "train"
-    result: dict[str, Any] = {name: [c for c in all_conditions if label.get(c) == name]
-                              for name in SET_NAMES}
+    result: dict[str, Any] = {
+        name: [c for c in all_conditions if label.get(c) == name] for name in SET_NAMES
+    }
     _check_sizes(split, seed, result["train"], result["val"], result["test"], details)
     if subgroups is None:
         subgroups = _derived_subgroups(result["train"], result["test"])
@@ -349,9 +400,13 @@ def _min_count(fraction: float) -> int:
     return n
 
 
-def _list_split_details(split: str, perts: list[str], first_train: list[str],
-                        genes_of: dict[str, tuple[str, ...]], first_fraction: float
-                        ) -> dict[str, str]:
+def _list_split_details(
+    split: str,
+    perts: list[str],
+    first_train: list[str],
+    genes_of: dict[str, tuple[str, ...]],
+    first_fraction: float,
+) -> dict[str, str]:
     """Why each set of a list-based split can come out empty, and the fix, for error messages.
 
     Args:
@@ -372,25 +427,37 @@ def _list_split_details(split: str, perts: list[str], first_train: list[str],
         if pool == 0:
             return f"there are no {unit}s {where} to draw from; {fix}"
         if n_drawn == 0:
-            return (f"the draw takes int({pool} * {fraction}) = 0 of the {pool} {unit}s "
-                    f"{where}; it needs at least {_min_count(fraction)} of them; {fix}")
-        return (f"the {n_drawn} gene(s) drawn from the {pool} {unit}s {where} have no "
-                f"single-gene perturbation of their own (they occur only in doubles); try "
-                f"another seed, or {fix}")
+            return (
+                f"the draw takes int({pool} * {fraction}) = 0 of the {pool} {unit}s "
+                f"{where}; it needs at least {_min_count(fraction)} of them; {fix}"
+            )
+        return (
+            f"the {n_drawn} gene(s) drawn from the {pool} {unit}s {where} have no "
+            f"single-gene perturbation of their own (they occur only in doubles); try "
+            f"another seed, or {fix}"
+        )
 
     more = "use more perturbations or a custom split"
-    first = why(count_in(perts), first_fraction, "in the data",
-                more if split == "no_test" else
-                "use more perturbations, a larger combo_single_split_test_set_fraction, or a "
-                "custom split")
+    first = why(
+        count_in(perts),
+        first_fraction,
+        "in the data",
+        more
+        if split == "no_test"
+        else "use more perturbations, a larger combo_single_split_test_set_fraction, or a "
+        "custom split",
+    )
     if split == "no_test":
-        return {"val": first, "test": "",
-                "train": "every perturbation was drawn for validation; " + more}
+        return {
+            "val": first,
+            "test": "",
+            "train": "every perturbation was drawn for validation; " + more,
+        }
     return {
         "test": first,
         "val": why(count_in(first_train), _LIST_SPLIT_FRACTION, "left in training", more),
         "train": "every perturbation went to test or validation or was dropped with its "
-                 "test gene; " + more,
+        "test gene; " + more,
     }
 
 
@@ -398,53 +465,64 @@ def _as_name_list(value: Any, where: str) -> list[str]:
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-        raise ValueError(f"{where} must be a list of condition names, got "
-                         f"{type(value).__name__}")
+        raise ValueError(f"{where} must be a list of condition names, got {type(value).__name__}")
     for item in value:
         if not isinstance(item, str):
-            raise ValueError(f"{where} holds {item!r} ({type(item).__name__}); expected "
-                             "condition names")
+            raise ValueError(
+                f"{where} holds {item!r} ({type(item).__name__}); expected condition names"
+            )
     return [str(item) for item in value]
 
 
 def _validate_split_dict(raw: Any, source: str, require_subgroups: bool) -> dict:
     """Checks a split mapping's structure; returns it with plain lists and all keys."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{source} holds a {type(raw).__name__}, expected a dict with keys "
-                         "'train', 'val', 'test'")
+        raise ValueError(
+            f"{source} holds a {type(raw).__name__}, expected a dict with keys "
+            "'train', 'val', 'test'"
+        )
     allowed = set(SET_NAMES) | {"subgroups"}
     unknown = sorted(str(key) for key in raw if key not in allowed)
     if unknown:
-        raise ValueError(f"{source} has unknown key(s) {', '.join(unknown)}; allowed: "
-                         f"{', '.join(sorted(allowed))}")
+        raise ValueError(
+            f"{source} has unknown key(s) {', '.join(unknown)}; allowed: "
+            f"{', '.join(sorted(allowed))}"
+        )
     required = ("train", "val") + (("test", "subgroups") if require_subgroups else ())
     missing = [key for key in required if key not in raw]
     if missing:
         raise ValueError(f"{source} lacks key(s) {', '.join(missing)}")
-    result: dict[str, Any] = {name: _as_name_list(raw.get(name, []), f"{source}[{name!r}]")
-                              for name in SET_NAMES}
+    result: dict[str, Any] = {
+        name: _as_name_list(raw.get(name, []), f"{source}[{name!r}]") for name in SET_NAMES
+    }
     owner: dict[str, str] = {}
     for name in SET_NAMES:
         for condition in result[name]:
             if condition in owner and owner[condition] != name:
-                raise ValueError(f"{source}: condition {condition!r} is in both "
-                                 f"{owner[condition]!r} and {name!r}; each condition belongs "
-                                 "to one set")
+                raise ValueError(
+                    f"{source}: condition {condition!r} is in both "
+                    f"{owner[condition]!r} and {name!r}; each condition belongs "
+                    "to one set"
+                )
             owner[condition] = name
     if "subgroups" in raw:
         groups = raw["subgroups"]
         if not isinstance(groups, dict) or set(groups) != set(SUBGROUP_NAMES):
             keys = sorted(groups) if isinstance(groups, dict) else type(groups).__name__
-            raise ValueError(f"{source}['subgroups'] must have exactly the keys "
-                             f"{', '.join(SUBGROUP_NAMES)}, got {keys}")
+            raise ValueError(
+                f"{source}['subgroups'] must have exactly the keys "
+                f"{', '.join(SUBGROUP_NAMES)}, got {keys}"
+            )
         test = set(result["test"])
         result["subgroups"] = {}
         for name in SUBGROUP_NAMES:
             names = _as_name_list(groups[name], f"{source}['subgroups'][{name!r}]")
             outside = [c for c in names if c not in test]
             if outside:
-                raise ValueError(f"{source}['subgroups'][{name!r}] names condition(s) not in "
-                                 f"the test set: {_format_names(outside)}")
+                raise ValueError(
+                    f"{source}['subgroups'][{name!r}] names condition(s) not in "
+                    f"the test set: {_format_names(outside)}"
+                )
             result["subgroups"][name] = names
     return result
 
@@ -453,8 +531,10 @@ def _load_split_file(path: str | os.PathLike) -> Any:
     """Reads JSON, or a pickle for .pkl/.pickle files (GEARS saves its splits as pickles)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"split file {path!r} does not exist; give the path of a GEARS split "
-                         "pickle or a split JSON written by write_split_json")
+        raise ValueError(
+            f"split file {path!r} does not exist; give the path of a GEARS split "
+            "pickle or a split JSON written by write_split_json"
+        )
     if path.endswith((".pkl", ".pickle")):
         try:
             with open(path, "rb") as f:
@@ -465,29 +545,36 @@ def _load_split_file(path: str | os.PathLike) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"split file {path!r} is not valid JSON ({err}); GEARS pickles must "
-                         "end in .pkl or .pickle") from err
+        raise ValueError(
+            f"split file {path!r} is not valid JSON ({err}); GEARS pickles must "
+            "end in .pkl or .pickle"
+        ) from err
 
 
 def _custom_split(all_conditions: list[str], split_path: str | None) -> dict:
     if split_path is None:
-        raise ValueError("split='custom' needs split_path: a GEARS split pickle or a split "
-                         "JSON with 'train', 'val' and 'test' lists")
+        raise ValueError(
+            "split='custom' needs split_path: a GEARS split pickle or a split "
+            "JSON with 'train', 'val' and 'test' lists"
+        )
     source = f"custom split file {os.fspath(split_path)!r}"
-    result = _validate_split_dict(_load_split_file(split_path), source,
-                                  require_subgroups=False)
+    result = _validate_split_dict(_load_split_file(split_path), source, require_subgroups=False)
     known = set(all_conditions)
     for name in SET_NAMES:
         unknown = [c for c in result[name] if c not in known]
         if unknown:
-            raise ValueError(f"{source}: {name!r} names {len(unknown)} condition(s) absent "
-                             f"from the data: {_format_names(unknown)}; remove them or fix "
-                             "their spelling (GEARS names: 'A+ctrl', 'A+B', 'ctrl')")
+            raise ValueError(
+                f"{source}: {name!r} names {len(unknown)} condition(s) absent "
+                f"from the data: {_format_names(unknown)}; remove them or fix "
+                "their spelling (GEARS names: 'A+ctrl', 'A+B', 'ctrl')"
+            )
     if not [c for c in result["train"] if c != CONTROL]:
         raise ValueError(f"{source}: 'train' holds no perturbation")
     if not result["val"]:
-        raise ValueError(f"{source}: 'val' is empty (GEARS would fail with KeyError: 'val'); "
-                         "move some training perturbations to 'val'")
+        raise ValueError(
+            f"{source}: 'val' is empty (GEARS would fail with KeyError: 'val'); "
+            "move some training perturbations to 'val'"
+        )
     if "subgroups" not in result:
         result["subgroups"] = _derived_subgroups(result["train"], result["test"])
     return result
@@ -507,8 +594,9 @@ def write_split_json(result: dict, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist; create it "
-                         "first")
+        raise ValueError(
+            f"cannot write {path!r}: folder {folder!r} does not exist; create it first"
+        )
     text = json.dumps(checked, indent=1) + "\n"
     with atomic_path(path, suffix=".json") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -44,10 +44,45 @@ OUTPUT = os.path.join(HERE, "expected_splits.json")
 
 # Perturbation targets of Norman et al. 2019 (a subset): real-looking names, realistic sorting.
 NORMAN_GENES = [
-    "AHR", "ARID1A", "BAK1", "BCL2L11", "BCORL1", "BPGM", "CBFA2T3", "CBL", "CDKN1A",
-    "CDKN1B", "CEBPA", "CEBPB", "CEBPE", "CNN1", "COL1A1", "CSRNP1", "DLX2", "DUSP9", "EGR1",
-    "ETS2", "FEV", "FOXA1", "FOXA3", "FOXF1", "FOXL2", "FOXO4", "GLB1L2", "HK2", "HOXA13",
-    "IGDCC3", "IKZF3", "KLF1", "MAP2K3", "MAP2K6", "MAPK1", "PTPN12", "SET", "SGK1", "TBX3",
+    "AHR",
+    "ARID1A",
+    "BAK1",
+    "BCL2L11",
+    "BCORL1",
+    "BPGM",
+    "CBFA2T3",
+    "CBL",
+    "CDKN1A",
+    "CDKN1B",
+    "CEBPA",
+    "CEBPB",
+    "CEBPE",
+    "CNN1",
+    "COL1A1",
+    "CSRNP1",
+    "DLX2",
+    "DUSP9",
+    "EGR1",
+    "ETS2",
+    "FEV",
+    "FOXA1",
+    "FOXA3",
+    "FOXF1",
+    "FOXL2",
+    "FOXO4",
+    "GLB1L2",
+    "HK2",
+    "HOXA13",
+    "IGDCC3",
+    "IKZF3",
+    "KLF1",
+    "MAP2K3",
+    "MAP2K6",
+    "MAPK1",
+    "PTPN12",
+    "SET",
+    "SGK1",
+    "TBX3",
     "ZNF318",
 ]
 
@@ -59,8 +94,7 @@ def _random_gene_names(rng: np.random.RandomState, n: int) -> list[str]:
     while len(names) < n:
         length = rng.randint(2, 9)
         first = alphabet[rng.randint(0, 26)]  # names start with an upper-case letter
-        names.add(first + "".join(alphabet[i] for i in rng.randint(0, len(alphabet),
-                                                                     length - 1)))
+        names.add(first + "".join(alphabet[i] for i in rng.randint(0, len(alphabet), length - 1)))
     return sorted(names)
 
 
@@ -94,10 +128,12 @@ def condition_lists() -> dict[str, list[str]]:
     adamson_genes = _random_gene_names(rng, 87)
     adamson = ["ctrl"] + [f"{g}+ctrl" for g in adamson_genes]
     mixed_genes = _random_gene_names(rng, 16)
-    mixed = ([f"ctrl+{g}" if i % 3 == 0 else f"{g}+ctrl" for i, g in enumerate(mixed_genes[:14])]
-             + _doubles(rng, mixed_genes, 12) + ["ctrl"])
-    tiny = ["ctrl", "A+ctrl", "B+ctrl", "C+ctrl", "D+ctrl", "E+ctrl", "F+ctrl", "A+B", "C+D",
-            "E+F"]
+    mixed = (
+        [f"ctrl+{g}" if i % 3 == 0 else f"{g}+ctrl" for i, g in enumerate(mixed_genes[:14])]
+        + _doubles(rng, mixed_genes, 12)
+        + ["ctrl"]
+    )
+    tiny = ["ctrl", "A+ctrl", "B+ctrl", "C+ctrl", "D+ctrl", "E+ctrl", "F+ctrl", "A+B", "C+D", "E+F"]
     return {
         "norman_like": _cell_column(rng, norman),
         "adamson_like": _cell_column(rng, adamson),
@@ -109,27 +145,76 @@ def condition_lists() -> dict[str, list[str]]:
 
 def _cases() -> list[dict]:
     cases = []
-    all_types = ["simulation", "simulation_single", "single", "combo_seen0", "combo_seen1",
-                 "combo_seen2", "no_test"]
+    all_types = [
+        "simulation",
+        "simulation_single",
+        "single",
+        "combo_seen0",
+        "combo_seen1",
+        "combo_seen2",
+        "no_test",
+    ]
     for name in ("norman_like", "adamson_like", "mixed_spelling", "tiny"):
         for split in all_types:
             seeds = (1, 2, 3) if split == "simulation" else (1, 2)
             for seed in seeds:
-                cases.append({"conditions": name, "split": split, "seed": seed,
-                              "train_gene_set_size": 0.75, "combo_seen2_train_frac": 0.75})
+                cases.append(
+                    {
+                        "conditions": name,
+                        "split": split,
+                        "seed": seed,
+                        "train_gene_set_size": 0.75,
+                        "combo_seen2_train_frac": 0.75,
+                    }
+                )
     for name in ("norman_like", "mixed_spelling"):
-        cases.append({"conditions": name, "split": "simulation", "seed": 5,
-                      "train_gene_set_size": 0.5, "combo_seen2_train_frac": 0.5})
-        cases.append({"conditions": name, "split": "simulation", "seed": 0,
-                      "train_gene_set_size": 0.9, "combo_seen2_train_frac": 0.0})
-    cases.append({"conditions": "adamson_like", "split": "simulation_single", "seed": 11,
-                  "train_gene_set_size": 0.6, "combo_seen2_train_frac": 0.75})
+        cases.append(
+            {
+                "conditions": name,
+                "split": "simulation",
+                "seed": 5,
+                "train_gene_set_size": 0.5,
+                "combo_seen2_train_frac": 0.5,
+            }
+        )
+        cases.append(
+            {
+                "conditions": name,
+                "split": "simulation",
+                "seed": 0,
+                "train_gene_set_size": 0.9,
+                "combo_seen2_train_frac": 0.0,
+            }
+        )
+    cases.append(
+        {
+            "conditions": "adamson_like",
+            "split": "simulation_single",
+            "seed": 11,
+            "train_gene_set_size": 0.6,
+            "combo_seen2_train_frac": 0.75,
+        }
+    )
     # Failure modes: every gene seen leaves no test set; two genes leave training empty.
-    cases.append({"conditions": "adamson_like", "split": "simulation", "seed": 1,
-                  "train_gene_set_size": 1.0, "combo_seen2_train_frac": 0.75})
+    cases.append(
+        {
+            "conditions": "adamson_like",
+            "split": "simulation",
+            "seed": 1,
+            "train_gene_set_size": 1.0,
+            "combo_seen2_train_frac": 0.75,
+        }
+    )
     for split in ("simulation", "no_test"):
-        cases.append({"conditions": "two_genes", "split": split, "seed": 1,
-                      "train_gene_set_size": 0.75, "combo_seen2_train_frac": 0.75})
+        cases.append(
+            {
+                "conditions": "two_genes",
+                "split": split,
+                "seed": 1,
+                "train_gene_set_size": 0.75,
+                "combo_seen2_train_frac": 0.75,
+            }
+        )
     return cases
 
 
@@ -143,8 +228,13 @@ def _plain(groups: dict) -> dict[str, list[str]]:
     return {k: [str(c) for c in v] for k, v in groups.items()}
 
 
-def run_gears(cell_conditions: list[str], split: str, seed: int,
-              train_gene_set_size: float = 0.75, combo_seen2_train_frac: float = 0.75) -> dict:
+def run_gears(
+    cell_conditions: list[str],
+    split: str,
+    seed: int,
+    train_gene_set_size: float = 0.75,
+    combo_seen2_train_frac: float = 0.75,
+) -> dict:
     """Runs cell-gears 0.1.2 on one condition column; returns the outcome record.
 
     Returns:
@@ -155,20 +245,25 @@ def run_gears(cell_conditions: list[str], split: str, seed: int,
     from gears.data_utils import DataSplitter
     from gears.pertdata import PertData
 
-    obs = pd.DataFrame({"condition": pd.Categorical(cell_conditions)},
-                       index=[str(i) for i in range(len(cell_conditions))])
+    obs = pd.DataFrame(
+        {"condition": pd.Categorical(cell_conditions)},
+        index=[str(i) for i in range(len(cell_conditions))],
+    )
     adata = ad.AnnData(np.zeros((len(cell_conditions), 1), dtype=np.float32), obs=obs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if split == "simulation_single":
                 splitter = DataSplitter(adata, split_type=split)
-                adata = splitter.split_data(train_gene_set_size=train_gene_set_size,
-                                            combo_seen2_train_frac=combo_seen2_train_frac,
-                                            seed=seed)
+                adata = splitter.split_data(
+                    train_gene_set_size=train_gene_set_size,
+                    combo_seen2_train_frac=combo_seen2_train_frac,
+                    seed=seed,
+                )
                 unique_perts = [p for p in adata.obs["condition"].unique() if p != "ctrl"]
                 _, _, subgroup = splitter.get_simulation_split_single(
-                    unique_perts, train_gene_set_size, seed)
+                    unique_perts, train_gene_set_size, seed
+                )
                 return {"sets": _set2conditions(adata), "subgroups": _plain(subgroup)}
             # PertData.__init__ downloads GEARS's gene graph; prepare_split needs none of it.
             pert_data = PertData.__new__(PertData)
@@ -179,9 +274,12 @@ def run_gears(cell_conditions: list[str], split: str, seed: int,
                 with open(os.devnull, "w") as devnull:
                     stdout, sys.stdout = sys.stdout, devnull
                     try:
-                        pert_data.prepare_split(split=split, seed=seed,
-                                                train_gene_set_size=train_gene_set_size,
-                                                combo_seen2_train_frac=combo_seen2_train_frac)
+                        pert_data.prepare_split(
+                            split=split,
+                            seed=seed,
+                            train_gene_set_size=train_gene_set_size,
+                            combo_seen2_train_frac=combo_seen2_train_frac,
+                        )
                     finally:
                         sys.stdout = stdout
             subgroups = None
@@ -199,13 +297,21 @@ def compute() -> dict:
     lists = condition_lists()
     cases = []
     for case in _cases():
-        outcome = run_gears(lists[case["conditions"]], case["split"], case["seed"],
-                            case["train_gene_set_size"], case["combo_seen2_train_frac"])
+        outcome = run_gears(
+            lists[case["conditions"]],
+            case["split"],
+            case["seed"],
+            case["train_gene_set_size"],
+            case["combo_seen2_train_frac"],
+        )
         cases.append({**case, "gears": outcome})
     return {
         "generated_by": "tests/data/gears_splits/make_expected.py",
-        "versions": {"cell-gears": getattr(gears, "__version__", "0.1.2"),
-                     "numpy": np.__version__, "pandas": pd.__version__},
+        "versions": {
+            "cell-gears": getattr(gears, "__version__", "0.1.2"),
+            "numpy": np.__version__,
+            "pandas": pd.__version__,
+        },
         "condition_lists": lists,
         "cases": cases,
     }
@@ -214,15 +320,25 @@ def compute() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stdout", action="store_true", help="print JSON instead of writing")
-    parser.add_argument("--check-hashseed", action="store_true",
-                        help="recompute under PYTHONHASHSEED=0 and =12345 and compare")
+    parser.add_argument(
+        "--check-hashseed",
+        action="store_true",
+        help="recompute under PYTHONHASHSEED=0 and =12345 and compare",
+    )
     args = parser.parse_args()
     if args.check_hashseed:
         outputs = []
         for hash_seed in ("0", "12345"):
             env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-            outputs.append(subprocess.run([sys.executable, __file__, "--stdout"], env=env,
-                                          check=True, capture_output=True, text=True).stdout)
+            outputs.append(
+                subprocess.run(
+                    [sys.executable, __file__, "--stdout"],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
         same = json.loads(outputs[0])["cases"] == json.loads(outputs[1])["cases"]
         print("GEARS splits identical across PYTHONHASHSEED values:", same)
         sys.exit(0 if same else 1)
