@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from scformer_jax import attention as attn_lib
 from scformer_jax.batch import FLAG_CHANNEL, VALUE_CHANNEL, check_inputs
@@ -329,7 +330,12 @@ class TransformerGenerator(nn.Module):
 
 
 def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
-    """Initial parameters (a plain pytree), with every decoder present."""
+    """Initial parameters (a plain pytree), with every decoder present.
+
+    ``config.init`` picks the initialisers: ``"flax"`` the modules' own (Flax's defaults
+    where the original's init does not matter for checkpoints), ``"torch"`` the values the
+    PyTorch original starts from (:func:`torch_style_params`).
+    """
     model = TransformerGenerator(config)
     gene_ids = jnp.full(
         (1, seq_len),
@@ -350,4 +356,64 @@ def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
         compute_cls=True,
         compute_mvc=True,
     )
-    return variables["params"]
+    params = variables["params"]
+    if config.init == "torch":
+        params = torch_style_params(params, jax.random.fold_in(rng, 1))
+    return params
+
+
+# Dense layers whose PyTorch init is not nn.Linear's default, and so are kept as initialised
+# by the module (which already matches the original): the fused attention in-projection
+# (MultiheadAttention: xavier-uniform weight, zero bias), the attention out-projection's bias
+# (zero) and the expression decoder (TransformerGenerator.init_weights: U(-0.1, 0.1) weight,
+# zero bias).
+_TORCH_KEEP = {
+    ("self_attn", "in_proj", "kernel"),
+    ("self_attn", "in_proj", "bias"),
+    ("self_attn", "out_proj", "bias"),
+    ("decoder", "kernel"),
+    ("decoder", "bias"),
+}
+
+
+def torch_style_params(params: Any, rng) -> Any:
+    """``params`` re-drawn as the PyTorch original initialises its modules.
+
+    * Dense kernels and biases: nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (its
+      kaiming-uniform weight with a=sqrt(5) has exactly that bound), except the layers of
+      ``_TORCH_KEEP``, whose module initialisers already equal the original's.
+    * The gene embedding (``encoder``): uniform(-0.1, 0.1) over every row, the pad row
+      included (``init_weights`` overwrites the zero row that ``padding_idx`` made; the pad
+      row is never looked up here, see :class:`PaddedEmbedding`).
+    * The perturbation-flag embedding: N(0, 1) with its pad row zero, as the module already
+      starts. LayerNorm, PReLU and ``gene_baseline``: unchanged.
+    * Every transformer layer ``layers_i`` is a copy of ``layers_0``: nn.TransformerEncoder
+      deep-copies the one layer it is given, so the original's layers start equal (dropout
+      makes them diverge).
+
+    Args:
+      params: a parameter pytree of :class:`TransformerGenerator`.
+      rng: the key of the draws.
+
+    Returns:
+      A new pytree of the same structure, shapes and dtypes.
+    """
+    flat = traverse_util.flatten_dict(params)
+    out = dict(flat)
+    for i, path in enumerate(sorted(flat)):
+        value = flat[path]
+        key = jax.random.fold_in(rng, i)
+        if path == ("encoder", "embedding"):
+            out[path] = _uniform(0.1)(key, value.shape, value.dtype)
+            continue
+        if path[-1] not in ("kernel", "bias") or (path[:-1] + ("kernel",)) not in flat:
+            continue  # not a Dense layer (LayerNorm's bias sits beside a scale)
+        if any(path[-len(keep) :] == keep for keep in _TORCH_KEEP):
+            continue
+        fan_in = flat[path[:-1] + ("kernel",)].shape[0]
+        out[path] = _uniform(1.0 / math.sqrt(fan_in))(key, value.shape, value.dtype)
+    layers = sorted({p[0] for p in out if p[0].startswith("layers_")})
+    for name in layers:
+        for path in [p for p in out if p[0] == name]:
+            out[path] = out[("layers_0",) + path[1:]]
+    return traverse_util.unflatten_dict(out)
