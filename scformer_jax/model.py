@@ -10,6 +10,8 @@ Differences from the original, all deliberate:
   the first gene, since the perturbation input has no ``<cls>`` token);
   ``prepend_cls_token=False`` restores the original behaviour.
 * ``avg-pool`` and ``w-pool`` ignore padding positions (the original averaged over them).
+* Dense layers start from Flax's initialisers unless ``config.init == "torch"``
+  (:func:`torch_style_params`: the original's initial distributions).
 """
 
 from __future__ import annotations
