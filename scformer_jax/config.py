@@ -128,8 +128,9 @@ class ModelConfig:
     # training singles' typical direct effect) and the model learns the rest
     # (scformer_jax.prior).
     coexpression_prior: bool = False
-    # How the parameters start: "flax" (Flax's initialisers: lecun_normal dense kernels, zero
-    # dense biases) or "torch" (what the PyTorch original starts from: nn.Linear's
+    # How the parameters start: "flax" (the modules' initialisers: Flax's lecun_normal for
+    # most dense kernels, zero classifier and MVC biases, layers drawn independently) or
+    # "torch" (the distributions the PyTorch original starts from: nn.Linear's
     # U(+-1/sqrt(fan_in)) kernels and biases, the whole gene embedding uniform(-0.1, 0.1)
     # with its pad row, and every transformer layer a copy of the first, as
     # nn.TransformerEncoder deep-copies its layer). See scformer_jax.model.init_params.

@@ -334,9 +334,9 @@ class TransformerGenerator(nn.Module):
 def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
     """Initial parameters (a plain pytree), with every decoder present.
 
-    ``config.init`` picks the initialisers: ``"flax"`` the modules' own (Flax's defaults
-    where the original's init does not matter for checkpoints), ``"torch"`` the values the
-    PyTorch original starts from (:func:`torch_style_params`).
+    ``config.init`` picks the initialisers: ``"flax"`` the modules' own (mostly Flax's
+    defaults), ``"torch"`` the distributions the PyTorch original starts from
+    (:func:`torch_style_params`).
     """
     model = TransformerGenerator(config)
     gene_ids = jnp.full(
@@ -364,15 +364,15 @@ def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
     return params
 
 
-# Dense layers whose PyTorch init is not nn.Linear's default, and so are kept as initialised
-# by the module (which already matches the original): the fused attention in-projection
+# Dense parameters whose PyTorch init is not nn.Linear's default, kept as the module
+# initialises them (which already matches the original): the fused attention in-projection
 # (MultiheadAttention: xavier-uniform weight, zero bias), the attention out-projection's bias
 # (zero) and the expression decoder (TransformerGenerator.init_weights: U(-0.1, 0.1) weight,
-# zero bias).
+# zero bias). "layers" stands for every layers_i.
 _TORCH_KEEP = {
-    ("self_attn", "in_proj", "kernel"),
-    ("self_attn", "in_proj", "bias"),
-    ("self_attn", "out_proj", "bias"),
+    ("layers", "self_attn", "in_proj", "kernel"),
+    ("layers", "self_attn", "in_proj", "bias"),
+    ("layers", "self_attn", "out_proj", "bias"),
     ("decoder", "kernel"),
     ("decoder", "bias"),
 }
@@ -410,7 +410,8 @@ def torch_style_params(params: Any, rng) -> Any:
             continue
         if path[-1] not in ("kernel", "bias") or (path[:-1] + ("kernel",)) not in flat:
             continue  # not a Dense layer (LayerNorm's bias sits beside a scale)
-        if any(path[-len(keep) :] == keep for keep in _TORCH_KEEP):
+        layer_agnostic = ("layers",) + path[1:] if path[0].startswith("layers_") else path
+        if layer_agnostic in _TORCH_KEEP:
             continue
         fan_in = flat[path[:-1] + ("kernel",)].shape[0]
         out[path] = _uniform(1.0 / math.sqrt(fan_in))(key, value.shape, value.dtype)
