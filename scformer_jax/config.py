@@ -25,6 +25,9 @@ INCLUDE_ZERO_GENE_MODES = ("all", "batch-wise", "row-wise", "nonzero")
 # Attention kernels (model.attention); see scformer_jax.attention.
 ATTENTION_IMPLEMENTATIONS = ("auto", "full", "chunked", "xla", "cudnn")
 GENE_EMBEDDING_INITS = ("random", "data")
+# How the parameters start (model.init): Flax's initialisers or PyTorch's (see
+# scformer_jax.model.init_params).
+PARAM_INITS = ("flax", "torch")
 OUTPUT_BASELINES = ("none", "control_input", "gene_mean")
 TRAIN_TARGETS = ("cell", "condition_mean")
 # Validation metrics computed every epoch (train.best_metric picks one, with or without val_).
@@ -125,6 +128,13 @@ class ModelConfig:
     # training singles' typical direct effect) and the model learns the rest
     # (scformer_jax.prior).
     coexpression_prior: bool = False
+    # How the parameters start: "flax" (the modules' initialisers: Flax's lecun_normal for
+    # most dense kernels, zero classifier and MVC biases, layers drawn independently) or
+    # "torch" (the distributions the PyTorch original starts from: nn.Linear's
+    # U(+-1/sqrt(fan_in)) kernels and biases, the whole gene embedding uniform(-0.1, 0.1)
+    # with its pad row, and every transformer layer a copy of the first, as
+    # nn.TransformerEncoder deep-copies its layer). See scformer_jax.model.init_params.
+    init: str = "flax"
 
     def __post_init__(self):
         for name in (
@@ -151,6 +161,7 @@ class ModelConfig:
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("model.gene_embedding_init", self.gene_embedding_init, GENE_EMBEDDING_INITS)
         _check_choice("model.output_baseline", self.output_baseline, OUTPUT_BASELINES)
+        _check_choice("model.init", self.init, PARAM_INITS)
         if self.attention in ("xla", "cudnn") and self.attn_dropout_rate > 0:
             raise ConfigError(
                 f"model.attention {self.attention!r} has no attention-weight dropout but the "
@@ -248,8 +259,13 @@ class DataConfig:
     max_seq_len: int = 1536
     # obs column holding the labels of the CLS objective.
     label_key: str = "cell_type"
-    # Re-draw the control cell paired with each perturbed cell every epoch (GEARS does).
+    # True: re-draw the control cell paired with each perturbed cell every epoch. False:
+    # draw it once and keep it for every epoch, as GEARS (one control per perturbed cell,
+    # drawn when its dataset is built).
     redraw_pairing: bool = True
+    # Drop the last partial training batch every epoch (GEARS's train loader does); False:
+    # pad it with weight-0 rows. Validation and evaluation always score every cell.
+    drop_last: bool = False
     # Data-loader seed (pairing, shuffling, gene sampling); None: train.seed.
     seed: int | None = None
     # Training target of each cell: "cell" (the perturbed cell's own expression, as GEARS
@@ -303,6 +319,9 @@ class TrainConfig:
     # Validation batches per epoch (0: the whole validation set).
     max_val_batches: int = 0
     keep_checkpoints: int = 1
+    # Show the masked relative error in the training log line (metrics.jsonl always has it);
+    # on targets near zero it reaches the hundreds of thousands and says little.
+    log_mre: bool = False
     # A PyTorch scGPT/scFormer checkpoint folder to start from, and which parameter groups
     # to take from it (empty: all that match).
     load_model: str | None = None

@@ -10,6 +10,8 @@ Differences from the original, all deliberate:
   the first gene, since the perturbation input has no ``<cls>`` token);
   ``prepend_cls_token=False`` restores the original behaviour.
 * ``avg-pool`` and ``w-pool`` ignore padding positions (the original averaged over them).
+* Dense layers start from Flax's initialisers unless ``config.init == "torch"``
+  (:func:`torch_style_params`: the original's initial distributions).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from scformer_jax import attention as attn_lib
 from scformer_jax.batch import FLAG_CHANNEL, VALUE_CHANNEL, check_inputs
@@ -329,7 +332,12 @@ class TransformerGenerator(nn.Module):
 
 
 def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
-    """Initial parameters (a plain pytree), with every decoder present."""
+    """Initial parameters (a plain pytree), with every decoder present.
+
+    ``config.init`` picks the initialisers: ``"flax"`` the modules' own (mostly Flax's
+    defaults), ``"torch"`` the distributions the PyTorch original starts from
+    (:func:`torch_style_params`).
+    """
     model = TransformerGenerator(config)
     gene_ids = jnp.full(
         (1, seq_len),
@@ -350,4 +358,65 @@ def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
         compute_cls=True,
         compute_mvc=True,
     )
-    return variables["params"]
+    params = variables["params"]
+    if config.init == "torch":
+        params = torch_style_params(params, jax.random.fold_in(rng, 1))
+    return params
+
+
+# Dense parameters whose PyTorch init is not nn.Linear's default, kept as the module
+# initialises them (which already matches the original): the fused attention in-projection
+# (MultiheadAttention: xavier-uniform weight, zero bias), the attention out-projection's bias
+# (zero) and the expression decoder (TransformerGenerator.init_weights: U(-0.1, 0.1) weight,
+# zero bias). "layers" stands for every layers_i.
+_TORCH_KEEP = {
+    ("layers", "self_attn", "in_proj", "kernel"),
+    ("layers", "self_attn", "in_proj", "bias"),
+    ("layers", "self_attn", "out_proj", "bias"),
+    ("decoder", "kernel"),
+    ("decoder", "bias"),
+}
+
+
+def torch_style_params(params: Any, rng) -> Any:
+    """``params`` re-drawn as the PyTorch original initialises its modules.
+
+    * Dense kernels and biases: nn.Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (its
+      kaiming-uniform weight with a=sqrt(5) has exactly that bound), except the layers of
+      ``_TORCH_KEEP``, whose module initialisers already equal the original's.
+    * The gene embedding (``encoder``): uniform(-0.1, 0.1) over every row, the pad row
+      included (``init_weights`` overwrites the zero row that ``padding_idx`` made; the pad
+      row is never looked up here, see :class:`PaddedEmbedding`).
+    * The perturbation-flag embedding: N(0, 1) with its pad row zero, as the module already
+      starts. LayerNorm, PReLU and ``gene_baseline``: unchanged.
+    * Every transformer layer ``layers_i`` is a copy of ``layers_0``: nn.TransformerEncoder
+      deep-copies the one layer it is given, so the original's layers start equal (dropout
+      makes them diverge).
+
+    Args:
+      params: a parameter pytree of :class:`TransformerGenerator`.
+      rng: the key of the draws.
+
+    Returns:
+      A new pytree of the same structure, shapes and dtypes.
+    """
+    flat = traverse_util.flatten_dict(params)
+    out = dict(flat)
+    for i, path in enumerate(sorted(flat)):
+        value = flat[path]
+        key = jax.random.fold_in(rng, i)
+        if path == ("encoder", "embedding"):
+            out[path] = _uniform(0.1)(key, value.shape, value.dtype)
+            continue
+        if path[-1] not in ("kernel", "bias") or (path[:-1] + ("kernel",)) not in flat:
+            continue  # not a Dense layer (LayerNorm's bias sits beside a scale)
+        layer_agnostic = ("layers",) + path[1:] if path[0].startswith("layers_") else path
+        if layer_agnostic in _TORCH_KEEP:
+            continue
+        fan_in = flat[path[:-1] + ("kernel",)].shape[0]
+        out[path] = _uniform(1.0 / math.sqrt(fan_in))(key, value.shape, value.dtype)
+    layers = sorted({p[0] for p in out if p[0].startswith("layers_")})
+    for name in layers:
+        for path in [p for p in out if p[0] == name]:
+            out[path] = out[("layers_0",) + path[1:]]
+    return traverse_util.unflatten_dict(out)

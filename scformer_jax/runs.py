@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = {
         "early_stop",
         "max_steps",
         "log_interval",
+        "log_mre",
         "max_val_batches",
         "keep_checkpoints",
     )

@@ -259,6 +259,7 @@ def _loader(dataset, conditions, config: Config, *, train: bool, batch_size: int
         pad_value=config.model.pad_value,
         pert_pad_id=config.model.pert_pad_id,
         frozen_pairing=not config.data.redraw_pairing if train else True,
+        drop_last=config.data.drop_last and train,
         target=config.data.train_target if train else "cell",
         # The priors' parts of the targets (co-expression prior, additive prior of doubles)
         # are taken off: the model learns the rest.
@@ -317,10 +318,14 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
     return out
 
 
-def _format_bar(metrics: dict[str, float], lr: float, ms_per_batch: float, cells_s: float) -> str:
+def _format_bar(
+    metrics: dict[str, float], lr: float, ms_per_batch: float, cells_s: float, *, mre: bool = False
+) -> str:
+    """The training log line; the relative error only with ``mre`` (``train.log_mre``)."""
     return (
-        f"loss {metrics['loss']:.4f} mse {metrics['mse']:.4f} mre {metrics['mre']:.3f} "
-        f"lr {lr:.2e} {ms_per_batch:.0f} ms/batch {cells_s:.1f} cells/s"
+        f"loss {metrics['loss']:.4f} mse {metrics['mse']:.4f} "
+        + (f"mre {metrics['mre']:.3f} " if mre else "")
+        + f"lr {lr:.2e} {ms_per_batch:.0f} ms/batch {cells_s:.1f} cells/s"
     )
 
 
@@ -520,7 +525,13 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                 lr = float(schedule(total_steps - 1))
                 if bar is not None:
                     bar.set_postfix_str(
-                        _format_bar(metrics, lr, dt * 1000, config.train.batch_size / max(dt, 1e-9))
+                        _format_bar(
+                            metrics,
+                            lr,
+                            dt * 1000,
+                            config.train.batch_size / max(dt, 1e-9),
+                            mre=config.train.log_mre,
+                        )
                     )
                 writer.write(
                     "train",
@@ -531,7 +542,11 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                     print(
                         f"step {total_steps} (epoch {epoch + 1}): "
                         + _format_bar(
-                            metrics, lr, dt * 1000, config.train.batch_size / max(dt, 1e-9)
+                            metrics,
+                            lr,
+                            dt * 1000,
+                            config.train.batch_size / max(dt, 1e-9),
+                            mre=config.train.log_mre,
                         ),
                         flush=True,
                     )

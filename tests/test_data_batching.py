@@ -79,7 +79,7 @@ def test_pairing_controls_map_to_themselves_redrawn_or_frozen(data_tiny):
     p0, p1 = loader.pairing(0), loader.pairing(1)
     np.testing.assert_array_equal(p0[is_ctrl], cells[is_ctrl])
     assert np.all(np.isin(p0[~is_ctrl], data_tiny.control_cells))
-    assert np.any(p0 != p1)  # GEARS-style: re-drawn every epoch
+    assert np.any(p0 != p1)  # the default: re-drawn every epoch
     np.testing.assert_array_equal(
         p0, BatchLoader(data_tiny, data_tiny.conditions, batch_size=16, seed=5).pairing(0)
     )
@@ -89,11 +89,30 @@ def test_pairing_controls_map_to_themselves_redrawn_or_frozen(data_tiny):
     frozen = BatchLoader(
         data_tiny, data_tiny.conditions, batch_size=16, seed=5, frozen_pairing=True
     )
+    # GEARS's fixed pairing: one control per perturbed cell, the same in every epoch.
     np.testing.assert_array_equal(frozen.pairing(0), frozen.pairing(7))
+    assert np.all(np.isin(frozen.pairing(0)[~is_ctrl], data_tiny.control_cells))
     # The batches use the epoch's pairing.
     host = next(frozen.epoch(3))
     position = np.searchsorted(cells, host.cell_indices[: host.n_real])
     np.testing.assert_array_equal(host.control_indices[: host.n_real], frozen.pairing(3)[position])
+
+
+def test_drop_last_serves_only_full_batches(data_tiny):
+    n = len(BatchLoader(data_tiny, data_tiny.conditions, batch_size=32).cell_indices)
+    assert n % 32, "the tiny dataset must leave a partial batch for this test"
+    loader = BatchLoader(data_tiny, data_tiny.conditions, batch_size=32, seed=3, drop_last=True)
+    assert len(loader) == n // 32
+    for epoch in (0, 1):
+        batches = list(loader.epoch(epoch))
+        assert len(batches) == n // 32 and all(h.n_real == 32 for h in batches)
+        served = np.concatenate([h.cell_indices for h in batches])
+        assert len(np.unique(served)) == 32 * (n // 32)
+        # The cells left out are the last of this epoch's shuffled order.
+        left_out = loader.cell_indices[loader.order(epoch)[32 * (n // 32) :]]
+        assert not np.isin(left_out, served).any()
+    with pytest.raises(ValueError, match="drop_last leaves no batch.*lower the batch size"):
+        BatchLoader(data_tiny, data_tiny.conditions, batch_size=n + 1, drop_last=True)
 
 
 def test_pairing_stays_within_cell_type(data_tiny_adata):

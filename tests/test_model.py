@@ -1,6 +1,7 @@
 """The Flax model: shapes, padding invariance, styles, determinism, the two-channel contract."""
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,3 +316,91 @@ def test_model_dropout_rate_scale_and_eval_identity():
     )
     assert (kept == (again != 0)).mean() < 0.7  # another key, another mask
     np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# model.init: torch starts from the PyTorch original's initial values
+
+# Wide enough for the statistics below (>= 2048 draws per checked kernel).
+INIT_SIZES = dict(ntoken=300, embsize=64, d_hid=32, nlayers=3, nhead=4, n_cls=5)
+
+
+def _flat(params):
+    return {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+def _assert_uniform(name, values, bound):
+    """values look like draws of U(-bound, bound): inside it, reaching near both ends, with
+    its standard deviation bound / sqrt(3)."""
+    assert np.abs(values).max() <= bound * (1 + 1e-6), name
+    assert values.max() > 0 > values.min(), name
+    if values.size >= 200:  # P(no draw in the top 10% of either end) < 1e-4
+        assert values.max() > 0.9 * bound and values.min() < -0.9 * bound, name
+    if values.size >= 1000:
+        np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.1, err_msg=name)
+
+
+def test_torch_init_matches_the_original_initialisers():
+    config = ModelConfig(**INIT_SIZES, init="torch")
+    flat = _flat(init_params(config, jax.random.PRNGKey(0)))
+    d, h = config.embsize, config.d_hid
+    # nn.Linear: kernel and bias U(+-1/sqrt(fan_in)) (fan_in = rows of a Flax kernel).
+    linear = {
+        "value_encoder/linear1": 1,
+        "value_encoder/linear2": d,
+        "layers_0/linear1": d,
+        "layers_0/linear2": h,
+        "cls_decoder/dense_0": d,
+        "cls_decoder/dense_1": d,
+        "cls_decoder/out_layer": d,
+        "mvc_decoder/gene2query": d,
+    }
+    for name, fan_in in linear.items():
+        _assert_uniform(name + "/kernel", flat[name + "/kernel"], 1 / np.sqrt(fan_in))
+        _assert_uniform(name + "/bias", flat[name + "/bias"], 1 / np.sqrt(fan_in))
+    _assert_uniform("mvc W", flat["mvc_decoder/W/kernel"], 1 / np.sqrt(d))
+    # MultiheadAttention: xavier-uniform in-projection, zero biases, nn.Linear out-projection.
+    _assert_uniform("in_proj", flat["layers_0/self_attn/in_proj/kernel"], np.sqrt(6 / (d + 3 * d)))
+    _assert_uniform("out_proj", flat["layers_0/self_attn/out_proj/kernel"], 1 / np.sqrt(d))
+    assert not flat["layers_0/self_attn/in_proj/bias"].any()
+    assert not flat["layers_0/self_attn/out_proj/bias"].any()
+    # init_weights: decoder U(+-0.1) with a zero bias; gene embedding U(+-0.1), pad row too.
+    _assert_uniform("decoder", flat["decoder/kernel"], 0.1)
+    assert not flat["decoder/bias"].any()
+    table = flat["encoder/embedding"]
+    _assert_uniform("encoder", table, 0.1)
+    assert np.abs(table[config.pad_token_id]).min() > 0
+    # nn.Embedding(3, d, padding_idx=2): N(0, 1) with the pad row zero.
+    pert = flat["pert_encoder/embedding"]
+    assert not pert[config.pert_pad_id].any()
+    assert 0.7 < pert[:2].std() < 1.3
+    # LayerNorm: ones and zeros.
+    assert np.all(flat["layers_0/norm1/scale"] == 1) and not flat["layers_0/norm1/bias"].any()
+    # nn.TransformerEncoder deep-copies its layer: every layer starts as the first.
+    for i in range(1, config.nlayers):
+        for key in [k for k in flat if k.startswith("layers_0/")]:
+            np.testing.assert_array_equal(
+                flat[key.replace("layers_0", f"layers_{i}", 1)], flat[key]
+            )
+
+
+def test_flax_init_differs_where_torch_init_changes_it():
+    flax_config = ModelConfig(**INIT_SIZES)
+    torch_config = ModelConfig(**INIT_SIZES, init="torch")
+    fx = _flat(init_params(flax_config, jax.random.PRNGKey(0)))
+    tr = _flat(init_params(torch_config, jax.random.PRNGKey(0)))
+    assert fx.keys() == tr.keys()
+    assert all(fx[k].shape == tr[k].shape and fx[k].dtype == tr[k].dtype for k in fx)
+    # lecun_normal (truncated normal, std 1/sqrt(fan_in)) crosses nn.Linear's bound.
+    assert np.abs(fx["layers_0/linear2/kernel"]).max() > 1.2 / np.sqrt(flax_config.d_hid)
+    assert not fx["cls_decoder/dense_0/bias"].any() and tr["cls_decoder/dense_0/bias"].any()
+    assert not fx["encoder/embedding"][flax_config.pad_token_id].any()
+    assert not np.array_equal(fx["layers_1/linear1/kernel"], fx["layers_0/linear1/kernel"])
+    # The torch model runs: finite outputs of every head.
+    out = apply(torch_config, init_params(torch_config, jax.random.PRNGKey(0)), *make_inputs())
+    assert all(np.isfinite(np.asarray(v)).all() for v in out.values())
+
+
+def test_model_init_rejects_unknown_values():
+    with pytest.raises(ConfigError, match=r"model\.init.*'flax', 'torch'"):
+        ModelConfig(init="pytorch")

@@ -226,3 +226,25 @@ def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty, flag, want)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
     assert train_cli.main(["--config", TINY, "--workdir", str(tmp_path / "run")] + flag) == 0
     assert seen["progress"] is want
+
+
+def test_training_log_line_shows_mre_only_when_asked():
+    metrics = {"loss": 0.5, "mse": 0.5, "mre": 123456.0}
+    assert "mre" not in training._format_bar(metrics, 1e-4, 10.0, 3.2)
+    assert "mre 123456.000" in training._format_bar(metrics, 1e-4, 10.0, 3.2, mre=True)
+    assert load_config(TINY).train.log_mre is False
+
+
+@pytest.mark.parametrize("drop_last,redraw", [(True, False), (False, True)])
+def test_data_keys_reach_the_train_loader_only(data_tiny, drop_last, redraw):
+    config = load_config(
+        TINY, [f"data.drop_last={str(drop_last).lower()}", f"data.redraw_pairing={redraw}"]
+    )
+    n = len(data_tiny.cells_of(data_tiny.conditions))
+    kw = dict(batch_size=32, prior=None)
+    train = training._loader(data_tiny, data_tiny.conditions, config, train=True, **kw)
+    val = training._loader(data_tiny, data_tiny.conditions, config, train=False, **kw)
+    assert len(train) == (n // 32 if drop_last else -(-n // 32))
+    assert len(val) == -(-n // 32)  # validation scores every cell
+    assert np.array_equal(train.pairing(0), train.pairing(1)) is not redraw
+    assert np.array_equal(val.pairing(0), val.pairing(1))

@@ -2,8 +2,10 @@
 
 Each cell of a batch is a (control cell, target cell) pair: the input channels are the
 control cell's expression and the perturbation flags of the target cell's condition; the
-target is the target cell's expression. GEARS pairs each perturbed cell with a random control
-cell; control cells are paired with themselves.
+target is the target cell's expression. Each perturbed cell is paired with a random control
+cell of its cell type, re-drawn every epoch or drawn once (``frozen_pairing``, as GEARS, which
+draws one control per perturbed cell when it builds its dataset); control cells are paired
+with themselves.
 
 Gene selection (``include_zero_gene``), as in the original script, but on gene ids and
 always keeping the perturbed genes:
@@ -20,7 +22,8 @@ expresses it would tell the model the answer, and at prediction time there is no
 Every mode adds the perturbed genes of the rows (as extra tokens with expression 0 when
 they are not measured). Above ``max_seq_len`` the other genes are sampled by gene id. The
 length is padded up to the smallest of a few bucket sizes, so the model compiles once per
-bucket, and the last partial batch is filled with rows of weight 0.
+bucket, and the last partial batch is filled with rows of weight 0 (or dropped, with
+``drop_last``, as GEARS's train loader).
 
 Everything is a pure function of (seed, epoch, batch index): ``epoch(e, start_batch=k)``
 yields exactly the batches ``k, k+1, ...`` of ``epoch(e)``.
@@ -324,21 +327,24 @@ class BatchLoader:
     Args:
       data: the dataset.
       conditions: the conditions whose cells the loader serves (e.g. a split's train list).
-      batch_size: rows per batch; the last partial batch is padded with weight-0 rows.
+      batch_size: rows per batch; the last partial batch is padded with weight-0 rows
+        (or dropped, see `drop_last`).
       include_zero_gene: ``"all"``, ``"batch-wise"``, ``"row-wise"`` or ``"nonzero"``.
       max_seq_len: most tokens per row (perturbed genes always kept); None: no limit.
       seed: the loader's seed; pairing, order and gene sampling derive from (seed, epoch).
       shuffle: shuffle the cells every epoch (else dataset order).
       pad_value: expression value at padding positions.
       pert_pad_id: flag value at padding positions.
-      frozen_pairing: draw the control partners once (same every epoch), instead of per
-        epoch as GEARS does.
+      frozen_pairing: draw the control partners once and keep them for every epoch, as
+        GEARS does; False: re-draw them every epoch.
       length_buckets: number of evenly spaced length buckets (mode ``"all"`` uses one), or
         the explicit bucket sizes.
       target: ``"cell"`` (each target cell's expression) or ``"condition_mean"`` (the mean
         expression of the target's condition over all of its cells the loader serves).
       target_offsets: condition -> (n_genes,) taken off that condition's targets (see
         :func:`assemble_batch`); None: nothing.
+      drop_last: leave out the last partial batch of every epoch (its cells, which change
+        with the shuffle, are not served in that epoch), as GEARS's train loader.
 
     Attributes:
       cell_indices: int64 (n_cells,) the cells served, ascending.
@@ -361,6 +367,7 @@ class BatchLoader:
         length_buckets: int | Sequence[int] = 4,
         target: str = "cell",
         target_offsets: Mapping[str, np.ndarray] | None = None,
+        drop_last: bool = False,
     ):
         if include_zero_gene not in INCLUDE_ZERO_GENE_MODES:
             raise ValueError(
@@ -391,6 +398,12 @@ class BatchLoader:
         if len(self.cell_indices) == 0:
             raise ValueError("The loader has no cells: give it at least one condition.")
         self.batch_size = int(batch_size)
+        self.drop_last = bool(drop_last)
+        if self.drop_last and len(self.cell_indices) < self.batch_size:
+            raise ValueError(
+                f"drop_last leaves no batch: the loader has {len(self.cell_indices)} cells, fewer "
+                f"than batch_size {self.batch_size}; lower the batch size or set drop_last false."
+            )
         self.include_zero_gene = include_zero_gene
         self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
         self.seed = int(seed)
@@ -436,6 +449,8 @@ class BatchLoader:
             self.bucket_sizes = sizes
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.cell_indices) // self.batch_size
         return -(-len(self.cell_indices) // self.batch_size)
 
     @property
