@@ -85,11 +85,12 @@ class CoexpressionPrior:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AdditivePrior:
-    """Measured single-gene changes of the training split.
+    """Measured single-gene changes of the training split (and the co-expression prior).
 
     Attributes:
       changes: gene name -> float32 (n_genes,) mean change of the training single over the
         control mean.
+      coexpression: the co-expression prior (``model.coexpression_prior``), or None.
     """
 
     changes: Mapping[str, np.ndarray]
