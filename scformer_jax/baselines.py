@@ -65,6 +65,11 @@ def _training_changes(
     return changes
 
 
+def _single_changes(changes: Mapping[tuple[str, ...], list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """gene -> the mean change of its training single(s), from :func:`_training_changes`."""
+    return {genes[0]: np.mean(v, axis=0) for genes, v in changes.items() if len(genes) == 1}
+
+
 def _conditions(conditions: Sequence[str]) -> list[str]:
     if isinstance(conditions, str):
         raise ValueError(
@@ -211,7 +216,7 @@ def fit_additive_baseline(
         raise ValueError(f"unseen_gene must be 'mean' or 'zero', got {unseen_gene!r}.")
     ctrl = as_profile(ctrl_mean, "ctrl_mean")
     changes = _training_changes(train_profiles, ctrl)
-    singles = {genes[0]: np.mean(v, axis=0) for genes, v in changes.items() if len(genes) == 1}
+    singles = _single_changes(changes)
     if unseen_gene == "zero":
         fallback = np.zeros_like(ctrl)
     elif singles:
@@ -263,7 +268,7 @@ def fit_coexpression_baseline(
     """
     ctrl = as_profile(ctrl_mean, "ctrl_mean")
     changes = _training_changes(train_profiles, ctrl)
-    singles = {genes[0]: np.mean(v, axis=0) for genes, v in changes.items() if len(genes) == 1}
+    singles = _single_changes(changes)
     control_expression = np.asarray(
         control_expression.toarray() if sp.issparse(control_expression) else control_expression,
         np.float64,
