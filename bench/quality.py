@@ -65,7 +65,8 @@ WIN_METRICS = ("pearson_delta", "pearson_de_delta")
 # prior, which validation did not choose, in place of the correction of doubles): the
 # ablation runs.
 ABLATIONS = {
-    "no coexpression_prior": ["model.coexpression_prior=false"],
+    "unseen_single network": ["model.unseen_single=network"],
+    "no coexpression_prior": ["model.coexpression_prior=false", "model.unseen_single=network"],
     "no seen_single_correction": ["model.seen_single_correction=false"],
     "additive_prior instead of seen_single_correction": [
         "model.seen_single_correction=false",
@@ -74,7 +75,11 @@ ABLATIONS = {
     "output_baseline none": ["model.output_baseline=none"],
     "no condition_mean target": ["data.train_target=cell"],
     "random gene embedding": ["model.gene_embedding_init=random"],
-    "neither prior": ["model.coexpression_prior=false", "model.seen_single_correction=false"],
+    "neither prior": [
+        "model.coexpression_prior=false",
+        "model.seen_single_correction=false",
+        "model.unseen_single=network",
+    ],
 }
 SHIFTED = dict(mean_regulators=3.5, knockdown_shift=-1.8, activation_shift=2.5, noise_sd=0.5)
 SHIFTED_SEED = 7

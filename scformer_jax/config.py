@@ -29,6 +29,8 @@ GENE_EMBEDDING_INITS = ("random", "data")
 # scformer_jax.model.init_params).
 PARAM_INITS = ("flax", "torch")
 OUTPUT_BASELINES = ("none", "control_input", "gene_mean")
+# How a single perturbation of a gene without a training single is predicted.
+UNSEEN_SINGLE_PREDICTIONS = ("network", "prior")
 TRAIN_TARGETS = ("cell", "condition_mean")
 # Validation metrics computed every epoch (train.best_metric picks one, with or without val_).
 VALIDATION_METRICS = (
@@ -128,6 +130,13 @@ class ModelConfig:
     # training singles' typical direct effect) and the model learns the rest
     # (scformer_jax.prior).
     coexpression_prior: bool = False
+    # How a single perturbation of a measured gene that has no single in the training split
+    # is predicted: "network" (the model's output for it, plus the priors) or "prior" (the
+    # model's prediction of the control cell unperturbed plus the gene's co-expression prior:
+    # the network's own guess for a gene it never saw perturbed is not used; needs
+    # coexpression_prior). Validation, eval and predict apply it; training is unchanged
+    # (scformer_jax.predict).
+    unseen_single: str = "network"
     # How the parameters start: "flax" (the modules' initialisers: Flax's lecun_normal for
     # most dense kernels, zero classifier and MVC biases, layers drawn independently) or
     # "torch" (the distributions the PyTorch original starts from: nn.Linear's
@@ -162,6 +171,7 @@ class ModelConfig:
         _check_choice("model.gene_embedding_init", self.gene_embedding_init, GENE_EMBEDDING_INITS)
         _check_choice("model.output_baseline", self.output_baseline, OUTPUT_BASELINES)
         _check_choice("model.init", self.init, PARAM_INITS)
+        _check_choice("model.unseen_single", self.unseen_single, UNSEEN_SINGLE_PREDICTIONS)
         if self.attention in ("xla", "cudnn") and self.attn_dropout_rate > 0:
             raise ConfigError(
                 f"model.attention {self.attention!r} has no attention-weight dropout but the "
@@ -172,6 +182,11 @@ class ModelConfig:
             raise ConfigError(
                 "model.additive_prior and model.seen_single_correction both correct multi-gene "
                 "predictions by the measured singles: set one of them to false."
+            )
+        if self.unseen_single == "prior" and not self.coexpression_prior:
+            raise ConfigError(
+                "model.unseen_single: prior predicts unseen singles from the co-expression "
+                "prior: set model.coexpression_prior: true (or model.unseen_single: network)."
             )
         if self.pert_pad_id in (0, 1) or not 0 <= self.pert_pad_id <= 2:
             raise ConfigError(

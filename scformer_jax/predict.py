@@ -103,14 +103,17 @@ class Predictor:
     ):
         if uses_prior(model_config) and prior is None:
             option = next(
-                k
-                for k in ("additive_prior", "seen_single_correction", "coexpression_prior")
-                if getattr(model_config, k)
+                (
+                    f"model.{k}"
+                    for k in ("additive_prior", "seen_single_correction", "coexpression_prior")
+                    if getattr(model_config, k)
+                ),
+                "model.unseen_single",
             )
             raise ValueError(
-                "This model predicts multi-gene perturbations from the measured training "
-                f"singles (model.{option}): pass prior=fit_additive_prior(dataset, "
-                "split['train']) with the run's training split."
+                "This model's predictions use the measured training singles "
+                f"({option}): pass prior=fit_additive_prior(dataset, split['train']) with the "
+                "run's training split."
             )
         self.prior = prior if uses_prior(model_config) else None
         self.model_config = model_config
@@ -129,8 +132,31 @@ class Predictor:
 
     def predict_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
         """(n, n_genes) predicted profiles of `control_cells` under `condition`."""
+        if self._unseen_single_gene(condition) is not None:
+            # The network's output for the condition itself is not used: skip computing it.
+            return self._unseen_single_cells(condition, control_cells)
         return self._model_cells(condition, control_cells) + self.prior_part(
             condition, control_cells
+        )
+
+    def _unseen_single_gene(self, condition: str) -> str | None:
+        """The gene of a single perturbation predicted from the co-expression prior instead of
+        the network's output for it (``model.unseen_single: prior``: a measured gene without a
+        training single), else None."""
+        if self.prior is None or self.model_config.unseen_single != "prior":
+            return None
+        genes = condition_genes(condition)
+        if len(genes) != 1 or genes[0] in self.prior.changes:
+            return None
+        if self.prior.coexpression is None or genes[0] not in self.prior.coexpression.columns:
+            return None  # no co-expression prior for it: the network predicts it
+        return genes[0]
+
+    def _unseen_single_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
+        """``model.unseen_single: prior``: the model's prediction of each control cell
+        unperturbed plus the condition's co-expression prior."""
+        return self._model_cells(CONTROL, control_cells) + self.prior.effect_offset(
+            condition, self.dataset.n_genes
         )
 
     def prior_part(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
@@ -143,6 +169,11 @@ class Predictor:
         out = np.zeros((len(control_cells), n_genes), np.float32)
         if self.prior is None:
             return out
+        if self._unseen_single_gene(condition) is not None:
+            # In place of the network's output (model.unseen_single: prior).
+            return self._unseen_single_cells(condition, control_cells) - self._model_cells(
+                condition, control_cells
+            )
         out += self.prior.effect_offset(condition, n_genes)
         if len(condition_genes(condition)) < 2:
             return out
