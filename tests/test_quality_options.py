@@ -405,6 +405,63 @@ def test_predictor_adds_the_coexpression_prior(data_tiny):
     np.testing.assert_allclose(corrected.predict_cells(double, controls), expected, atol=1e-4)
 
 
+def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_genes(data_tiny):
+    from scformer_jax.predict import Predictor
+    from scformer_jax.prior import prior_for
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(
+        data_tiny,
+        coexpression_prior=True,
+        seen_single_correction=True,
+        unseen_single="prior",
+        output_baseline="control_input",
+    )
+    prior = prior_for(config, data_tiny, split["train"])
+    params = init_params(config, jax.random.PRNGKey(0))
+    chosen = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
+    network = Predictor(
+        dataclasses.replace(config, unseen_single="network"),
+        params,
+        data_tiny,
+        batch_size=8,
+        prior=prior,
+    )
+    controls = data_tiny.control_cells[:5]
+    names = list(data_tiny.gene_names)
+    seen = sorted(prior.changes)
+    unseen = next(
+        g
+        for c in split["test"]
+        for g in data_tiny.condition_genes[c]
+        if g not in prior.changes and g in names
+    )
+    single = f"{unseen}+ctrl"
+    # The control cell as the model predicts it unperturbed, plus the co-expression prior.
+    expected = network.predict_cells("ctrl", controls) + prior.effect_offset(
+        single, data_tiny.n_genes
+    )
+    np.testing.assert_allclose(chosen.predict_cells(single, controls), expected, atol=1e-5)
+    assert not np.allclose(expected, network.predict_cells(single, controls), atol=1e-3)
+    # Validation adds prior_part to the network's output: the same prediction.
+    np.testing.assert_allclose(
+        chosen._model_cells(single, controls) + chosen.prior_part(single, controls),
+        expected,
+        atol=1e-5,
+    )
+    # Measured singles, doubles (also with an unseen gene) and the control are unchanged.
+    for condition in (f"{seen[0]}+ctrl", f"{seen[0]}+{unseen}", f"{seen[0]}+{seen[1]}", "ctrl"):
+        np.testing.assert_allclose(
+            chosen.predict_cells(condition, controls),
+            network.predict_cells(condition, controls),
+            atol=1e-6,
+        )
+    with pytest.raises(ConfigError, match="coexpression_prior"):
+        load_config(None, ["model.coexpression_prior=false", "model.unseen_single=prior"])
+    with pytest.raises(ConfigError, match="unseen_single"):
+        load_config(None, ["model.unseen_single=guess"])
+
+
 def test_randomized_components_match_the_exact_ones():
     from scformer_jax import gene_features
 
