@@ -178,6 +178,25 @@ def test_a_cached_run_is_reused_only_for_its_own_config(tmp_path, capsys):
     assert (workdir / "eval" / "metrics.json").stat().st_mtime_ns != stamp
 
 
+def test_win_counts_compare_with_the_chosen_baselines_and_subgroups():
+    table = {}
+    for row, values in {
+        "recommended": (0.5, 0.3),
+        "additive": (0.4, 0.4),
+        "coexpression": (0.6, 0.2),
+    }.items():
+        for subgroup, value in zip(("overall", "combo_seen0"), values):
+            for metric in quality.WIN_METRICS:
+                table[(row, subgroup, metric)] = (value, 0.0, 1)
+    won, total, lost = quality.wins(table)
+    assert (won, total) == (0, 4)
+    assert any("coexpression" in cell for cell in lost) and any("additive" in c for c in lost)
+    # Against the simple baselines on the scored subgroups (combo_seen0 left out): all won.
+    assert quality.wins(
+        table, baselines=quality.SIMPLE_BASELINES, subgroups=quality.SCORED_SUBGROUPS
+    )[:2] == (2, 2)
+
+
 def test_unknown_ablation_is_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--ablations", "no such option", "--datasets", "simulated"])
