@@ -13,6 +13,12 @@ This is our own re-implementation of the architecture in bowang-lab/scFormer
 It imports nothing from ``scformer_jax`` (an independent oracle, and the benchmark's
 process holds only PyTorch).
 
+scGPT's perturbation model (``scgpt/model/generation_model.py``) in its two versions is an
+option of the same class: up to January 2024 ``input_batchnorm=True`` with
+``expr_decoder="mlp"`` (``bn``, ``decoder.fc.*``), since then ``expr_decoder="affine"``
+(``decoder.coeff_decoder.*``, ``decoder.bias_decoder.*``); either with ``explicit_zero_prob``
+(``zero_logit`` heads, ``mvc_decoder.W_zero_logit``) and, in the flash layout, ``pre_norm``.
+
 The ``state_dict`` keys are those of the original (``encoder.embedding.weight``,
 ``value_encoder.linear1.weight``, ``pert_encoder.weight``,
 ``transformer_encoder.layers.0.self_attn.in_proj_weight``, ``decoder.weight``,
