@@ -301,9 +301,10 @@ def test_converted_scgpt_folder_runs_eval_and_predict(ref, tmp_path, data_tiny, 
     assert convert.main([str(tmp_path / "ckpt"), str(out), "--data", "simulated:tiny"]) == 0
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["missing"] == [] and report["unexpected"] == []
-    assert eval_cli.main(["--workdir", str(out), "--n-plots", "0"]) == 0
+    assert eval_cli.main(["--workdir", str(out), "--n-plots", "0", "--predict", genes[3]]) == 0
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["n_test_perturbations"] > 0
+    assert (out / "eval" / "predict.h5ad").is_file()
     predictor = load_predictor(str(out), batch_size=16)
     if version == "old":
         assert set(predictor.params[BATCH_STATS]["bn"]) == {"mean", "var"}
