@@ -31,6 +31,12 @@ PARAM_INITS = ("flax", "torch")
 OUTPUT_BASELINES = ("none", "control_input", "gene_mean")
 # How a single perturbation of a gene without a training single is predicted.
 UNSEEN_SINGLE_PREDICTIONS = ("network", "prior")
+# The expression decoder (model.expr_decoder): scFormer's one Linear, scGPT's MLP
+# (ExprDecoder) or scGPT's affine decoder (AffineExprDecoder). See scformer_jax.model.
+EXPR_DECODERS = ("linear", "mlp", "affine")
+# Activations of the affine decoder's coefficient and bias (model.decoder_activation), by
+# scGPT's names (torch.nn class names, default arguments).
+DECODER_ACTIVATIONS = ("ReLU", "LeakyReLU", "Softplus", "Sigmoid", "Tanh", "ELU", "GELU", "SiLU")
 TRAIN_TARGETS = ("cell", "condition_mean")
 # Validation metrics computed every epoch (train.best_metric picks one, with or without val_).
 VALIDATION_METRICS = (
@@ -144,6 +150,30 @@ class ModelConfig:
     # with its pad row, and every transformer layer a copy of the first, as
     # nn.TransformerEncoder deep-copies its layer). See scformer_jax.model.init_params.
     init: str = "flax"
+    # scGPT's perturbation-model variants (defaults: scFormer's model). See the README's
+    # checkpoint section for which scGPT version uses which.
+    # The expression decoder: "linear" (one Dense, scFormer), "mlp" (Dense-LeakyReLU-Dense-
+    # LeakyReLU-Dense, scGPT's ExprDecoder) or "affine" (two such MLPs giving a coefficient
+    # and a bias: prediction = coefficient * control value + bias, scGPT's AffineExprDecoder).
+    expr_decoder: str = "linear"
+    # Affine decoder only: an activation on the coefficient and the bias (scGPT's names, e.g.
+    # "ReLU"; null: none), and the bias scaled by the cell's mean non-zero input value.
+    decoder_activation: str | None = None
+    decoder_adaptive_bias: bool = False
+    # BatchNorm over the summed gene + value + flag embeddings (scGPT's `bn`, eps 6.1e-5,
+    # momentum 0.1): batch statistics of the real tokens in training, running statistics
+    # (non-trainable, kept beside the parameters) in validation, eval and prediction.
+    input_batchnorm: bool = False
+    # A second decoder head gives each token's probability of a non-zero value (scGPT's
+    # `zero_probs`, output "mlm_zero_probs", and "mvc_zero_probs" for the inner-product MVC
+    # decoder). Needs expr_decoder mlp or affine. No loss trains it here.
+    explicit_zero_prob: bool = False
+    # Eval only (validation, eval, prediction): the prediction is the decoder's value times
+    # a Bernoulli(zero_probs) draw, as scGPT's pred_perturb; needs explicit_zero_prob.
+    sample_zero_prob: bool = False
+    # scGPT's pre-norm layer (norm_scheme "pre"): x = LN1(x); x += attn(x); x = LN2(x);
+    # x += ff(x) (the residual starts from the normalised input; no final norm).
+    pre_norm: bool = False
 
     def __post_init__(self):
         for name in (
@@ -172,6 +202,27 @@ class ModelConfig:
         _check_choice("model.output_baseline", self.output_baseline, OUTPUT_BASELINES)
         _check_choice("model.init", self.init, PARAM_INITS)
         _check_choice("model.unseen_single", self.unseen_single, UNSEEN_SINGLE_PREDICTIONS)
+        _check_choice("model.expr_decoder", self.expr_decoder, EXPR_DECODERS)
+        if self.decoder_activation is not None:
+            _check_choice("model.decoder_activation", self.decoder_activation, DECODER_ACTIVATIONS)
+        if self.expr_decoder != "affine" and (
+            self.decoder_activation is not None or self.decoder_adaptive_bias
+        ):
+            raise ConfigError(
+                "model.decoder_activation and model.decoder_adaptive_bias belong to the affine "
+                f"decoder; set model.expr_decoder: affine (it is {self.expr_decoder!r}) or "
+                "remove them."
+            )
+        if self.explicit_zero_prob and self.expr_decoder == "linear":
+            raise ConfigError(
+                "model.explicit_zero_prob needs model.expr_decoder mlp or affine (scGPT's "
+                "decoders with a zero-probability head); the linear decoder has none."
+            )
+        if self.sample_zero_prob and not self.explicit_zero_prob:
+            raise ConfigError(
+                "model.sample_zero_prob samples from the zero probabilities: set "
+                "model.explicit_zero_prob: true as well, or sample_zero_prob: false."
+            )
         if self.attention in ("xla", "cudnn") and self.attn_dropout_rate > 0:
             raise ConfigError(
                 f"model.attention {self.attention!r} has no attention-weight dropout but the "

@@ -12,6 +12,17 @@ Differences from the original, all deliberate:
 * ``avg-pool`` and ``w-pool`` ignore padding positions (the original averaged over them).
 * Dense layers start from Flax's initialisers unless ``config.init == "torch"``
   (:func:`torch_style_params`: the original's initial distributions).
+* ``input_batchnorm`` computes its training statistics over real tokens only (scGPT's
+  BatchNorm1d also counted padding positions).
+
+scGPT's perturbation models are options of the same module: the MLP and affine expression
+decoders (``expr_decoder``), the BatchNorm after the embedding sum (``input_batchnorm``),
+zero probabilities (``explicit_zero_prob``) and pre-norm layers (``pre_norm``). The
+BatchNorm's running statistics are Flax's ``batch_stats`` collection; outside the model they
+travel in the weights tree under the top-level key ``batch_stats`` (:data:`BATCH_STATS`, a
+name no module uses), so checkpoints, conversion and prediction carry them with the
+parameters; :func:`model_variables` splits them out for ``apply`` and the train step writes
+their updates back (the optimiser's update of them is overwritten).
 """
 
 from __future__ import annotations
@@ -31,6 +42,22 @@ from scformer_jax.config import ModelConfig
 
 # PyTorch's LayerNorm epsilon (Flax's default is 1e-6); kept for checkpoint parity.
 LN_EPS = 1e-5
+# scGPT's BatchNorm1d(d_model, eps=6.1e-5) with PyTorch's default momentum.
+BN_EPS = 6.1e-5
+BN_MOMENTUM = 0.1
+# The Flax collection of the BatchNorm's running statistics, and their key in the weights tree.
+BATCH_STATS = "batch_stats"
+# scGPT's decoder activations (torch.nn classes with default arguments).
+ACTIVATIONS = {
+    "ReLU": nn.relu,
+    "LeakyReLU": nn.leaky_relu,
+    "Softplus": nn.softplus,
+    "Sigmoid": nn.sigmoid,
+    "Tanh": jnp.tanh,
+    "ELU": nn.elu,
+    "GELU": functools.partial(nn.gelu, approximate=False),
+    "SiLU": nn.silu,
+}
 
 
 def _uniform(scale: float):
@@ -152,7 +179,8 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-LayerNorm transformer layer (PyTorch's ``TransformerEncoderLayer``, ReLU)."""
+    """Transformer layer (PyTorch's ``TransformerEncoderLayer``, ReLU): post-LayerNorm, or
+    scGPT's pre-norm scheme with ``config.pre_norm``."""
 
     config: ModelConfig
     implementation: str
@@ -162,7 +190,7 @@ class EncoderLayer(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         drop = functools.partial(Dropout(c.dropout), deterministic=deterministic)
-        h = SelfAttention(
+        attention = SelfAttention(
             c.embsize,
             c.nhead,
             c.attn_dropout_rate,
@@ -170,15 +198,110 @@ class EncoderLayer(nn.Module):
             c.attention_block_size_for(deterministic),
             dtype,
             name="self_attn",
-        )(x, key_padding_mask, deterministic=deterministic)
-        x = nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x + drop(h))
-        h = nn.Dense(
-            c.d_hid, name="linear1", dtype=dtype, bias_init=_torch_linear_bias_init(c.embsize)
+        )
+        norm1 = nn.LayerNorm(epsilon=LN_EPS, name="norm1")
+        norm2 = nn.LayerNorm(epsilon=LN_EPS, name="norm2")
+
+        def feed_forward(h):
+            h = nn.Dense(
+                c.d_hid, name="linear1", dtype=dtype, bias_init=_torch_linear_bias_init(c.embsize)
+            )(h)
+            return nn.Dense(
+                c.embsize, name="linear2", dtype=dtype, bias_init=_torch_linear_bias_init(c.d_hid)
+            )(drop(nn.relu(h)))
+
+        if c.pre_norm:
+            # scGPT's "pre" scheme replaces x by its normalised value before each residual.
+            x = norm1(x)
+            x = x + drop(attention(x, key_padding_mask, deterministic=deterministic))
+            x = norm2(x)
+            return (x + drop(feed_forward(x))).astype(jnp.float32)
+        x = norm1(x + drop(attention(x, key_padding_mask, deterministic=deterministic)))
+        return norm2(x + drop(feed_forward(x))).astype(jnp.float32)
+
+
+class InputBatchNorm(nn.Module):
+    """BatchNorm over the features of (batch, length, d) tokens: PyTorch's BatchNorm1d on
+    (batch, d, length), statistics over the real tokens (``keep``). Training normalises by
+    the batch's mean and biased variance and, when ``batch_stats`` is mutable, moves the
+    running mean and unbiased variance by ``momentum``; deterministic passes use the
+    running statistics."""
+
+    eps: float = BN_EPS
+    momentum: float = BN_MOMENTUM
+
+    @nn.compact
+    def __call__(self, x, keep, *, deterministic: bool):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable(BATCH_STATS, "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable(BATCH_STATS, "var", jnp.ones, (features,), jnp.float32)
+        if deterministic:
+            mean, var = running_mean.value, running_var.value
+        else:
+            weight = keep.astype(x.dtype)[..., None]
+            n = jnp.maximum(weight.sum(), 1.0)
+            mean = (x * weight).sum((0, 1)) / n
+            var = (jnp.square(x - mean) * weight).sum((0, 1)) / n
+            if self.is_mutable_collection(BATCH_STATS) and not self.is_initializing():
+                m = self.momentum
+                unbiased = jax.lax.stop_gradient(var * n / jnp.maximum(n - 1.0, 1.0))
+                running_mean.value = (1 - m) * running_mean.value + m * jax.lax.stop_gradient(mean)
+                running_var.value = (1 - m) * running_var.value + m * unbiased
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+
+
+class ExprMLP(nn.Module):
+    """scGPT's ``ExprDecoder``: Dense(d), LeakyReLU, Dense(d), LeakyReLU, Dense(1) per token
+    (``fc_0/2/4``, PyTorch's ``fc.0/2/4``) and, with ``explicit_zero_prob``, a second such
+    MLP (``zero_logit_0/2/4``) whose sigmoid is the zero probability.
+
+    Returns ((batch, length) values, (batch, length) zero probabilities or None).
+    """
+
+    d_model: int
+    explicit_zero_prob: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        def mlp(prefix):
+            h = x
+            for i in (0, 2):
+                h = nn.leaky_relu(nn.Dense(self.d_model, name=f"{prefix}_{i}")(h))
+            return nn.Dense(1, name=f"{prefix}_4")(h)[..., 0]
+
+        pred = mlp("fc")
+        return pred, (nn.sigmoid(mlp("zero_logit")) if self.explicit_zero_prob else None)
+
+
+class AffineExprDecoder(nn.Module):
+    """scGPT's ``AffineExprDecoder``: two :class:`ExprMLP` give a coefficient and a bias per
+    token; the prediction is ``coefficient * value + bias`` on the token's control value.
+    ``activation`` applies to both; ``adaptive_bias`` scales the bias by the cell's mean
+    non-zero value over its real tokens (1 for a cell without one; scGPT divides by zero).
+    Zero probabilities come from the coefficient decoder; the bias decoder's zero head
+    exists (scGPT builds it) but is unused."""
+
+    d_model: int
+    explicit_zero_prob: bool = False
+    activation: str | None = None
+    adaptive_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x, values, keep):
+        coeff, zero_probs = ExprMLP(self.d_model, self.explicit_zero_prob, name="coeff_decoder")(x)
+        # Built at initialisation only, so that checkpoints' unused tensors have a place.
+        bias, _ = ExprMLP(
+            self.d_model, self.explicit_zero_prob and self.is_initializing(), name="bias_decoder"
         )(x)
-        h = nn.Dense(
-            c.embsize, name="linear2", dtype=dtype, bias_init=_torch_linear_bias_init(c.d_hid)
-        )(drop(nn.relu(h)))
-        return nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x + drop(h)).astype(jnp.float32)
+        if self.activation is not None:
+            coeff, bias = ACTIVATIONS[self.activation](coeff), ACTIVATIONS[self.activation](bias)
+        if self.adaptive_bias:
+            real = keep.astype(values.dtype)
+            nonzero = jnp.sum((values != 0) * real, axis=1, keepdims=True)
+            bias = bias * jnp.sum(values * real, axis=1, keepdims=True) / jnp.maximum(nonzero, 1)
+        return coeff * values + bias, zero_probs
 
 
 class ClsDecoder(nn.Module):
@@ -202,16 +325,27 @@ class MVCDecoder(nn.Module):
 
     d_model: int
     style: str
+    explicit_zero_prob: bool = False
 
     @nn.compact
     def __call__(self, cell_emb, gene_embs):
-        """cell_emb (batch, d), gene_embs (batch, length, d) -> (batch, length)."""
+        """cell_emb (batch, d), gene_embs (batch, length, d) -> ((batch, length) values,
+        (batch, length) zero probabilities or None).
+
+        Zero probabilities (``W_zero_logit``) exist for the inner-product styles only, as in
+        scGPT (whose query styles raise with ``explicit_zero_prob``)."""
         if self.style.endswith("detach"):
             gene_embs = jax.lax.stop_gradient(gene_embs)
         if self.style in ("inner product", "inner product, detach"):
             query = nn.sigmoid(nn.Dense(self.d_model, name="gene2query")(gene_embs))
             projected = nn.Dense(self.d_model, use_bias=False, name="W")(query)
-            return jnp.einsum("bld,bd->bl", projected, cell_emb)
+            pred = jnp.einsum("bld,bd->bl", projected, cell_emb)
+            if not self.explicit_zero_prob:
+                return pred, None
+            zero_logits = jnp.einsum(
+                "bld,bd->bl", nn.Dense(self.d_model, name="W_zero_logit")(query), cell_emb
+            )
+            return pred, nn.sigmoid(zero_logits)
         prelu = nn.PReLU(negative_slope_init=0.25, name="hidden_activation")
         if self.style == "concat query":
             query = nn.sigmoid(nn.Dense(64, name="gene2query")(gene_embs))
@@ -220,7 +354,7 @@ class MVCDecoder(nn.Module):
         else:  # "sum query"
             query = nn.sigmoid(nn.Dense(self.d_model, name="gene2query")(gene_embs))
             h = prelu(nn.Dense(64, name="fc1")(cell_emb[:, None, :] + query))
-        return nn.Dense(1, name="fc2")(h)[..., 0]
+        return nn.Dense(1, name="fc2")(h)[..., 0], None
 
 
 class TransformerGenerator(nn.Module):
@@ -229,7 +363,12 @@ class TransformerGenerator(nn.Module):
     Call with the two-channel batch arrays (see :mod:`scformer_jax.batch`). Returns a dict:
     ``mlm_output`` (batch, seq_len) predicted expression of every input token,
     ``cell_emb`` (batch, embsize), and when asked ``cls_output`` (batch, n_cls) and
-    ``mvc_output`` (batch, seq_len).
+    ``mvc_output`` (batch, seq_len); with ``explicit_zero_prob`` also ``mlm_zero_probs``
+    (and ``mvc_zero_probs`` for the inner-product MVC styles), (batch, seq_len).
+
+    Variables: ``params``, and ``batch_stats`` with ``input_batchnorm`` (pass it mutable in
+    training to update the running statistics). RNG streams: ``dropout`` in training,
+    ``sample`` for ``sample_zero_prob`` in deterministic passes.
     """
 
     config: ModelConfig
@@ -290,33 +429,64 @@ class TransformerGenerator(nn.Module):
             + values_emb
             + PaddedEmbedding(3, c.embsize, c.pert_pad_id, name="pert_encoder")(flags)
         )
+        if c.input_batchnorm:
+            x = InputBatchNorm(name="bn")(x, ~padding_mask, deterministic=deterministic)
         for layer in self._layers(x.shape[1]):
             x = layer(x, padding_mask, deterministic)
 
         cell_emb = self._cell_embedding(x, values, padding_mask)
         if c.uses_cls_token:
-            x, gene_embs = x[:, 1:], gene_embs[:, 1:]
-        decoder = nn.Dense(
-            1, kernel_init=_uniform(0.1), bias_init=nn.initializers.zeros, name="decoder"
-        )
-        mlm_output = decoder(x)[..., 0]
+            x, gene_embs, values = x[:, 1:], gene_embs[:, 1:], values[:, 1:]
+            padding_mask = padding_mask[:, 1:]
+        mlm_output, zero_probs = self._decode(x, values, ~padding_mask)
+        mlm_output = self._sampled(mlm_output, zero_probs, deterministic)
         if c.output_baseline == "control_input":
-            mlm_output = mlm_output + (values[:, 1:] if c.uses_cls_token else values)
+            mlm_output = mlm_output + values
         elif c.output_baseline == "gene_mean":
             # Initialised to zeros; training sets the measured genes' rows to the control mean.
             baseline = self.param("gene_baseline", nn.initializers.zeros, (c.ntoken,))
             ids = gene_ids[:, 1:] if c.uses_cls_token else gene_ids
             mlm_output = mlm_output + jnp.take(baseline, ids)
         out = {"mlm_output": mlm_output, "cell_emb": cell_emb}
+        if zero_probs is not None:
+            out["mlm_zero_probs"] = zero_probs
         if compute_cls:
             out["cls_output"] = ClsDecoder(c.embsize, c.n_cls, c.nlayers_cls, name="cls_decoder")(
                 cell_emb
             )
         if compute_mvc:
-            out["mvc_output"] = MVCDecoder(c.embsize, c.mvc_decoder_style, name="mvc_decoder")(
-                cell_emb, gene_embs
-            )
+            mvc_output, mvc_zero_probs = MVCDecoder(
+                c.embsize, c.mvc_decoder_style, c.explicit_zero_prob, name="mvc_decoder"
+            )(cell_emb, gene_embs)
+            out["mvc_output"] = self._sampled(mvc_output, mvc_zero_probs, deterministic)
+            if mvc_zero_probs is not None:
+                out["mvc_zero_probs"] = mvc_zero_probs
         return out
+
+    def _decode(self, x, values, keep):
+        """Per-token expression and zero probabilities (None without explicit_zero_prob)."""
+        c = self.config
+        if c.expr_decoder == "mlp":
+            return ExprMLP(c.embsize, c.explicit_zero_prob, name="decoder")(x)
+        if c.expr_decoder == "affine":
+            return AffineExprDecoder(
+                c.embsize,
+                c.explicit_zero_prob,
+                c.decoder_activation,
+                c.decoder_adaptive_bias,
+                name="decoder",
+            )(x, values, keep)
+        decoder = nn.Dense(
+            1, kernel_init=_uniform(0.1), bias_init=nn.initializers.zeros, name="decoder"
+        )
+        return decoder(x)[..., 0], None
+
+    def _sampled(self, pred, zero_probs, deterministic):
+        """scGPT's eval-time draw (``sample_zero_prob``): the value where Bernoulli(zero_probs)
+        gives 1, else 0 (scGPT trains ``zero_probs`` as the chance of a non-zero value)."""
+        if not (self.config.sample_zero_prob and deterministic) or zero_probs is None:
+            return pred
+        return pred * jax.random.bernoulli(self.make_rng("sample"), zero_probs).astype(pred.dtype)
 
     def _cell_embedding(self, x, values, padding_mask):
         style = self.config.cell_emb_style
@@ -332,7 +502,9 @@ class TransformerGenerator(nn.Module):
 
 
 def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
-    """Initial parameters (a plain pytree), with every decoder present.
+    """Initial parameters (a plain pytree), with every decoder present; with
+    ``input_batchnorm`` the tree also holds the initial running statistics under
+    ``batch_stats`` (see :func:`model_variables`).
 
     ``config.init`` picks the initialisers: ``"flax"`` the modules' own (mostly Flax's
     defaults), ``"torch"`` the distributions the PyTorch original starts from
@@ -350,7 +522,7 @@ def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
     inputs = jnp.zeros((1, seq_len, 2), jnp.float32)
     padding_mask = jnp.zeros((1, seq_len), bool)
     variables = model.init(
-        {"params": rng, "dropout": rng},
+        {"params": rng, "dropout": rng, "sample": rng},
         gene_ids,
         inputs,
         padding_mask,
@@ -361,7 +533,18 @@ def init_params(config: ModelConfig, rng, *, seq_len: int = 8):
     params = variables["params"]
     if config.init == "torch":
         params = torch_style_params(params, jax.random.fold_in(rng, 1))
+    if BATCH_STATS in variables:
+        params = {**params, BATCH_STATS: variables[BATCH_STATS]}
     return params
+
+
+def model_variables(params: Any) -> dict[str, Any]:
+    """The Flax variables of a weights tree for ``TransformerGenerator.apply``: ``params``,
+    and the running statistics (the tree's ``batch_stats`` entry) as their own collection."""
+    if BATCH_STATS not in params:
+        return {"params": params}
+    rest = {k: v for k, v in params.items() if k != BATCH_STATS}
+    return {"params": rest, BATCH_STATS: params[BATCH_STATS]}
 
 
 # Dense parameters whose PyTorch init is not nn.Linear's default, kept as the module

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from scformer_jax import losses
 from scformer_jax.batch import PerturbBatch
 from scformer_jax.config import ObjectiveConfig
-from scformer_jax.model import TransformerGenerator
+from scformer_jax.model import BATCH_STATS, TransformerGenerator, model_variables
 
 
 def loss_terms(
@@ -31,20 +31,27 @@ def loss_terms(
     """Runs the model and returns ``{name: (numerator, denominator)}`` and the outputs.
 
     Names: ``mse`` and ``mre`` (metric only) always; ``cls``, ``cce``, ``mvc``, ``ecs`` when
-    enabled in ``objective``.
+    enabled in ``objective``. A training pass of a model with running statistics
+    (``model.input_batchnorm``) also returns their update as ``out["batch_stats"]``.
     """
     batch.check()
     rng_a, rng_b = jax.random.split(dropout_rng)
+    variables = model_variables(params)
+    update_stats = not deterministic and BATCH_STATS in variables
     out = model.apply(
-        {"params": params},
+        variables,
         batch.gene_ids,
         batch.inputs,
         batch.padding_mask,
         deterministic=deterministic,
         compute_cls=objective.cls,
         compute_mvc=objective.mvc,
-        rngs={"dropout": rng_a},
+        rngs={"dropout": rng_a, "sample": rng_b},
+        mutable=[BATCH_STATS] if update_stats else False,
     )
+    if update_stats:
+        out, updates = out
+        out = {**out, BATCH_STATS: updates[BATCH_STATS]}
     mask = batch.loss_mask
     terms = {
         "mse": losses.masked_mse_terms(out["mlm_output"], batch.target_values, mask),
@@ -56,7 +63,7 @@ def loss_terms(
     if objective.cce:
         # SimCSE: the same cells through a second dropout pass are the positives.
         second = model.apply(
-            {"params": params},
+            variables,
             batch.gene_ids,
             batch.inputs,
             batch.padding_mask,
@@ -111,9 +118,16 @@ def objective_value(terms, objective: ObjectiveConfig, *, axis_name: str | None 
     return loss, metrics
 
 
-def predict_expression(model: TransformerGenerator, params: Any, batch: PerturbBatch):
-    """Eval-mode predicted expression of every input token, (batch, seq_len)."""
+def predict_expression(model: TransformerGenerator, params: Any, batch: PerturbBatch, rng=None):
+    """Eval-mode predicted expression of every input token, (batch, seq_len).
+
+    ``rng``: the key of ``model.sample_zero_prob``'s draws (default PRNGKey(0))."""
     out = model.apply(
-        {"params": params}, batch.gene_ids, batch.inputs, batch.padding_mask, deterministic=True
+        model_variables(params),
+        batch.gene_ids,
+        batch.inputs,
+        batch.padding_mask,
+        deterministic=True,
+        rngs={"sample": jax.random.PRNGKey(0) if rng is None else rng},
     )
     return jnp.where(batch.padding_mask, 0.0, out["mlm_output"])

@@ -124,10 +124,14 @@ class Predictor:
         # A few fixed lengths, so the model compiles a few times, not once per batch.
         self._buckets = bucket_sizes(dataset.n_genes + 2)
         model = TransformerGenerator(model_config)
-        self._predict = jax.jit(lambda p, b: predict_expression(model, p, b))
+        self._predict = jax.jit(lambda p, b, k: predict_expression(model, p, b, k))
+        # model.sample_zero_prob draws anew for every batch, reproducibly per Predictor.
+        self._batches_run = 0
 
     def _run(self, host: HostBatch, control_rows: np.ndarray) -> np.ndarray:
-        pred = np.asarray(self._predict(self.params, host.batch))
+        key = jax.random.fold_in(jax.random.PRNGKey(0), self._batches_run)
+        self._batches_run += 1
+        pred = np.asarray(self._predict(self.params, host.batch, key))
         return full_profiles(control_rows, pred, host.gene_index).astype(np.float32)
 
     def predict_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ from scformer_jax.data.conditions import CONTROL
 from scformer_jax.evaluation import observed_reference, score
 from scformer_jax.gene_features import init_from_data
 from scformer_jax.io import RunFolderLock, write_text_atomic
-from scformer_jax.model import TransformerGenerator, init_params
+from scformer_jax.model import BATCH_STATS, TransformerGenerator, init_params
 from scformer_jax.objectives import loss_terms, objective_value
 from scformer_jax.predict import Predictor, full_profiles
 from scformer_jax.prior import prior_for
@@ -101,16 +101,24 @@ def train_step(
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
-        terms, _ = loss_terms(
+        terms, out = loss_terms(
             model, params, batch, rng, objective, deterministic=False, axis_name=axis_name
         )
-        return objective_value(terms, objective, axis_name=axis_name)
+        loss, metrics = objective_value(terms, objective, axis_name=axis_name)
+        return loss, (metrics, out.get(BATCH_STATS))
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.apply_gradients(grads=grads), metrics
+    state = state.apply_gradients(grads=grads)
+    if batch_stats is not None:
+        # Running statistics are not trained: their new values replace whatever the
+        # optimiser did to them (their gradient is zero), averaged over the devices.
+        if axis_name is not None:
+            batch_stats = jax.lax.pmean(batch_stats, axis_name)
+        state = state.replace(params={**state.params, BATCH_STATS: batch_stats})
+    return state, metrics
 
 
 def eval_step(

@@ -133,7 +133,6 @@ def test_torch_keys_map_onto_our_tree():
     for key, expected in cases.items():
         assert convert.torch_key_to_path(key) == expected, key
     for key in (
-        "decoder.fc.0.weight",
         "batch_encoder.embedding.weight",
         "sim.temp",
         "transformer_encoder.layers.0.self_attn.out_proj.scale",

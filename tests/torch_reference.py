@@ -13,6 +13,12 @@ This is our own re-implementation of the architecture in bowang-lab/scFormer
 It imports nothing from ``scformer_jax`` (an independent oracle, and the benchmark's
 process holds only PyTorch).
 
+scGPT's perturbation model (``scgpt/model/generation_model.py``) in its two versions is an
+option of the same class: up to January 2024 ``input_batchnorm=True`` with
+``expr_decoder="mlp"`` (``bn``, ``decoder.fc.*``), since then ``expr_decoder="affine"``
+(``decoder.coeff_decoder.*``, ``decoder.bias_decoder.*``); either with ``explicit_zero_prob``
+(``zero_logit`` heads, ``mvc_decoder.W_zero_logit``) and, in the flash layout, ``pre_norm``.
+
 The ``state_dict`` keys are those of the original (``encoder.embedding.weight``,
 ``value_encoder.linear1.weight``, ``pert_encoder.weight``,
 ``transformer_encoder.layers.0.self_attn.in_proj_weight``, ``decoder.weight``,
@@ -68,6 +74,7 @@ SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
 MVC_DECODER_STYLES = ("inner product", "inner product, detach", "concat query", "sum query")
 ATTENTION_LAYOUTS = ("torch", "flash")
+EXPR_DECODERS = ("linear", "mlp", "affine")
 
 CHECKPOINT_FILE = "best_model.pt"
 ARGS_FILE = "args.json"
@@ -158,12 +165,17 @@ class MVCDecoder(nn.Module):
         arch_style: str = "inner product",
         query_activation=nn.Sigmoid,
         hidden_activation=nn.PReLU,
+        explicit_zero_prob: bool = False,
     ):
         super().__init__()
+        self.explicit_zero_prob = explicit_zero_prob
         if arch_style in ("inner product", "inner product, detach"):
             self.gene2query = nn.Linear(d_model, d_model)
             self.query_activation = query_activation()
             self.W = nn.Linear(d_model, d_model, bias=False)
+            if explicit_zero_prob:
+                # scGPT's gene-wise zero logits: the same inner product through its own matrix.
+                self.W_zero_logit = nn.Linear(d_model, d_model)
         elif arch_style == "concat query":
             # The original hard-codes a 64-wide query and hidden layer here.
             self.gene2query = nn.Linear(d_model, 64)
@@ -190,20 +202,90 @@ class MVCDecoder(nn.Module):
             gene_embs: (batch, seq_len, d_model), the normalised gene token embeddings.
 
         Returns:
-            (batch, seq_len) predicted values.
+            ((batch, seq_len) predicted values, (batch, seq_len) zero probabilities or None).
+            The query styles have no zero head (scGPT raises for them).
         """
         if self.do_detach:
             gene_embs = gene_embs.detach()
         query_vecs = self.query_activation(self.gene2query(gene_embs))
         if self.arch_style in ("inner product", "inner product, detach"):
             # (batch, seq_len, d) @ (batch, d, 1) -> (batch, seq_len)
-            return torch.bmm(self.W(query_vecs), cell_emb.unsqueeze(2)).squeeze(2)
+            pred = torch.bmm(self.W(query_vecs), cell_emb.unsqueeze(2)).squeeze(2)
+            if not self.explicit_zero_prob:
+                return pred, None
+            logits = torch.bmm(self.W_zero_logit(query_vecs), cell_emb.unsqueeze(2)).squeeze(2)
+            return pred, torch.sigmoid(logits)
         if self.arch_style == "concat query":
             expanded = cell_emb.unsqueeze(1).expand(-1, gene_embs.shape[1], -1)
             hidden = self.hidden_activation(self.fc1(torch.cat([expanded, query_vecs], dim=2)))
-            return self.fc2(hidden).squeeze(2)
+            return self.fc2(hidden).squeeze(2), None
         hidden = self.hidden_activation(self.fc1(cell_emb.unsqueeze(1) + query_vecs))
-        return self.fc2(hidden).squeeze(2)
+        return self.fc2(hidden).squeeze(2), None
+
+
+class ExprDecoder(nn.Module):
+    """scGPT's MLP expression decoder: (Linear, LeakyReLU) x 2 then Linear to one value per
+    token, and with ``explicit_zero_prob`` a second such MLP whose sigmoid is the zero
+    probability."""
+
+    def __init__(self, d_model: int, explicit_zero_prob: bool = False):
+        super().__init__()
+
+        def mlp() -> nn.Sequential:
+            return nn.Sequential(
+                nn.Linear(d_model, d_model),
+                nn.LeakyReLU(),
+                nn.Linear(d_model, d_model),
+                nn.LeakyReLU(),
+                nn.Linear(d_model, 1),
+            )
+
+        self.fc = mlp()
+        self.explicit_zero_prob = explicit_zero_prob
+        if explicit_zero_prob:
+            self.zero_logit = mlp()
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Args: x: (batch, seq_len, d_model). Returns: "pred" (and "zero_probs"), each
+        (batch, seq_len)."""
+        out = {"pred": self.fc(x).squeeze(-1)}
+        if self.explicit_zero_prob:
+            out["zero_probs"] = torch.sigmoid(self.zero_logit(x).squeeze(-1))
+        return out
+
+
+class AffineExprDecoder(nn.Module):
+    """scGPT's affine decoder: coefficient and bias from two ``ExprDecoder``s, prediction
+    ``coefficient * value + bias``; optional activation on both (a torch.nn class name) and
+    the bias scaled by each cell's mean non-zero input value (``adaptive_bias``)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        explicit_zero_prob: bool = False,
+        activation: str | None = None,
+        adaptive_bias: bool = False,
+    ):
+        super().__init__()
+        self.coeff_decoder = ExprDecoder(d_model, explicit_zero_prob)
+        self.bias_decoder = ExprDecoder(d_model, explicit_zero_prob)
+        self.explicit_zero_prob = explicit_zero_prob
+        self.adaptive_bias = adaptive_bias
+        self.activation = getattr(nn, activation)() if activation is not None else None
+
+    def forward(self, x: Tensor, values: Tensor) -> dict[str, Tensor]:
+        """Args: x (batch, seq_len, d_model), values (batch, seq_len)."""
+        coeff = self.coeff_decoder(x)["pred"]
+        bias = self.bias_decoder(x)["pred"]
+        if self.activation is not None:
+            coeff, bias = self.activation(coeff), self.activation(bias)
+        if self.adaptive_bias:
+            nonzero_mean = values.sum(dim=1, keepdim=True) / (values != 0).sum(dim=1, keepdim=True)
+            bias = bias * nonzero_mean
+        out = {"pred": coeff * values + bias}
+        if self.explicit_zero_prob:
+            out["zero_probs"] = self.coeff_decoder(x)["zero_probs"]
+        return out
 
 
 class FusedQKVSelfAttention(nn.Module):
@@ -350,8 +432,20 @@ class TransformerGenerator(nn.Module):
         mvc_decoder_style: str = "inner product",
         ecs_threshold: float = 0.3,
         attention_layout: str = "torch",
+        expr_decoder: str = "linear",
+        explicit_zero_prob: bool = False,
+        decoder_activation: str | None = None,
+        decoder_adaptive_bias: bool = False,
+        input_batchnorm: bool = False,
+        pre_norm: bool = False,
     ):
         super().__init__()
+        if expr_decoder not in EXPR_DECODERS:
+            raise ValueError(f"Unknown expr_decoder {expr_decoder!r}; use one of {EXPR_DECODERS}.")
+        if explicit_zero_prob and expr_decoder == "linear":
+            raise ValueError("explicit_zero_prob needs expr_decoder 'mlp' or 'affine'.")
+        if pre_norm and attention_layout != "flash":
+            raise ValueError("pre_norm exists only in scGPT's flash layer: use layout 'flash'.")
         if cell_emb_style not in CELL_EMB_STYLES:
             raise ValueError(
                 f"Unknown cell_emb_style {cell_emb_style!r}; use one of {CELL_EMB_STYLES}."
@@ -370,24 +464,40 @@ class TransformerGenerator(nn.Module):
         self.ecs_threshold = ecs_threshold
         self.cell_emb_style = cell_emb_style
         self.attention_layout = attention_layout
+        self.expr_decoder = expr_decoder
+        self.explicit_zero_prob = explicit_zero_prob
 
         self.encoder = GeneEncoder(ntoken, d_model, padding_idx=self.pad_token_id)
         self.value_encoder = ValueEncoding(d_model, dropout)
         self.pert_encoder = nn.Embedding(3, d_model, padding_idx=pert_pad_id)
+        if input_batchnorm:
+            # scGPT up to January 2024: BatchNorm over the summed embeddings.
+            self.bn = nn.BatchNorm1d(d_model, eps=6.1e-5)
         if attention_layout == "torch":
             layer = nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout, batch_first=True)
             self.transformer_encoder = nn.TransformerEncoder(layer, nlayers)
         else:
-            layer = FlashLayoutEncoderLayer(d_model, nhead, d_hid, dropout)
+            layer = FlashLayoutEncoderLayer(
+                d_model, nhead, d_hid, dropout, norm_scheme="pre" if pre_norm else "post"
+            )
             # Nested tensors only apply to nn.TransformerEncoderLayer; saying so up front
             # silences PyTorch's warning about it.
             self.transformer_encoder = nn.TransformerEncoder(
                 layer, nlayers, enable_nested_tensor=False
             )
-        self.decoder = nn.Linear(d_model, 1)
+        if expr_decoder == "linear":
+            self.decoder = nn.Linear(d_model, 1)
+        elif expr_decoder == "mlp":
+            self.decoder = ExprDecoder(d_model, explicit_zero_prob)
+        else:
+            self.decoder = AffineExprDecoder(
+                d_model, explicit_zero_prob, decoder_activation, decoder_adaptive_bias
+            )
         self.cls_decoder = ClsDecoder(d_model, n_cls, nlayers=nlayers_cls)
         if do_mvc:
-            self.mvc_decoder = MVCDecoder(d_model, arch_style=mvc_decoder_style)
+            self.mvc_decoder = MVCDecoder(
+                d_model, arch_style=mvc_decoder_style, explicit_zero_prob=explicit_zero_prob
+            )
         self.sim = Similarity(temp=0.5)
         self.criterion_cce = nn.CrossEntropyLoss()
         self.init_weights()
@@ -395,8 +505,9 @@ class TransformerGenerator(nn.Module):
     def init_weights(self) -> None:
         init_range = 0.1
         self.encoder.embedding.weight.data.uniform_(-init_range, init_range)
-        self.decoder.bias.data.zero_()
-        self.decoder.weight.data.uniform_(-init_range, init_range)
+        if self.expr_decoder == "linear":
+            self.decoder.bias.data.zero_()
+            self.decoder.weight.data.uniform_(-init_range, init_range)
 
     def _encode(
         self, gene_ids: Tensor, values: Tensor, pert_flags: Tensor, src_key_padding_mask: Tensor
@@ -406,6 +517,8 @@ class TransformerGenerator(nn.Module):
         # The MVC decoder reads these: the only place the raw gene embeddings exist.
         self.cur_gene_token_embs = gene_embs
         total = gene_embs + self.value_encoder(values) + self.pert_encoder(pert_flags)
+        if hasattr(self, "bn"):
+            total = self.bn(total.permute(0, 2, 1)).permute(0, 2, 1)
         return self.transformer_encoder(total, src_key_padding_mask=src_key_padding_mask)
 
     def _get_cell_emb_from_layer(
@@ -439,6 +552,7 @@ class TransformerGenerator(nn.Module):
         CCE: bool = False,
         MVC: bool = False,
         ECS: bool = False,
+        do_sample: bool = False,
     ) -> dict[str, Tensor]:
         """Args:
             src: (batch, seq_len) gene token ids.
@@ -446,6 +560,9 @@ class TransformerGenerator(nn.Module):
             input_pert_flags: (batch, seq_len) 0/1 flags, ``pert_pad_id`` at padding.
             src_key_padding_mask: (batch, seq_len) bool, True at padding.
             CLS, CCE, MVC, ECS: which extra objectives to compute.
+            do_sample: with zero probabilities, multiply the predictions by a
+                Bernoulli(zero_probs) draw (scGPT forces this in eval mode; off here so
+                that outputs are deterministic unless asked).
 
         Returns:
             Dict with "mlm_output" (batch, seq_len) and "cell_emb" (batch, d_model) always
@@ -454,7 +571,17 @@ class TransformerGenerator(nn.Module):
             "loss_ecs" () when asked for.
         """
         transformer_output = self._encode(src, values, input_pert_flags, src_key_padding_mask)
-        output = {"mlm_output": self.decoder(transformer_output).squeeze(-1)}
+        if self.expr_decoder == "linear":
+            decoded = {"pred": self.decoder(transformer_output).squeeze(-1)}
+        elif self.expr_decoder == "mlp":
+            decoded = self.decoder(transformer_output)
+        else:
+            decoded = self.decoder(transformer_output, values)
+        output = {
+            "mlm_output": self._sampled(decoded["pred"], decoded.get("zero_probs"), do_sample)
+        }
+        if "zero_probs" in decoded:
+            output["mlm_zero_probs"] = decoded["zero_probs"]
         cell_emb = self._get_cell_emb_from_layer(transformer_output, values)
         output["cell_emb"] = cell_emb
         if CLS:
@@ -478,7 +605,10 @@ class TransformerGenerator(nn.Module):
             labels = torch.arange(cos_sim.size(0), device=cell1.device)
             output["loss_cce"] = self.criterion_cce(cos_sim, labels)
         if MVC:
-            output["mvc_output"] = self.mvc_decoder(cell_emb, self.cur_gene_token_embs)
+            pred, zero_probs = self.mvc_decoder(cell_emb, self.cur_gene_token_embs)
+            output["mvc_output"] = self._sampled(pred, zero_probs, do_sample)
+            if zero_probs is not None:
+                output["mvc_zero_probs"] = zero_probs
         if ECS:
             # Normalise then matmul, rather than F.cosine_similarity, which can exceed 1.
             normed = F.normalize(cell_emb, p=2, dim=1)
@@ -487,6 +617,12 @@ class TransformerGenerator(nn.Module):
             cos_sim = F.relu(cos_sim.masked_fill(eye, 0.0))
             output["loss_ecs"] = torch.mean(1 - (cos_sim - self.ecs_threshold) ** 2)
         return output
+
+    @staticmethod
+    def _sampled(pred: Tensor, zero_probs: Tensor | None, do_sample: bool) -> Tensor:
+        if not do_sample or zero_probs is None:
+            return pred
+        return torch.distributions.Bernoulli(probs=zero_probs).sample() * pred
 
 
 def make_vocab(
@@ -559,6 +695,12 @@ def build_reference_model(
     mvc_decoder_style: str = "inner product",
     ecs_threshold: float = 0.3,
     attention_layout: str = "torch",
+    expr_decoder: str = "linear",
+    explicit_zero_prob: bool = False,
+    decoder_activation: str | None = None,
+    decoder_adaptive_bias: bool = False,
+    input_batchnorm: bool = False,
+    pre_norm: bool = False,
     seed: int | None = 0,
     randomize_all: bool = False,
 ) -> TransformerGenerator:
@@ -570,8 +712,11 @@ def build_reference_model(
         n_genes: number of genes when ``vocab`` is None.
         d_model .. ecs_threshold: the original constructor's arguments.
         attention_layout: "torch" (nn.MultiheadAttention keys) or "flash" (``Wqkv`` keys).
+        expr_decoder .. pre_norm: scGPT's variants: "mlp" with ``input_batchnorm`` is scGPT
+            up to January 2024, "affine" without it scGPT since.
         seed: seed of the initialisation (None: torch's global RNG as it stands).
-        randomize_all: also perturb every parameter (see ``randomize_parameters``).
+        randomize_all: also perturb every parameter (see ``randomize_parameters``) and give
+            the BatchNorm running statistics values away from their 0 / 1 start.
 
     Returns:
         The model, with ``model.vocab`` (dict) and ``model.config`` (constructor arguments,
@@ -600,11 +745,23 @@ def build_reference_model(
         mvc_decoder_style=mvc_decoder_style,
         ecs_threshold=ecs_threshold,
         attention_layout=attention_layout,
+        expr_decoder=expr_decoder,
+        explicit_zero_prob=explicit_zero_prob,
+        decoder_activation=decoder_activation,
+        decoder_adaptive_bias=decoder_adaptive_bias,
+        input_batchnorm=input_batchnorm,
+        pre_norm=pre_norm,
     )
     with _seeded(seed):
         model = TransformerGenerator(vocab=vocab, **config)
     if randomize_all:
         randomize_parameters(model, seed=0 if seed is None else seed + 1)
+        if input_batchnorm:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed + 2)
+            with torch.no_grad():
+                model.bn.running_mean.copy_(0.5 * torch.randn(d_model, generator=generator))
+                model.bn.running_var.copy_(0.5 + 1.5 * torch.rand(d_model, generator=generator))
+                model.bn.num_batches_tracked.fill_(7)
     model.vocab = vocab
     model.config = config
     return model.eval()
@@ -672,7 +829,10 @@ def scgpt_args(model: TransformerGenerator) -> dict[str, Any]:
         "ecs_threshold": config["ecs_threshold"],
         "fast_transformer": config["attention_layout"] == "flash",
         "fast_transformer_backend": "flash",
-        "pre_norm": False,
+        "pre_norm": config["pre_norm"],
+        "explicit_zero_prob": config["explicit_zero_prob"],
+        "decoder_activation": config["decoder_activation"],
+        "decoder_adaptive_bias": config["decoder_adaptive_bias"],
         "special_tokens": list(SPECIAL_TOKENS),
     }
 
@@ -772,6 +932,16 @@ def load_reference_checkpoint(folder: str | os.PathLike) -> TransformerGenerator
         mvc_decoder_style=args.get("mvc_decoder_style", "inner product"),
         ecs_threshold=args.get("ecs_threshold", 0.3),
         attention_layout=detect_attention_layout(state_dict),
+        expr_decoder="affine"
+        if "decoder.coeff_decoder.fc.0.weight" in state_dict
+        else "mlp"
+        if "decoder.fc.0.weight" in state_dict
+        else "linear",
+        explicit_zero_prob=any(".zero_logit." in key for key in state_dict),
+        decoder_activation=args.get("decoder_activation"),
+        decoder_adaptive_bias=args.get("decoder_adaptive_bias", False),
+        input_batchnorm="bn.weight" in state_dict,
+        pre_norm=args.get("pre_norm", False),
         seed=None,
     )
     model.load_state_dict(state_dict, strict=True)
@@ -810,7 +980,8 @@ def reference_forward(
     Returns:
         float32 arrays: "mlm_output" (batch, seq_len), "cell_emb" (batch, d_model),
         "transformer_output" (batch, seq_len, d_model) and, when the model has an MVC head,
-        "mvc_output" (batch, seq_len).
+        "mvc_output" (batch, seq_len); with zero probabilities "mlm_zero_probs" (and
+        "mvc_zero_probs"), unsampled predictions.
     """
     gene_ids = _as_array("gene_ids", gene_ids, "iu")
     values = _as_array("values", values, "fiu")
@@ -861,6 +1032,7 @@ def reference_forward(
         "cell_emb": output["cell_emb"].numpy().astype(np.float32),
         "transformer_output": transformer_output.numpy().astype(np.float32),
     }
-    if "mvc_output" in output:
-        result["mvc_output"] = output["mvc_output"].numpy().astype(np.float32)
+    for key in ("mvc_output", "mlm_zero_probs", "mvc_zero_probs"):
+        if key in output:
+            result[key] = output[key].numpy().astype(np.float32)
     return result

@@ -22,8 +22,9 @@ Three ways in:
 * :func:`convert_params` returns ``(model_config, params, report)`` in memory (notebooks).
 
 Every mapping returns a :class:`ConversionReport`: what was loaded, skipped by prefix,
-missing from the checkpoint (left at initialisation), unexpected (no place in our model) and
-shape-mismatched (reported and left at initialisation, never a crash).
+missing from the checkpoint (left at initialisation), unexpected (no place in our model),
+ignored (BatchNorm's ``num_batches_tracked``) and shape-mismatched (reported and left at
+initialisation, never a crash).
 
 Parameter mapping (PyTorch ``nn.Linear`` weight is ``(out, in)``; Flax ``Dense`` kernel is
 ``(in, out)``, so kernels are transposed; LayerNorm weight/bias are scale/bias): the gene
@@ -32,8 +33,17 @@ perturbation-flag embedding, every transformer layer in both layouts found in th
 checkpoints (``self_attn.in_proj_weight/bias`` of ``nn.MultiheadAttention``, and the fused
 ``self_attn.Wqkv`` of scGPT's flash-attention layer; both store the rows as q, k, v with the
 heads contiguous, as our ``in_proj`` does), the feed-forward and norms, the expression
-decoder, the classification decoder (``cls_decoder._decoder.{3i}`` Linear and ``{3i+2}``
-LayerNorm) and the MVC decoder.
+decoder in its three forms (scFormer's ``decoder`` Linear; scGPT's MLP ``decoder.fc.{0,2,4}``
+and ``decoder.zero_logit.*``; scGPT's affine ``decoder.coeff_decoder.*`` and
+``decoder.bias_decoder.*``), the BatchNorm ``bn`` (weight and bias as parameters, running
+mean and variance as the running statistics under ``batch_stats``), the classification
+decoder (``cls_decoder._decoder.{3i}`` Linear and ``{3i+2}`` LayerNorm) and the MVC decoder
+(with ``W_zero_logit``).
+
+Model version: the state dict's keys decide the decoder (linear / mlp / affine), the
+BatchNorm and the zero-probability heads (:func:`~scformer_jax.convert.keys.
+detect_architecture`); ``args.json`` gives what the tensors do not show (``pre_norm``,
+``decoder_activation``, ``decoder_adaptive_bias``). The report's notes name the version.
 
 Gene vocabulary: with a dataset, the gene embedding is re-ordered into the dataset's token
 order by gene name ("match 4399/5060 genes in vocabulary"). A dataset gene that is not in

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from scformer_jax import parallel
 from scformer_jax.config import ModelConfig
-from scformer_jax.convert.keys import EMBED
+from scformer_jax.convert.keys import EMBED, is_ignored
 from scformer_jax.convert.reading import Entry, Source, read_source
 from scformer_jax.convert.report import ConversionError, ConversionReport, ShapeMismatch
 from scformer_jax.data.dataset import PAD_TOKEN
@@ -58,6 +58,9 @@ def _assign(
     out = dict(flat)
     provided: set[tuple[str, ...]] = set()
     for entry in source.entries:
+        if entry.path is None and is_ignored(entry.key):
+            report.ignored.append(entry.key)
+            continue
         if entry.path is None or entry.path not in flat:
             report.unexpected.append(entry.key)
             continue
@@ -106,6 +109,12 @@ _COMPARED_FIELDS = (
     "cell_emb_style",
     "prepend_cls_token",
     "pad_value",
+    "expr_decoder",
+    "decoder_activation",
+    "decoder_adaptive_bias",
+    "input_batchnorm",
+    "explicit_zero_prob",
+    "pre_norm",
 )
 
 
@@ -128,15 +137,6 @@ def _config_differences(run: ModelConfig, checkpoint: ModelConfig) -> list[str]:
     ]
 
 
-def _check_pre_norm(source: Source, report: ConversionReport) -> None:
-    if source.args.get("pre_norm") and any(p.startswith("layers_") for _, p in report.loaded):
-        raise ConversionError(
-            f"{source.folder} holds pre-LayerNorm transformer layers (args.json pre_norm: "
-            "true); scformer-jax implements the original post-LayerNorm layer, so they would "
-            "compute something else. Leave transformer_encoder out of load_param_prefixes."
-        )
-
-
 def _load(
     source: Source, model_config: ModelConfig, rng, *, prefixes: Sequence[str], dataset=None
 ) -> tuple[Any, ConversionReport]:
@@ -146,7 +146,6 @@ def _load(
     params, report = _assign(
         source, target, prefixes=prefixes, token_names=token_names, pad_token=pad_token
     )
-    _check_pre_norm(source, report)
     report.notes += source.notes + _config_differences(model_config, source.model_config)
     if dataset is not None:
         report.vocabulary = match_vocabulary(token_names, source.vocab)
@@ -183,7 +182,7 @@ def load_pretrained(
       (params, report).
 
     Raises:
-      ConversionError: unreadable folder, a prefix that selects nothing, pre-LN layers.
+      ConversionError: unreadable folder, or a prefix that selects nothing.
     """
     source = read_source(path, model_config)
     return _load(source, model_config, rng, prefixes=prefixes, dataset=dataset)

@@ -19,6 +19,7 @@ from scformer_jax.convert.keys import (
     EMBED,
     LAYER_PATTERN,
     attention_layout,
+    detect_architecture,
     infer_mvc_style,
     to_flax_layout,
     torch_key_to_path,
@@ -41,7 +42,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Accepts a plain state dict, or a dict holding one under ``state_dict`` /
     ``model_state_dict`` / ``model``; a ``module.`` prefix on every key (DDP) is removed.
-    Non-floating tensors (counters) are kept as they are, to be reported as unexpected.
+    Non-floating tensors (counters) are kept as they are, to be reported as ignored or
+    unexpected.
 
     Args:
       path: the ``.pt`` file.
@@ -229,11 +231,7 @@ def model_config_from_args(
             f"The checkpoint used pert_pad_id {pert_pad_id}; scformer-jax pads the "
             "flag channel with 2. Flags 0 and 1 keep their pert_encoder rows."
         )
-    if args.get("pre_norm"):
-        notes.append(
-            "The checkpoint's layers are pre-LayerNorm (pre_norm: true); scformer-jax "
-            "implements the original post-LayerNorm layer only."
-        )
+    arch = _architecture(args, state_dict, notes)
     if args.get("input_emb_style", "continuous") != "continuous":
         notes.append(
             f"input_emb_style {args['input_emb_style']!r}: its value_encoder has "
@@ -260,11 +258,66 @@ def model_config_from_args(
         ntoken=max(vocab.values()) + 1,
         pad_token_id=pad_token_id,
         cls_token_id=cls_token_id,
+        **arch,
     )
     try:
         return dataclasses.replace(base, **fields), notes
     except ConfigError as e:
         raise ConversionError(f"args.json gives a model scformer-jax cannot build: {e}") from e
+
+
+def _architecture(
+    args: Mapping[str, Any], state_dict: Mapping[str, np.ndarray], notes: list[str]
+) -> dict[str, Any]:
+    """The model options of scGPT's variants: the decoder, BatchNorm and zero-probability
+    heads from the state dict's keys; pre-norm and the affine decoder's options from
+    ``args.json`` (the tensors do not show them)."""
+    arch = detect_architecture(state_dict)
+    if arch["expr_decoder"] == "affine":
+        notes.append(
+            "scGPT's perturbation model since January 2024 (AffineExprDecoder: prediction = "
+            "coefficient * control value + bias)."
+        )
+    elif arch["expr_decoder"] == "mlp":
+        notes.append(
+            "scGPT's perturbation model up to January 2024 (MLP ExprDecoder"
+            + (", BatchNorm over the embedding sum)." if arch["input_batchnorm"] else ").")
+        )
+    if (
+        bool(args.get("explicit_zero_prob", arch["explicit_zero_prob"]))
+        != arch["explicit_zero_prob"]
+    ):
+        notes.append(
+            f"args.json says explicit_zero_prob {args['explicit_zero_prob']!r} but the "
+            f"tensors {'hold' if arch['explicit_zero_prob'] else 'lack'} zero-probability "
+            "heads; the tensors decide."
+        )
+    if arch["explicit_zero_prob"]:
+        # scGPT's forward samples whenever the model is in eval mode.
+        arch["sample_zero_prob"] = True
+        notes.append(
+            "explicit_zero_prob: eval and predict sample the prediction from the zero "
+            "probabilities as scGPT's pred_perturb does (model.sample_zero_prob: true; false "
+            "gives the decoder's value)."
+        )
+    if arch["expr_decoder"] == "affine":
+        arch["decoder_activation"] = args.get("decoder_activation")
+        arch["decoder_adaptive_bias"] = bool(args.get("decoder_adaptive_bias", False))
+        if "decoder_activation" not in args or "decoder_adaptive_bias" not in args:
+            notes.append(
+                "args.json does not record decoder_activation / decoder_adaptive_bias; "
+                "taken as scGPT's defaults (none, false) where absent."
+            )
+    pre_norm = bool(args.get("pre_norm", False))
+    if pre_norm and attention_layout(state_dict) == "torch":
+        # scGPT passes pre_norm only to its flash layer; nn.TransformerEncoderLayer is post-LN.
+        notes.append(
+            "args.json has pre_norm: true, but the layers are nn.TransformerEncoderLayer "
+            "(post-LayerNorm in scGPT whatever pre_norm says); loaded as post-LayerNorm."
+        )
+        pre_norm = False
+    arch["pre_norm"] = pre_norm
+    return arch
 
 
 def _read_torch_folder(folder: Path, base: ModelConfig | None) -> Source:

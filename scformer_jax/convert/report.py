@@ -36,6 +36,8 @@ class ConversionReport:
       skipped: source keys left out because no prefix selects them.
       missing: our parameter paths the checkpoint has no tensor for (left at initialisation).
       unexpected: source keys with no place in our model.
+      ignored: source keys that hold nothing the model computes with (BatchNorm's
+        ``num_batches_tracked``).
       shape_mismatched: tensors that do not fit (left at initialisation).
       vocabulary: the dataset-to-checkpoint gene match, when a dataset was given.
       notes: behaviour differences and hints worth reading.
@@ -48,6 +50,7 @@ class ConversionReport:
     skipped: list[str] = dataclasses.field(default_factory=list)
     missing: list[str] = dataclasses.field(default_factory=list)
     unexpected: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
     shape_mismatched: list[ShapeMismatch] = dataclasses.field(default_factory=list)
     vocabulary: VocabularyMatch | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -87,6 +90,8 @@ class ConversionReport:
             lines.append(
                 f"  unexpected, not used ({len(self.unexpected)}): {listed(self.unexpected)}"
             )
+        if self.ignored:
+            lines.append(f"  ignored ({len(self.ignored)}): {listed(self.ignored)}")
         if self.shape_mismatched:
             lines.append(
                 f"  shape mismatched, left at initialisation "
