@@ -299,10 +299,16 @@ def test_seen_single_correction_changes_validation_and_eval_not_training(tmp_pat
         return workdir, epoch
 
     plain_dir, plain = run(
-        "plain", "model.coexpression_prior=false", "model.seen_single_correction=false"
+        "plain",
+        "model.coexpression_prior=false",
+        "model.unseen_single=network",
+        "model.seen_single_correction=false",
     )
     corrected_dir, corrected = run(
-        "corrected", "model.coexpression_prior=false", "model.seen_single_correction=true"
+        "corrected",
+        "model.coexpression_prior=false",
+        "model.unseen_single=network",
+        "model.seen_single_correction=true",
     )
     # Training and the validation loss are the model's own: unchanged.
     assert corrected["train_mse"] == plain["train_mse"]
