@@ -203,7 +203,7 @@ def build_reference(
     codes = np.concatenate(
         [np.full(len(dataset.condition_cells[c]), i) for i, c in enumerate(groups)]
     )
-    counts, means, variances = group_stats(dataset.X[cells], codes, len(groups))
+    counts, means, variances = group_stats(dataset.rows(cells), codes, len(groups))
     weights = {
         c: metrics_lib.de_weights(
             metrics_lib.welch_t(

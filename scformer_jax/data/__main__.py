@@ -1,7 +1,7 @@
 """Command line: ``python -m scformer_jax.data {simulate,prepare,split} ...``.
 
-* ``simulate --out FILE.h5ad [--seed N] [--preset tiny|default|norman] [--set KEY=VALUE]``
-  writes the built-in simulated dataset in GEARS's layout.
+* ``simulate --out FILE.h5ad [--seed N] [--preset NAME] [--set KEY=VALUE] [--chunked]``
+  writes the built-in simulated dataset in GEARS's layout (the large presets chunk by chunk).
 * ``prepare IN.h5ad OUT.h5ad --perturbation-key COL --control-label LABEL [...]`` turns a
   Perturb-seq AnnData into GEARS's layout (OUT may be a folder: then
   ``OUT/perturb_processed.h5ad``).
@@ -25,7 +25,13 @@ from scformer_jax.data.conditions import DataFormatError
 from scformer_jax.data.dataset import BUILTIN_DATASETS
 from scformer_jax.data.gears_io import PROCESSED_FILE, read_gears, write_h5ad_atomic
 from scformer_jax.data.prepare import prepare
-from scformer_jax.data.simulate import simulate, simulation_config
+from scformer_jax.data.simulate import (
+    ON_DISK_PRESETS,
+    PRESETS,
+    simulate,
+    simulate_to_h5ad,
+    simulation_config,
+)
 from scformer_jax.data.splits import gears_split, write_split_json
 from scformer_jax.io import describe_os_error
 
@@ -46,8 +52,14 @@ def _cmd_simulate(args: argparse.Namespace) -> str:
     if out.suffix != ".h5ad":
         raise DataFormatError(f"--out {str(out)!r} must end in .h5ad.")
     cfg = simulation_config(args.preset, **_parse_sets(args.set))
-    adata = simulate(cfg, seed=args.seed)
-    write_h5ad_atomic(adata, out)
+    if args.chunked or args.preset in ON_DISK_PRESETS:
+        # Chunk by chunk straight to the file: X is never in memory.
+        simulate_to_h5ad(cfg, out, seed=args.seed, progress=True)
+        adata = read_gears(out, backed=True)
+        adata.file.close()
+    else:
+        adata = simulate(cfg, seed=args.seed)
+        write_h5ad_atomic(adata, out)
     n_conditions = adata.obs["condition"].nunique()
     return (
         f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes, {n_conditions} "
@@ -138,8 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--preset",
         default="default",
-        choices=["tiny", "default", "norman"],
-        help="size preset (default: default)",
+        choices=list(PRESETS),
+        help="size preset (default: default); "
+        f"{' and '.join(ON_DISK_PRESETS)} are always generated chunk by chunk to the file",
+    )
+    sim.add_argument(
+        "--chunked",
+        action="store_true",
+        help="write chunk by chunk without holding X in memory (same file)",
     )
     sim.add_argument(
         "--set",

@@ -20,20 +20,34 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from scformer_jax.data.backed import DEFAULT_CACHE_BYTES, BackedCSR, x_nbytes
 from scformer_jax.data.conditions import (
     CONTROL,
     DataFormatError,
     parse_condition,
     unique_conditions,
 )
-from scformer_jax.data.gears_io import DE_KEY, check_log_values, read_gears, validate_gears_adata
-from scformer_jax.data.simulate import simulate, simulation_config
+from scformer_jax.data.gears_io import (
+    DE_KEY,
+    check_log_values,
+    read_gears,
+    resolve_h5ad_path,
+    validate_gears_adata,
+)
+from scformer_jax.data.simulate import (
+    ON_DISK_PRESETS,
+    simulate,
+    simulate_to_h5ad,
+    simulation_config,
+)
 
 PAD_TOKEN = "<pad>"
 CLS_TOKEN = "<cls>"
 EOC_TOKEN = "<eoc>"
 SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
 N_TOP_DE = 20
+# Cells per block when averaging expression (bounds the memory of a mean over many cells).
+MEAN_BLOCK_CELLS = 16384
 
 # Built-in dataset names -> simulation preset.
 BUILTIN_DATASETS = {
@@ -42,6 +56,8 @@ BUILTIN_DATASETS = {
     "simulated:tiny": "tiny",
     "simulated:screen": "screen",
     "simulated:norman": "norman",
+    "simulated:replogle_essential": "replogle_essential",
+    "simulated:genome_wide": "genome_wide",
 }
 
 
@@ -93,6 +109,7 @@ class PerturbData:
         drop_small_conditions: bool = False,
         require_de: bool = True,
         check_values: bool = True,
+        X: BackedCSR | None = None,
     ):
         """Builds the dataset from a GEARS-format AnnData (see :func:`load_dataset`).
 
@@ -106,11 +123,17 @@ class PerturbData:
             of raising.
           require_de: require GEARS's DE entries in ``uns``.
           check_values: check X for NaN/inf, counts, negative or un-logged values.
+          X: the expression matrix on disk (then ``adata`` holds only obs, var and uns);
+            None: ``adata.X``, held in memory as CSR.
 
         Raises:
           DataFormatError: naming the missing column/key, malformed condition, small
             conditions, missing controls or bad values.
         """
+        if X is not None and X.shape[0] != adata.n_obs:
+            raise DataFormatError(
+                f"The matrix on disk has {X.shape[0]} rows but obs has {adata.n_obs} cells."
+            )
         if drop_small_conditions and "condition" in adata.obs:
             counts = adata.obs["condition"].astype(str).value_counts()
             small = [c for c, n in counts.items() if n < min_cells and c != CONTROL]
@@ -120,6 +143,12 @@ class PerturbData:
                     f"cells: {small[:10]}{' ...' if len(small) > 10 else ''}.",
                     stacklevel=2,
                 )
+                if X is not None:
+                    raise DataFormatError(
+                        f"{len(small)} condition(s) have fewer than {min_cells} cells, and "
+                        "cells cannot be dropped from a matrix read from disk. Remove them "
+                        "from the file first, or load it in memory (data.backed false)."
+                    )
                 adata = adata[~adata.obs["condition"].astype(str).isin(small).to_numpy()]
         validate_gears_adata(adata, require_de=require_de, min_cells=min_cells, check_values=False)
         if label_key not in adata.obs.columns:
@@ -128,12 +157,19 @@ class PerturbData:
                 f"{list(adata.obs.columns)}); name an existing column, e.g. 'cell_type'."
             )
         self.name = name
-        X = adata.X
+        self.backed = X is not None
         if X is None:
-            raise DataFormatError("adata.X is empty; the expression matrix must be in X.")
-        self.X: sparse.csr_matrix = sparse.csr_matrix(X, dtype=np.float32)
-        if check_values:
-            check_log_values(self.X)
+            X = adata.X
+            if X is None:
+                raise DataFormatError("adata.X is empty; the expression matrix must be in X.")
+            self.X: sparse.csr_matrix | BackedCSR = sparse.csr_matrix(X, dtype=np.float32)
+            if check_values:
+                check_log_values(self.X)
+        else:
+            self.X = X
+            if check_values:
+                for _, block in X.row_chunks():
+                    check_log_values(block)
         self.n_cells, self.n_genes = self.X.shape
         self.gene_names = adata.var["gene_name"].astype(str).to_numpy()
         self.var_names = np.asarray(adata.var_names.astype(str))
@@ -158,9 +194,7 @@ class PerturbData:
             t: self.control_cells[self.cell_types[self.control_cells] == t]
             for t in pd.unique(self.cell_types[self.control_cells])
         }
-        self.control_mean = np.asarray(
-            self.X[self.control_cells].mean(axis=0), dtype=np.float32
-        ).ravel()
+        self.control_mean = self.mean_expression(self.control_cells)
 
         # Vocabulary.
         self._column_of: dict[str, int] = {}
@@ -333,14 +367,32 @@ class PerturbData:
 
     # ------------------------------------------------------------------------- expression
 
+    def rows(self, cell_indices: Sequence[int] | np.ndarray) -> sparse.csr_matrix:
+        """CSR float32 (n, n_genes): the given cells' expression (from disk when backed)."""
+        cells = np.asarray(cell_indices, dtype=np.int64)
+        if self.backed:
+            return self.X.rows(cells)
+        return self.X[cells]
+
     def dense_rows(self, cell_indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 (n, n_genes): expression of the given cells, densified."""
-        return self.X[np.asarray(cell_indices, dtype=np.int64)].toarray()
+        cells = np.asarray(cell_indices, dtype=np.int64)
+        if self.backed:
+            return self.X.dense_rows(cells)
+        return self.X[cells].toarray()
 
     def mean_expression(self, cell_indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float32 (n_genes,): mean expression of the given cells (no dense copy)."""
-        rows = self.X[np.asarray(cell_indices, dtype=np.int64)]
-        return np.asarray(rows.mean(axis=0), dtype=np.float32).ravel()
+        """float32 (n_genes,): mean expression of the given cells (no dense copy).
+
+        Summed in float64 over blocks of cells, the same way in memory and on disk.
+        """
+        cells = np.asarray(cell_indices, dtype=np.int64)
+        total = np.zeros(self.n_genes, np.float64)
+        for start in range(0, len(cells), MEAN_BLOCK_CELLS):
+            block = self.rows(cells[start : start + MEAN_BLOCK_CELLS])
+            total += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (total / len(cells)).astype(np.float32)
 
     def condition_mean(self, condition: str) -> np.ndarray:
         """float32 (n_genes,): mean expression of a condition's cells."""
@@ -369,6 +421,70 @@ class PerturbData:
         )
 
 
+BACKED_CHOICES = ("auto", True, False)
+# data.backed "auto" reads X from disk when it would take more than this in memory (CSR).
+DEFAULT_BACKED_ABOVE_GB = 4.0
+CACHE_ENV = "SCFORMER_JAX_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where built-in datasets generated to disk are kept: ``$SCFORMER_JAX_CACHE``, else
+    ``$XDG_CACHE_HOME/scformer-jax`` (``~/.cache/scformer-jax``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "scformer-jax"
+
+
+def simulated_path(
+    preset: str,
+    seed: int,
+    overrides: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The cache file of a built-in simulated dataset (one per preset, seed and overrides)."""
+    import hashlib
+    import json
+
+    name = f"simulated_{preset}_seed{int(seed)}"
+    if overrides:
+        digest = hashlib.sha1(json.dumps(dict(overrides), sort_keys=True).encode()).hexdigest()
+        name += f"_{digest[:10]}"
+    return Path(cache_dir or default_cache_dir()) / f"{name}.h5ad"
+
+
+def _check_backed(backed) -> None:
+    if (
+        backed not in BACKED_CHOICES
+        or isinstance(backed, (int, float))
+        and not isinstance(backed, bool)
+    ):
+        raise ValueError(f"backed must be 'auto', true or false (data.backed), got {backed!r}.")
+
+
+def use_backed(file: str | os.PathLike, backed, above_gb: float = DEFAULT_BACKED_ABOVE_GB) -> bool:
+    """Whether to read X of an ``.h5ad`` file from disk: `backed` True/False, or "auto":
+    when X would take more than `above_gb` GB in memory."""
+    _check_backed(backed)
+    if backed == "auto":
+        return x_nbytes(file) > above_gb * 2**30
+    return bool(backed)
+
+
+def _open_backed(file: Path, cache_bytes: int) -> tuple[anndata.AnnData, BackedCSR]:
+    """obs, var and uns of an ``.h5ad`` file in memory (an AnnData without X) and its X on
+    disk."""
+    try:
+        handle = anndata.read_h5ad(file, backed="r")
+    except Exception as e:  # h5py raises a variety of OSError/KeyError on a bad file
+        raise DataFormatError(f"Could not read {str(file)!r} as an .h5ad file: {e}") from e
+    try:
+        meta = anndata.AnnData(obs=handle.obs.copy(), var=handle.var.copy(), uns=dict(handle.uns))
+    finally:
+        handle.file.close()
+    return meta, BackedCSR(file, cache_bytes=cache_bytes)
+
+
 def load_dataset(
     path_or_name: str | os.PathLike | anndata.AnnData,
     *,
@@ -380,6 +496,10 @@ def load_dataset(
     drop_small_conditions: bool = False,
     require_de: bool = True,
     check_values: bool = True,
+    backed: bool | str = "auto",
+    backed_above_gb: float = DEFAULT_BACKED_ABOVE_GB,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    cache_dir: str | os.PathLike | None = None,
 ) -> PerturbData:
     """Loads a dataset from a GEARS data folder, an ``.h5ad`` file or a built-in name.
 
@@ -388,18 +508,28 @@ def load_dataset(
         or a built-in name: ``"simulated"`` (the default simulated dataset),
         ``"simulated:tiny"`` (tests), ``"simulated:screen"`` (a single-gene knock-out
         screen whose perturbed genes are mostly not measured), ``"simulated:norman"``
-        (Norman-sized, benchmarks).
+        (Norman-sized, benchmarks), ``"simulated:replogle_essential"`` and
+        ``"simulated:genome_wide"`` (Replogle 2022's K562 screens' sizes, generated once
+        into `cache_dir` chunk by chunk, and read from there).
       label_key: obs column of the CLS labels.
       seed: simulation seed (built-in names only).
       preset: simulation preset overriding the one in the name (built-in names only).
       simulation: :class:`~scformer_jax.data.simulate.SimulationConfig` field overrides
         (built-in names only).
       min_cells, drop_small_conditions, require_de, check_values: see :class:`PerturbData`.
+      backed: read X from the file on disk (True), hold it in memory (False), or "auto":
+        from disk when it would take more than `backed_above_gb` GB in memory. An AnnData
+        passed in is always in memory.
+      backed_above_gb: the threshold of "auto".
+      cache_bytes: most bytes of rows the disk reader caches.
+      cache_dir: where built-in datasets generated to disk are kept (None:
+        :func:`default_cache_dir`).
 
     Raises:
       DataFormatError: a path that does not exist and is not a built-in name, or a dataset
         that fails the checks.
     """
+    _check_backed(backed)
     options = dict(
         label_key=label_key,
         min_cells=min_cells,
@@ -408,21 +538,37 @@ def load_dataset(
         check_values=check_values,
     )
     if isinstance(path_or_name, anndata.AnnData):
+        if backed is True:
+            raise DataFormatError(
+                "backed=True needs an .h5ad file on disk, not an AnnData in memory; write it "
+                "with adata.write_h5ad(path) and pass the path."
+            )
         return PerturbData(path_or_name, name="anndata", **options)
     text = str(path_or_name)
     path = Path(text).expanduser()
-    if path.exists():
-        adata = read_gears(path)
-        return PerturbData(adata, name=path.name if path.is_dir() else path.stem, **options)
-    if text in BUILTIN_DATASETS:
-        cfg = simulation_config(preset or BUILTIN_DATASETS[text], **dict(simulation or {}))
-        adata = simulate(cfg, seed=seed)
-        return PerturbData(adata, name=f"simulated:{preset or BUILTIN_DATASETS[text]}", **options)
-    if preset is not None or simulation:
+    name = path.name if path.is_dir() else path.stem
+    if not path.exists() and text in BUILTIN_DATASETS:
+        chosen = preset or BUILTIN_DATASETS[text]
+        cfg = simulation_config(chosen, **dict(simulation or {}))
+        name = f"simulated:{chosen}"
+        if chosen not in ON_DISK_PRESETS and backed is not True:
+            return PerturbData(simulate(cfg, seed=seed), name=name, **options)
+        path = simulated_path(chosen, seed, simulation, cache_dir)
+        if not path.exists():
+            print(f"Generating {name} (seed {seed}) into {path} (once) ...", flush=True)
+            simulate_to_h5ad(cfg, path, seed=seed, progress=True)
+    elif preset is not None or simulation:
         raise DataFormatError(
             f"preset/simulation options apply only to the built-in names "
             f"{sorted(BUILTIN_DATASETS)}, not to {text!r}."
         )
+    if path.exists():
+        file = resolve_h5ad_path(path)
+        if use_backed(file, backed, backed_above_gb):
+            meta, X = _open_backed(file, cache_bytes)
+            return PerturbData(meta, name=name, X=X, **options)
+        adata = read_gears(path)
+        return PerturbData(adata, name=name, **options)
     raise DataFormatError(
         f"{text!r} is neither an existing GEARS data folder or .h5ad file nor a built-in "
         f"dataset name ({', '.join(sorted(BUILTIN_DATASETS))})."
