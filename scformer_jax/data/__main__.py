@@ -47,6 +47,16 @@ def _parse_sets(items: Sequence[str]) -> dict:
     return overrides
 
 
+def _obs_and_var(path: Path):
+    """An AnnData with only the obs and var of an .h5ad file (no X, no uns)."""
+    import anndata
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        return anndata.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]))
+
+
 def _cmd_simulate(args: argparse.Namespace) -> str:
     out = Path(args.out)
     if out.suffix != ".h5ad":
@@ -55,8 +65,7 @@ def _cmd_simulate(args: argparse.Namespace) -> str:
     if args.chunked or args.preset in ON_DISK_PRESETS:
         # Chunk by chunk straight to the file: X is never in memory.
         simulate_to_h5ad(cfg, out, seed=args.seed, progress=True)
-        adata = read_gears(out, backed=True)
-        adata.file.close()
+        adata = _obs_and_var(out)
     else:
         adata = simulate(cfg, seed=args.seed)
         write_h5ad_atomic(adata, out)

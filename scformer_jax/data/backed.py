@@ -92,6 +92,11 @@ class BackedCSR:
         self._lock = threading.Lock()
         self.rows_read = 0  # rows read from disk (cache misses), for benchmarks
 
+    @property
+    def file(self) -> h5py.File:
+        """The open file (read-only)."""
+        return self._file
+
     def close(self) -> None:
         self._file.close()
 

@@ -29,6 +29,8 @@ from scformer_jax.data.conditions import (
 )
 from scformer_jax.data.gears_io import (
     DE_KEY,
+    PREPARE_HINT,
+    UNS_KEYS,
     check_log_values,
     read_gears,
     resolve_h5ad_path,
@@ -110,6 +112,7 @@ class PerturbData:
         require_de: bool = True,
         check_values: bool = True,
         X: BackedCSR | None = None,
+        uns: Mapping[str, Any] | None = None,
     ):
         """Builds the dataset from a GEARS-format AnnData (see :func:`load_dataset`).
 
@@ -125,6 +128,7 @@ class PerturbData:
           check_values: check X for NaN/inf, counts, negative or un-logged values.
           X: the expression matrix on disk (then ``adata`` holds only obs, var and uns);
             None: ``adata.X``, held in memory as CSR.
+          uns: where the DE tables are when not in ``adata.uns`` (read from disk).
 
         Raises:
           DataFormatError: naming the missing column/key, malformed condition, small
@@ -150,7 +154,16 @@ class PerturbData:
                         "from the file first, or load it in memory (data.backed false)."
                     )
                 adata = adata[~adata.obs["condition"].astype(str).isin(small).to_numpy()]
-        validate_gears_adata(adata, require_de=require_de, min_cells=min_cells, check_values=False)
+        validate_gears_adata(
+            adata, require_de=require_de and uns is None, min_cells=min_cells, check_values=False
+        )
+        if uns is not None and require_de:
+            missing = [k for k in UNS_KEYS if k not in uns]
+            if missing:
+                raise DataFormatError(
+                    f"adata.uns has no {missing}: the DE genes GEARS computes for evaluation. "
+                    + PREPARE_HINT
+                )
         if label_key not in adata.obs.columns:
             raise DataFormatError(
                 f"Label column {label_key!r} (data.label_key) is not in adata.obs (columns: "
@@ -230,7 +243,7 @@ class PerturbData:
         self.n_tokens = base + len(SPECIAL_TOKENS)
         self.gene_token_ids = np.arange(self.n_genes, dtype=np.int32)
 
-        self._read_de(adata.uns, require_de)
+        self._read_de(adata.uns if uns is None else uns, require_de)
 
         # CLS labels.
         self.label_key = label_key
@@ -471,18 +484,57 @@ def use_backed(file: str | os.PathLike, backed, above_gb: float = DEFAULT_BACKED
     return bool(backed)
 
 
-def _open_backed(file: Path, cache_bytes: int) -> tuple[anndata.AnnData, BackedCSR]:
-    """obs, var and uns of an ``.h5ad`` file in memory (an AnnData without X) and its X on
-    disk."""
+class _LazyTable(Mapping):
+    """A group of arrays in an open ``.h5ad`` file (one of GEARS's per-condition DE tables),
+    each read when asked for: the DE rankings of thousands of conditions as Python strings
+    would take gigabytes."""
+
+    def __init__(self, group):
+        self._group = group
+        self._keys = list(group.keys())
+
+    def __getitem__(self, key: str):
+        from anndata.io import read_elem
+
+        if key not in self._group:
+            raise KeyError(key)
+        return read_elem(self._group[key])
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key in self._group
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _open_backed(
+    file: Path, cache_bytes: int
+) -> tuple[anndata.AnnData, dict[str, Any], BackedCSR]:
+    """An ``.h5ad`` file's obs and var in memory (an AnnData without X), its uns (the
+    per-condition DE tables read lazily) and its X on disk."""
+    from anndata.io import read_elem
+
     try:
-        handle = anndata.read_h5ad(file, backed="r")
-    except Exception as e:  # h5py raises a variety of OSError/KeyError on a bad file
+        X = BackedCSR(file, cache_bytes=cache_bytes)
+    except OSError as e:
         raise DataFormatError(f"Could not read {str(file)!r} as an .h5ad file: {e}") from e
     try:
-        meta = anndata.AnnData(obs=handle.obs.copy(), var=handle.var.copy(), uns=dict(handle.uns))
-    finally:
-        handle.file.close()
-    return meta, BackedCSR(file, cache_bytes=cache_bytes)
+        f = X.file
+        obs, var = read_elem(f["obs"]), read_elem(f["var"])
+        uns: dict[str, Any] = {}
+        if "uns" in f:
+            for key, item in f["uns"].items():
+                if key in UNS_KEYS or key == "top_non_zero_de_20":
+                    uns[key] = _LazyTable(item)
+                else:
+                    uns[key] = read_elem(item)
+    except (KeyError, OSError) as e:
+        X.close()
+        raise DataFormatError(f"Could not read {str(file)!r} as an .h5ad file: {e}") from e
+    return anndata.AnnData(obs=obs, var=var), uns, X
 
 
 def load_dataset(
@@ -565,8 +617,8 @@ def load_dataset(
     if path.exists():
         file = resolve_h5ad_path(path)
         if use_backed(file, backed, backed_above_gb):
-            meta, X = _open_backed(file, cache_bytes)
-            return PerturbData(meta, name=name, X=X, **options)
+            meta, uns, X = _open_backed(file, cache_bytes)
+            return PerturbData(meta, name=name, X=X, uns=uns, **options)
         adata = read_gears(path)
         return PerturbData(adata, name=name, **options)
     raise DataFormatError(
