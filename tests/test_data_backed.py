@@ -186,3 +186,74 @@ def test_csr_writer_round_trip(tmp_path):
         writer = CSRWriter(f, 3)
         with pytest.raises(ValueError, match="disagree"):
             writer.append(np.ones(2, np.float32), np.zeros(2, np.int32), np.array([1]))
+
+
+def _raw_counts(n_per=40, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.array(["NT"] * 60 + ["G1"] * n_per + ["G2"] * n_per + ["G1_G2"] * n_per)
+    rates = np.full((len(labels), 15), 3.0)
+    rates[np.isin(labels, ["G1", "G1_G2"]), 3] *= 5.0
+    rates[np.isin(labels, ["G2", "G1_G2"]), 6] *= 0.2
+    import pandas as pd
+
+    obs = pd.DataFrame({"guide": labels}, index=[f"c{i}" for i in range(len(labels))])
+    var = pd.DataFrame(index=[f"G{i}" for i in range(15)])
+    X = sparse.csr_matrix(rng.poisson(rates).astype(np.float32))
+    return anndata.AnnData(X=X, obs=obs, var=var)
+
+
+@pytest.mark.parametrize("normalize", [None, False])
+def test_chunked_prepare_writes_what_prepare_returns(tmp_path, normalize):
+    from scformer_jax.data.prepare import prepare, prepare_h5ad
+
+    raw = _raw_counts()
+    if normalize is False:  # already log values
+        raw.X = sparse.csr_matrix(np.log1p(raw.X.toarray()) * 0.5, dtype=np.float32)
+    source = tmp_path / "raw.h5ad"
+    raw.write_h5ad(source)
+    options = dict(
+        perturbation_key="guide", control_label="NT", combo_separator="_", normalize=normalize
+    )
+    expected = prepare(raw, de_backend="numpy", **options)
+    out = prepare_h5ad(source, tmp_path / "out.h5ad", chunk_rows=17, **options)
+    written = anndata.read_h5ad(out)
+    assert (written.X != expected.X).nnz == 0
+    assert written.obs.equals(expected.obs) and written.var.equals(expected.var)
+    for key, table in expected.uns.items():
+        assert table.keys() == written.uns[key].keys()
+        for name, value in table.items():
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(written.uns[key][name]))
+
+
+def test_chunked_prepare_refuses_bad_input_and_writes_nothing(tmp_path):
+    from scformer_jax.data.prepare import prepare_h5ad
+
+    raw = _raw_counts()
+    raw.X = raw.X.toarray()
+    raw.X[3, 2] = np.nan
+    raw.X = sparse.csr_matrix(raw.X)
+    source = tmp_path / "raw.h5ad"
+    raw.write_h5ad(source)
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(DataFormatError, match="NaN"):
+        prepare_h5ad(source, out, perturbation_key="guide", control_label="NT")
+    with pytest.raises(DataFormatError, match="guide_x"):
+        prepare_h5ad(source, out, perturbation_key="guide_x", control_label="NT")
+    assert not out.exists() and not list(tmp_path.glob(".out.h5ad*"))
+
+
+def test_cli_prepare_chunked_equals_in_memory(tmp_path):
+    from scformer_jax.data.__main__ import main
+
+    source = tmp_path / "raw.h5ad"
+    _raw_counts().write_h5ad(source)
+    common = ["--perturbation-key", "guide", "--control-label", "NT", "--combo-separator", "_"]
+    common += ["--de-backend", "numpy"]
+    assert main(["prepare", str(source), str(tmp_path / "a.h5ad")] + common) == 0
+    assert main(["prepare", str(source), str(tmp_path / "b.h5ad"), "--chunked"] + common) == 0
+    a, b = (anndata.read_h5ad(tmp_path / n) for n in ("a.h5ad", "b.h5ad"))
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
+    np.testing.assert_array_equal(
+        a.uns["rank_genes_groups_cov_all"]["cell_G1+ctrl_1+1"],
+        b.uns["rank_genes_groups_cov_all"]["cell_G1+ctrl_1+1"],
+    )
