@@ -285,13 +285,15 @@ def case_train(args) -> dict:
         "--workdir",
         str(workdir),
         "--no-progress",
-        "--set",
+    ]
+    for setting in (
         f"data.path={args.path}",
         f"train.batch_size={args.batch_size}",
         f"train.max_steps={args.train_steps}",
         "train.log_interval=1",
         f"data.cache_mb={args.cache_mb}",
-    ]
+    ):
+        argv += ["--set", setting]
     t0 = time.perf_counter()
     code = train_cli.main(argv)
     wall = time.perf_counter() - t0
