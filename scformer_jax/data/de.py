@@ -72,18 +72,21 @@ def group_stats(
 
         chunks = tqdm(chunks, desc=progress, total=-(-n_cells // chunk_rows), unit="chunk")
     for start, block in chunks:
-        stop = start + block.shape[0]
-        present, local = np.unique(codes[start:stop], return_inverse=True)
-        rows = np.repeat(local, np.diff(block.indptr))
-        keys = rows * n_genes + block.indices
-        values = block.data.astype(np.float64)
-        size = len(present) * n_genes
-        part = np.bincount(keys, weights=values, minlength=size).reshape(len(present), n_genes)
-        part_sq = np.bincount(keys, weights=values * values, minlength=size)
-        part_sq = part_sq.reshape(len(present), n_genes)
-        keep = present >= 0
-        sums[present[keep]] += part[keep]
-        squares[present[keep]] += part_sq[keep]
+        rows = np.flatnonzero(codes[start : start + block.shape[0]] >= 0)
+        if not len(rows):
+            continue
+        present, local = np.unique(codes[start + rows], return_inverse=True)
+        # Sum per group as a sparse product (group indicator @ rows), which adds each group's
+        # cells in row order: memory and time follow the stored values, not groups x genes.
+        indicator = sparse.csr_matrix(
+            (np.ones(len(rows)), (local, rows)), shape=(len(present), block.shape[0])
+        )
+        values = sparse.csr_matrix(
+            (block.data.astype(np.float64), block.indices, block.indptr), shape=block.shape
+        )
+        for total, matrix in ((sums, values), (squares, values.multiply(values).tocsr())):
+            part = (indicator @ matrix).tocoo()
+            total[present[part.row], part.col] += part.data
     counts = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
     safe = np.maximum(counts, 1.0)[:, None]
     means = sums / safe
