@@ -155,8 +155,8 @@ PRESETS: dict[str, SimulationConfig] = {
         umis_per_gene=0.6,
     ),
     # Genome-wide-sized (Replogle 2022's K562 genome-wide screen: ~2M cells x 8248 genes,
-    # 9867 single knock-downs). Sparser than the essential preset (~12% non-zero, ~2G stored
-    # values, ~16 GB on disk) so that it fits a modest disk.
+    # 9867 single knock-downs). Sparser than the essential preset (12% non-zero, ~2G stored
+    # values: X ~16 GB on disk, plus ~4 GB of per-condition DE tables) to fit a modest disk.
     "genome_wide": SimulationConfig(
         n_genes=8248,
         n_pert_genes=9867,
