@@ -49,8 +49,16 @@ def test_loaded_datasets_agree(pair):
         np.testing.assert_array_equal(memory.condition_mean(c), disk.condition_mean(c))
     np.testing.assert_array_equal(memory.control_mean, disk.control_mean)
     assert memory.de_rank.keys() == disk.de_rank.keys()
-    for c in memory.de_rank:
-        np.testing.assert_array_equal(memory.de_rank[c], disk.de_rank[c])
+    for table in ("de_rank", "top_de_20", "non_zeros_gene_idx", "non_dropout_gene_idx"):
+        a, b = getattr(memory, table), getattr(disk, table)
+        assert set(a) == set(b) and len(a) > 0, table
+        for c in a:
+            np.testing.assert_array_equal(a[c], b[c])
+    assert memory.top_non_dropout_de_20.keys() == disk.top_non_dropout_de_20.keys()
+    c = next(iter(memory.de_rank))
+    np.testing.assert_array_equal(memory.de_indices(c, 5), disk.de_indices(c, 5))
+    with pytest.raises(KeyError, match="No DE genes"):
+        disk.de_indices("ctrl")
     rng = np.random.default_rng(0)
     cells = rng.integers(0, memory.n_cells, 50)  # unsorted, with repeats
     np.testing.assert_array_equal(memory.dense_rows(cells), disk.dense_rows(cells))

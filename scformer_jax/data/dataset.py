@@ -10,6 +10,7 @@ a token so its perturbation flag reaches the model), then the special tokens.
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 from pathlib import Path
@@ -290,7 +291,29 @@ class PerturbData:
             "ndi": uns.get("non_dropout_gene_idx", {}),
         }
         missing = []
-        for condition in self.conditions:
+        if isinstance(tables["de"], _LazyTable):
+            # Read from disk: the full-length tables are read per condition when asked for
+            # (thousands of conditions x genes would take gigabytes); the top-20 lists now.
+            keys = {
+                c: self.condition_name_of[c]
+                for c in self.conditions
+                if c != CONTROL and self.condition_name_of[c] in tables["de"]
+            }
+            missing = [c for c in self.conditions if c != CONTROL and c not in keys]
+            self.de_rank = _LazyColumns(tables["de"], keys, columns, DE_KEY)
+            self.top_de_20 = _LazyColumns(tables["de"], keys, columns, DE_KEY, head=N_TOP_DE)
+            for attr, table, name in (
+                ("non_zeros_gene_idx", tables["nz"], "non_zeros_gene_idx"),
+                ("non_dropout_gene_idx", tables["ndi"], "non_dropout_gene_idx"),
+            ):
+                present = {c: k for c, k in keys.items() if k in table}
+                setattr(self, attr, _LazyColumns(table, present, columns, name))
+            for c, key in keys.items():
+                if key in tables["nd20"]:
+                    self.top_non_dropout_de_20[c] = columns(
+                        tables["nd20"][key], key, "top_non_dropout_de_20"
+                    )
+        for condition in [] if isinstance(tables["de"], _LazyTable) else self.conditions:
             if condition == CONTROL:
                 continue
             key = self.condition_name_of[condition]
@@ -510,9 +533,39 @@ class _LazyTable(Mapping):
         return len(self._keys)
 
 
-def _open_backed(
-    file: Path, cache_bytes: int
-) -> tuple[anndata.AnnData, dict[str, Any], BackedCSR]:
+class _LazyColumns(Mapping):
+    """condition -> expression columns of a per-condition gene table on disk, read and
+    converted when asked for (the last few kept)."""
+
+    def __init__(self, table, keys: Mapping[str, str], convert, what: str, head: int | None = None):
+        self._table, self._keys, self._convert = table, dict(keys), convert
+        self._what, self._head = what, head
+        self._recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def __getitem__(self, condition: str) -> np.ndarray:
+        if condition in self._recent:
+            self._recent.move_to_end(condition)
+            return self._recent[condition]
+        key = self._keys[condition]  # KeyError for a condition without the table
+        value = self._convert(self._table[key], key, self._what)
+        if self._head is not None:
+            value = value[: self._head].copy()
+        self._recent[condition] = value
+        while len(self._recent) > 64:
+            self._recent.popitem(last=False)
+        return value
+
+    def __contains__(self, condition) -> bool:
+        return condition in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _open_backed(file: Path, cache_bytes: int) -> tuple[anndata.AnnData, dict[str, Any], BackedCSR]:
     """An ``.h5ad`` file's obs and var in memory (an AnnData without X), its uns (the
     per-condition DE tables read lazily) and its X on disk."""
     from anndata.io import read_elem
