@@ -273,7 +273,7 @@ class DataConfig:
     # the same optimum under MSE, without the cell-to-cell noise of one random cell).
     train_target: str = "cell"
     # Where X lives while training, validating and evaluating: "auto" (read it from the
-    # .h5ad on disk when it would take more than backed_above_gb GB in memory), true (always
+    # .h5ad on disk when X or the whole file is larger than backed_above_gb GB), true (always
     # from disk) or false (always in memory, the fast path).
     backed: bool | str = "auto"
     backed_above_gb: float = 4.0

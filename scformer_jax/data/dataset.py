@@ -500,10 +500,12 @@ def _check_backed(backed) -> None:
 
 def use_backed(file: str | os.PathLike, backed, above_gb: float = DEFAULT_BACKED_ABOVE_GB) -> bool:
     """Whether to read X of an ``.h5ad`` file from disk: `backed` True/False, or "auto":
-    when X would take more than `above_gb` GB in memory."""
+    when X, or the whole file (X and the per-condition DE tables, which at thousands of
+    conditions take gigabytes as Python strings), would take more than `above_gb` GB."""
     _check_backed(backed)
     if backed == "auto":
-        return x_nbytes(file) > above_gb * 2**30
+        size = max(x_nbytes(file), Path(file).stat().st_size)
+        return size > above_gb * 2**30
     return bool(backed)
 
 
