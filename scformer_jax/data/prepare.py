@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from scformer_jax.data.backed import BackedCSR, CSRWriter
 from scformer_jax.data.conditions import CONTROL, DataFormatError, parse_condition
 from scformer_jax.data.de import add_gears_annotations
 from scformer_jax.data.gears_io import (
@@ -24,6 +25,7 @@ from scformer_jax.data.gears_io import (
     check_unique_var_names,
     looks_like_counts,
 )
+from scformer_jax.io import atomic_path
 
 _CODE_LABEL = re.compile(r"[+-]?\d+(\.0+)?")
 
@@ -331,9 +333,6 @@ def prepare_h5ad(
     import scanpy as sc
     from anndata.io import read_elem, write_elem
     from tqdm import tqdm
-
-    from scformer_jax.data.backed import BackedCSR, CSRWriter
-    from scformer_jax.io import atomic_path
 
     source, output = Path(source), Path(output)
     X = BackedCSR(source)

@@ -40,8 +40,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from scformer_jax.data.backed import BackedCSR, CSRWriter
 from scformer_jax.data.conditions import CONTROL
 from scformer_jax.data.de import add_gears_annotations
+from scformer_jax.io import atomic_path
 
 INTERACTIONS = ("additive", "synergistic", "buffering")
 
@@ -602,9 +604,6 @@ def simulate_to_h5ad(
     import h5py
     from anndata.io import write_elem
     from tqdm import tqdm
-
-    from scformer_jax.data.backed import BackedCSR, CSRWriter
-    from scformer_jax.io import atomic_path
 
     cfg = _checked_config(config, seed)
     plan = _plan(cfg, int(seed))
