@@ -56,6 +56,21 @@ def parse_args(argv=None):
         "--pool-size", type=int, default=300, help="Control cells sampled for --predict."
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-perturbations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Evaluate only N test perturbations, spread over the sorted test list "
+        "(a quick look at a large dataset; default all).",
+    )
+    parser.add_argument(
+        "--max-cells",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Predict at most N cells per test perturbation (default all).",
+    )
     return parser.parse_args(argv)
 
 
@@ -94,6 +109,13 @@ def main(argv=None) -> int:
         return 0
     workdir = args.workdir[0]
     out = Path(args.out) if args.out else Path(workdir) / "eval"
+    for flag, value in (
+        ("--max-perturbations", args.max_perturbations),
+        ("--max-cells", args.max_cells),
+    ):
+        if value is not None and value < 1:
+            print(f"eval.py: {flag} must be >= 1, got {value}.", file=sys.stderr)
+            return 2
     if args.predict and args.pool_size < 1:
         print(f"eval.py: --pool-size must be >= 1, got {args.pool_size}.", file=sys.stderr)
         return 2
@@ -111,6 +133,8 @@ def main(argv=None) -> int:
             n_plots=args.n_plots,
             seed=args.seed,
             predictor=predictor,
+            max_perturbations=args.max_perturbations,
+            max_cells_per_condition=args.max_cells,
         )
         if args.predict:
             result = predictor.predict(args.predict, pool_size=args.pool_size, seed=args.seed)

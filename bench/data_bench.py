@@ -1,19 +1,31 @@
-"""Times data preparation of a Norman-sized dataset: load, split, pair (and batch assembly).
+"""Data at scale: wall time and peak memory of each stage, and the input pipeline's batches/s.
 
-    python bench/data_bench.py --json
+    python bench/data_bench.py --json                  # Norman-sized, in memory (bench/run.py)
+    python bench/data_bench.py --preset replogle_essential --cache-dir /work/cache15 \\
+        --cases generate,load,batches,validate,train,eval
 
-The dataset is the built-in simulator's ``norman`` preset (about 90k cells x 5045 genes, the
-size of GEARS's Norman 2019 data), written once as an ``.h5ad`` file by a separate process
-(not timed: real users download theirs) and cached under ``--cache-dir``. This process then
-does what training does before its first step, timing each stage: load the file
-(:func:`scformer_jax.data.load_dataset`: read, validate, build the vocabulary, condition
-index and DE genes), split it (:func:`scformer_jax.data.gears_split`, GEARS's "simulation"
-split), and pair every training cell with a control cell (the loader's pairing of epoch 0).
-It then assembles ``--batches`` training batches (batch 32, all genes capped at
-``--max-seq-len``) to show that the input pipeline costs far less than a train step.
+Without ``--cases`` (the default, what ``bench/run.py`` runs): the ``norman`` preset is written
+once as an ``.h5ad`` file by a child process and cached; this process then loads it, splits it
+(GEARS's "simulation" split), pairs every training cell with a control and assembles
+``--batches`` batches, timing each stage.
 
-Reported: seconds per stage, ``total_s`` (load + split + pair), ms per assembled batch, the
-dataset's size, and the peak resident memory of this process (``ru_maxrss``).
+With ``--cases``, each case runs in its own child process (so that its peak resident memory,
+``VmHWM``, is its own) and prints one JSON record; the parent prints them all:
+
+* ``generate``: the simulator writes the preset to the cache folder chunk by chunk
+  (skipped, and reported as cached, when the file exists).
+* ``prepare``: :func:`~scformer_jax.data.prepare.prepare_h5ad` on the preset's file (already
+  log-normalised: X rewritten block by block, DE genes recomputed); the output is deleted.
+* ``load``: load (X on disk when larger than ``data.backed_above_gb``) + split + pairing.
+* ``batches``: assembles ``--batches`` training batches at the seed's settings (batch
+  ``--batch-size``, ``include_zero_gene`` batch-wise, ``max_seq_len`` 1536, pairing drawn once)
+  and times ``--steps`` train steps of the seed's model (``configs/scformer.yaml``) on them in
+  the same process: batches/s and how many batches the pipeline makes per train step.
+* ``validate``: validation (all genes per cell, as training validates) on ``--val-batches``
+  batches of the seed's model.
+* ``train``: ``train.py --config configs/scformer.yaml`` for ``--train-steps`` steps.
+* ``eval``: ``eval.py`` on that run for ``--eval-perturbations`` test perturbations,
+  ``--eval-cells`` cells each.
 """
 
 from __future__ import annotations
@@ -22,16 +34,20 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(ROOT))
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scformer-jax"
+SEED_CONFIG = ROOT / "configs" / "scformer.yaml"
+CASES = ("generate", "prepare", "load", "batches", "validate", "train", "eval")
 
 
 def dataset_path(cache_dir: Path, preset: str, seed: int) -> Path:
@@ -39,11 +55,15 @@ def dataset_path(cache_dir: Path, preset: str, seed: int) -> Path:
 
 
 def generate(path: Path, preset: str, seed: int) -> None:
-    """Simulates the preset and writes it to `path` (atomically)."""
+    """Simulates the preset and writes it to `path` (chunk by chunk for the large presets)."""
     from scformer_jax.data import simulate, write_h5ad_atomic
+    from scformer_jax.data.simulate import ON_DISK_PRESETS, simulate_to_h5ad
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_h5ad_atomic(simulate(preset, seed=seed), path)
+    if preset in ON_DISK_PRESETS:
+        simulate_to_h5ad(preset, path, seed=seed, progress=True)
+    else:
+        write_h5ad_atomic(simulate(preset, seed=seed), path)
 
 
 def ensure_dataset(path: Path, preset: str, seed: int, log) -> float:
@@ -69,10 +89,18 @@ def ensure_dataset(path: Path, preset: str, seed: int, log) -> float:
 
 
 def peak_rss_gb() -> float:
+    """Peak resident memory of this process (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def measure(path: Path, *, batches: int, batch_size: int, max_seq_len: int) -> dict:
+    """Load + split + pair + batch assembly of a cached file, in this process (mode "all")."""
     from scformer_jax.data import BatchLoader, gears_split, load_dataset
 
     rss_start = peak_rss_gb()
@@ -110,10 +138,250 @@ def measure(path: Path, *, batches: int, batch_size: int, max_seq_len: int) -> d
         "n_conditions": len(data.conditions),
         "n_train_cells": int(loader.n_cells),
         "n_paired": int(len(partners)),
+        "backed": bool(data.backed),
         "file_gb": path.stat().st_size / 2**30,
         "peak_rss_gb": peak_rss_gb(),
         "rss_before_gb": rss_start,
     }
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _seed_config(args, workdir: Path | None = None):
+    from scformer_jax.config import load_config
+
+    overrides = [
+        f"data.path={args.path}",
+        f"train.batch_size={args.batch_size}",
+        f"train.eval_batch_size={args.eval_batch_size}",
+        f"data.cache_mb={args.cache_mb}",
+    ]
+    return load_config(SEED_CONFIG, overrides)
+
+
+def _load(args):
+    from scformer_jax.runs import load_data
+
+    config = _seed_config(args)
+    t0 = time.perf_counter()
+    dataset, split = load_data(config)
+    return config, dataset, split, time.perf_counter() - t0
+
+
+def case_generate(args) -> dict:
+    path = Path(args.path)
+    if path.exists():
+        return {"cached": True, "file_gb": path.stat().st_size / 2**30}
+    t0 = time.perf_counter()
+    generate(path, args.preset, args.seed)
+    return {"cached": False, "generate_s": time.perf_counter() - t0}
+
+
+def case_prepare(args) -> dict:
+    """The chunked prepare of the (already log-normalised) file: X rewritten block by block,
+    DE genes recomputed in chunked passes; the output is deleted afterwards."""
+    from scformer_jax.data.prepare import prepare_h5ad
+
+    out = Path(args.path).with_name(Path(args.path).stem + "_prepared.h5ad")
+    t0 = time.perf_counter()
+    prepare_h5ad(
+        args.path,
+        out,
+        perturbation_key="condition",
+        control_label="ctrl",
+        normalize=False,
+        labels_are_gene_names=True,
+    )
+    record = {"prepare_s": time.perf_counter() - t0, "file_gb": out.stat().st_size / 2**30}
+    out.unlink()
+    return record
+
+
+def case_load(args) -> dict:
+    from scformer_jax.training import _loader
+
+    config, dataset, split, load_s = _load(args)
+    t0 = time.perf_counter()
+    loader = _loader(dataset, split["train"], config, train=True, batch_size=args.batch_size)
+    partners = loader.pairing(0)
+    pair_s = time.perf_counter() - t0
+    return {
+        "load_split_s": load_s,
+        "pair_s": pair_s,
+        "backed": bool(dataset.backed),
+        "n_cells": int(dataset.n_cells),
+        "n_genes": int(dataset.n_genes),
+        "n_conditions": len(dataset.conditions),
+        "n_train_cells": int(loader.n_cells),
+        "n_paired": int(len(partners)),
+        "train_batches_per_epoch": len(loader),
+        "split_sizes": {k: len(split[k]) for k in ("train", "val", "test")},
+    }
+
+
+def case_batches(args) -> dict:
+    import jax
+
+    from scformer_jax.model import TransformerGenerator
+    from scformer_jax.training import (
+        _loader,
+        create_train_state,
+        model_config_for,
+        train_step,
+    )
+
+    config, dataset, split, load_s = _load(args)
+    loader = _loader(dataset, split["train"], config, train=True, batch_size=args.batch_size)
+    epoch = loader.epoch(0)
+    t0 = time.perf_counter()
+    hosts = [next(epoch) for _ in range(args.batches)]
+    assemble_s = time.perf_counter() - t0
+    batches_per_s = args.batches / assemble_s
+
+    model_config = model_config_for(config, dataset)
+    model = TransformerGenerator(model_config)
+    state, _ = create_train_state(model_config, config.optim, len(loader), jax.random.PRNGKey(0))
+    step = jax.jit(
+        lambda s, b, r: train_step(s, b, r, model=model, objective=config.objective, axis_name=None)
+    )
+    rng = jax.random.PRNGKey(1)
+    t0 = time.perf_counter()
+    state, metrics = step(state, hosts[0].batch, rng)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, hosts[(i + 1) % len(hosts)].batch, rng)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times)[len(times) // 2]
+    return {
+        "load_split_s": load_s,
+        "batch_shape": list(hosts[0].batch.gene_ids.shape),
+        "batches_per_s": batches_per_s,
+        "assemble_ms": 1e3 / batches_per_s,
+        "rows_read_from_disk": int(getattr(dataset.X, "rows_read", 0)),
+        "train_step_s": step_s,
+        "first_step_s_with_compile": compile_s,
+        "batches_per_train_step": batches_per_s * step_s,
+        "backed": bool(dataset.backed),
+    }
+
+
+def case_validate(args) -> dict:
+    import jax
+
+    from scformer_jax import parallel
+    from scformer_jax.model import TransformerGenerator, init_params
+    from scformer_jax.training import _loader, make_p_eval_step, model_config_for, validate
+
+    config, dataset, split, load_s = _load(args)
+    loader = _loader(
+        dataset, split["val"], config, train=False, batch_size=config.train.eval_batch_size
+    )
+    model_config = model_config_for(config, dataset)
+    params = parallel.replicate(init_params(model_config, jax.random.PRNGKey(0)))
+    p_eval = make_p_eval_step(TransformerGenerator(model_config))
+    t0 = time.perf_counter()
+    val = validate(p_eval, params, loader, dataset, max_batches=args.val_batches)
+    return {
+        "load_split_s": load_s,
+        "val_batches": args.val_batches,
+        "val_batches_in_split": len(loader),
+        "validate_s": time.perf_counter() - t0,
+        "val_mse": float(val["val_mse"]),
+    }
+
+
+def case_train(args) -> dict:
+    import train as train_cli
+
+    workdir = Path(args.workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    argv = [
+        "--config",
+        str(SEED_CONFIG),
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+    ]
+    for setting in (
+        f"data.path={args.path}",
+        f"train.batch_size={args.batch_size}",
+        f"train.max_steps={args.train_steps}",
+        "train.log_interval=1",
+        f"data.cache_mb={args.cache_mb}",
+    ):
+        argv += ["--set", setting]
+    t0 = time.perf_counter()
+    code = train_cli.main(argv)
+    wall = time.perf_counter() - t0
+    steps = []
+    log = workdir / "metrics.jsonl"
+    if log.exists():
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            if "ms_per_batch" in record:
+                steps.append(record["ms_per_batch"] / 1e3)
+    record = {"exit": code, "train_steps": args.train_steps, "wall_s": wall}
+    if steps:
+        record["median_step_s"] = sorted(steps)[len(steps) // 2]
+    return record
+
+
+def case_eval(args) -> dict:
+    import eval as eval_cli
+
+    t0 = time.perf_counter()
+    code = eval_cli.main(
+        [
+            "--workdir",
+            str(args.workdir),
+            "--checkpoint",
+            "latest",
+            "--n-plots",
+            "0",
+            "--max-perturbations",
+            str(args.eval_perturbations),
+            "--max-cells",
+            str(args.eval_cells),
+        ]
+    )
+    record = {"exit": code, "eval_s": time.perf_counter() - t0}
+    metrics = Path(args.workdir) / "eval" / "metrics.json"
+    if code == 0 and metrics.exists():
+        summary = json.loads(metrics.read_text())
+        record["n_test_perturbations"] = summary["n_test_perturbations"]
+        record["pearson_delta"] = summary["model"]["overall"].get("pearson_delta")
+    return record
+
+
+def run_case(name: str, args) -> dict:
+    t0 = time.perf_counter()
+    record = {"case": name, "preset": args.preset}
+    record.update(globals()[f"case_{name}"](args))
+    record["wall_s"] = time.perf_counter() - t0
+    record["peak_rss_gb"] = peak_rss_gb()
+    return record
+
+
+def run_cases(args, log) -> list[dict]:
+    records = []
+    for name in args.cases:
+        cmd = [sys.executable, __file__, "--case", name] + args.child_argv
+        log(f"data_bench: case {name} ...")
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        record = json.loads(lines[-1]) if lines else {"case": name}
+        if proc.returncode:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            record["error"] = f"exit {proc.returncode}: " + " | ".join(tail)[-400:]
+        log(f"  {json.dumps(record)}")
+        records.append(record)
+    return records
 
 
 def main(argv=None) -> int:
@@ -127,10 +395,23 @@ def main(argv=None) -> int:
         help=f"where the simulated .h5ad is kept (default {DEFAULT_CACHE})",
     )
     parser.add_argument("--batches", type=int, default=20, help="training batches to assemble")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32, cases 64")
     parser.add_argument("--max-seq-len", type=int, default=1536)
+    parser.add_argument("--cases", default=None, help=f"comma-separated, of {','.join(CASES)}")
+    parser.add_argument("--steps", type=int, default=3, help="batches: timed train steps")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--val-batches", type=int, default=2, help="validate: batches")
+    parser.add_argument("--train-steps", type=int, default=200, help="train: steps")
+    parser.add_argument("--eval-perturbations", type=int, default=3)
+    parser.add_argument("--eval-cells", type=int, default=32)
+    parser.add_argument("--cache-mb", type=int, default=512, help="data.cache_mb")
+    parser.add_argument("--workdir", type=Path, default=None, help="train/eval run folder")
+    parser.add_argument(
+        "--path", default=None, help="cases: this .h5ad instead of the preset's cache file"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--generate", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--case", default=None, choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generate is not None:
         generate(args.generate, args.preset, args.seed)
@@ -139,6 +420,38 @@ def main(argv=None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    if args.case or args.cases:
+        args.path = args.path or str(dataset_path(args.cache_dir, args.preset, args.seed))
+        args.batch_size = args.batch_size or 64
+        if args.workdir is None:
+            args.workdir = args.cache_dir / f"bench_run_{args.preset}"
+        if args.case:
+            print(json.dumps(run_case(args.case, args)), flush=True)
+            return 0
+        args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = sorted(set(args.cases) - set(CASES))
+        if unknown:
+            parser.error(f"unknown case(s) {unknown}; choose among {list(CASES)}")
+        raw = list(argv if argv is not None else sys.argv[1:])
+        args.child_argv = []
+        skip = False
+        for a in raw:
+            if skip:
+                skip = False
+            elif a == "--cases":
+                skip = True  # "--cases LIST" as two words
+            elif a != "--json" and not a.startswith("--cases="):
+                args.child_argv.append(a)
+        records = run_cases(args, log)
+        if args.json:
+            print(json.dumps(records))
+        else:
+            for r in records:
+                extra = {k: v for k, v in r.items() if k not in ("case", "preset")}
+                print(f"{r['case']:>9}: {json.dumps(extra)}")
+        return 1 if any("error" in r for r in records) else 0
+
+    args.batch_size = args.batch_size or 32
     try:
         path = dataset_path(args.cache_dir, args.preset, args.seed)
         simulate_s = ensure_dataset(path, args.preset, args.seed, log)

@@ -338,8 +338,19 @@ class DataConfig:
     # and the original) or "condition_mean" (the mean over the condition's training cells:
     # the same optimum under MSE, without the cell-to-cell noise of one random cell).
     train_target: str = "cell"
+    # Where X lives while training, validating and evaluating: "auto" (read it from the
+    # .h5ad on disk when X or the whole file is larger than backed_above_gb GB), true (always
+    # from disk) or false (always in memory, the fast path).
+    backed: bool | str = "auto"
+    backed_above_gb: float = 4.0
+    # Most megabytes of cells the on-disk reader keeps cached.
+    cache_mb: int = 512
 
     def __post_init__(self):
+        if self.backed not in ("auto", True, False):
+            raise ConfigError(f"data.backed: {self.backed!r} is not one of auto, true, false.")
+        _check_range("data.backed_above_gb", self.backed_above_gb, 0.0)
+        _check_range("data.cache_mb", self.cache_mb, 1)
         _check_choice("data.include_zero_gene", self.include_zero_gene, INCLUDE_ZERO_GENE_MODES)
         _check_choice("data.train_target", self.train_target, TRAIN_TARGETS)
         _check_range("data.max_seq_len", self.max_seq_len, 2)

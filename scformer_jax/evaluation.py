@@ -203,7 +203,7 @@ def build_reference(
     codes = np.concatenate(
         [np.full(len(dataset.condition_cells[c]), i) for i, c in enumerate(groups)]
     )
-    counts, means, variances = group_stats(dataset.X[cells], codes, len(groups))
+    counts, means, variances = group_stats(dataset.rows(cells), codes, len(groups))
     weights = {
         c: metrics_lib.de_weights(
             metrics_lib.welch_t(
@@ -492,6 +492,7 @@ def evaluate_run(
     seed: int = 0,
     max_cells_per_condition: int | None = None,
     predictor: Predictor | None = None,
+    max_perturbations: int | None = None,
 ) -> dict[str, Any]:
     """Evaluates a run folder's checkpoint on its test split and writes the report.
 
@@ -507,6 +508,8 @@ def evaluate_run(
       max_cells_per_condition: cap on cells predicted per condition (None: all).
       predictor: the run's predictor when the caller has built it already
         (:func:`scformer_jax.predict.run_predictor`); default: built here.
+      max_perturbations: evaluate only this many test perturbations, spread evenly over
+        the sorted test list (None: all); for a quick look at a large dataset.
 
     Returns:
       The ``metrics.json`` content.
@@ -515,10 +518,21 @@ def evaluate_run(
         run = load_run(run, which=which)
     workdir, config, dataset, split = run.workdir, run.config, run.dataset, run.split
     test = _test_conditions(split, dataset)
+    n_test_total = len(test)
+    if max_perturbations is not None:
+        if max_perturbations < 1:
+            raise ValueError(f"max_perturbations must be >= 1, got {max_perturbations}.")
+        ordered = sorted(test)
+        picks = np.unique(np.linspace(0, len(ordered) - 1, min(max_perturbations, len(ordered))))
+        test = [ordered[int(i)] for i in picks]
     if predictor is None:
         predictor = run_predictor(run, batch_size=batch_size)
 
-    subgroups = {k: v for k, v in split.get("subgroups", {}).items() if v}
+    chosen = set(test)
+    subgroups = {
+        k: [c for c in v if c in chosen] for k, v in split.get("subgroups", {}).items() if v
+    }
+    subgroups = {k: v for k, v in subgroups.items() if v}
     ref = build_reference(dataset, split["train"], test, seed=seed)
     ctrl_mean, true_mean = ref.ctrl_mean, ref.true_mean
 
@@ -552,6 +566,7 @@ def evaluate_run(
             "workdir": str(workdir),
             "checkpoint": run.which,
             "n_test_perturbations": len(test),
+            "n_test_perturbations_in_split": n_test_total,
             "split": config.data.split,
             "split_seed": config.data.split_seed,
             "subgroup_sizes": sizes,

@@ -95,9 +95,20 @@ def read_config(workdir: str | Path) -> Config:
     return load_config(path)
 
 
+def load_dataset_of(config: Config) -> PerturbData:
+    """The dataset ``config.data`` names, in memory or read from disk as it says."""
+    return load_dataset(
+        config.data.path,
+        label_key=config.data.label_key,
+        backed=config.data.backed,
+        backed_above_gb=config.data.backed_above_gb,
+        cache_bytes=config.data.cache_mb << 20,
+    )
+
+
 def load_data(config: Config) -> tuple[PerturbData, dict]:
     """The dataset of ``config.data`` and its split, computed from the config."""
-    dataset = load_dataset(config.data.path, label_key=config.data.label_key)
+    dataset = load_dataset_of(config)
     return dataset, split_of(config, dataset)
 
 
@@ -159,7 +170,7 @@ def load_run(workdir: str | Path, *, which: str = "best") -> Run:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e} Run train.py with --workdir {workdir}.") from None
     model_config = model_config_from_meta(meta)
-    dataset = load_dataset(config.data.path, label_key=config.data.label_key)
+    dataset = load_dataset_of(config)
     if (workdir / SPLIT_FILE).is_file():
         split = read_split_json(workdir / SPLIT_FILE)
     else:

@@ -213,3 +213,32 @@ def test_headroom_knows_the_true_direction_of_unseen_singles():
     assert {"additive (measured singles)", "network joint response (replicate)"} <= {
         predictor for subgroup, predictor in scores if subgroup == "combo_seen2"
     }
+
+
+def test_data_bench_cases_on_tiny_data(tmp_path):
+    import argparse
+
+    from bench import data_bench
+
+    path = data_bench.dataset_path(tmp_path, "tiny", 0)
+    args = argparse.Namespace(
+        preset="tiny",
+        seed=0,
+        path=str(path),
+        batch_size=8,
+        eval_batch_size=8,
+        cache_mb=1,
+        batches=3,
+        steps=1,
+    )
+    generated = data_bench.run_case("generate", args)
+    assert generated["cached"] is False and path.exists()
+    loaded = data_bench.run_case("load", args)
+    assert loaded["n_genes"] == 40 and loaded["n_paired"] == loaded["n_train_cells"] > 0
+    assert loaded["peak_rss_gb"] > 0 and loaded["wall_s"] > 0
+    batches = data_bench.run_case("batches", args)
+    assert batches["batch_shape"][0] == 8 and batches["batches_per_s"] > 0
+    assert batches["train_step_s"] > 0
+    assert batches["batches_per_train_step"] == pytest.approx(
+        batches["batches_per_s"] * batches["train_step_s"]
+    )

@@ -118,6 +118,9 @@ NOT_FROM_THE_SEED = {
     "model.n_cls",
     "data.path",
     "data.label_key",
+    "data.backed",
+    "data.backed_above_gb",
+    "data.cache_mb",
     "train.keep_checkpoints",
 }
 

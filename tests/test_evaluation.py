@@ -252,3 +252,17 @@ def test_reference_and_technical_duplicate(data_tiny):
             ref.control_cells[c] + ref.true_mean[c] - ref.ctrl_mean, ref.true_cells[c]
         )
     )
+
+
+def test_eval_caps_the_test_perturbations(trained_run, tmp_path):
+    out = tmp_path / "capped"
+    args = ["--workdir", str(trained_run), "--out", str(out), "--n-plots", "0"]
+    assert eval_cli.main(args + ["--max-perturbations", "2", "--max-cells", "5"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    split = json.loads((trained_run / "split.json").read_text())
+    test = sorted(c for c in split["test"] if c != "ctrl")
+    assert metrics["n_test_perturbations"] == 2
+    assert metrics["n_test_perturbations_in_split"] == len(test)
+    table = pd.read_csv(out / "per_perturbation.csv")
+    assert set(table["condition"]) == {test[0], test[-1]}
+    assert eval_cli.main(args + ["--max-perturbations", "0"]) == 2

@@ -1,10 +1,10 @@
 """Command line: ``python -m scformer_jax.data {simulate,prepare,split} ...``.
 
-* ``simulate --out FILE.h5ad [--seed N] [--preset tiny|default|norman] [--set KEY=VALUE]``
-  writes the built-in simulated dataset in GEARS's layout.
-* ``prepare IN.h5ad OUT.h5ad --perturbation-key COL --control-label LABEL [...]`` turns a
-  Perturb-seq AnnData into GEARS's layout (OUT may be a folder: then
-  ``OUT/perturb_processed.h5ad``).
+* ``simulate --out FILE.h5ad [--seed N] [--preset NAME] [--set KEY=VALUE] [--chunked]``
+  writes the built-in simulated dataset in GEARS's layout (the large presets chunk by chunk).
+* ``prepare IN.h5ad OUT.h5ad --perturbation-key COL --control-label LABEL [--chunked] [...]``
+  turns a Perturb-seq AnnData into GEARS's layout, block by block for large inputs (OUT may be
+  a folder: then ``OUT/perturb_processed.h5ad``).
 * ``split DATA --split simulation --seed 1 --out split.json`` writes GEARS's split of the
   dataset's conditions (DATA: a GEARS folder, an ``.h5ad`` file or a built-in name).
 
@@ -21,11 +21,22 @@ from typing import Sequence
 
 import yaml
 
+from scformer_jax.data.backed import x_nbytes
 from scformer_jax.data.conditions import DataFormatError
-from scformer_jax.data.dataset import BUILTIN_DATASETS
-from scformer_jax.data.gears_io import PROCESSED_FILE, read_gears, write_h5ad_atomic
-from scformer_jax.data.prepare import prepare
-from scformer_jax.data.simulate import simulate, simulation_config
+from scformer_jax.data.dataset import (
+    BUILTIN_DATASETS,
+    DEFAULT_BACKED_ABOVE_GB,
+    simulated_path,
+)
+from scformer_jax.data.gears_io import PROCESSED_FILE, resolve_h5ad_path, write_h5ad_atomic
+from scformer_jax.data.prepare import prepare, prepare_h5ad
+from scformer_jax.data.simulate import (
+    ON_DISK_PRESETS,
+    PRESETS,
+    simulate,
+    simulate_to_h5ad,
+    simulation_config,
+)
 from scformer_jax.data.splits import gears_split, write_split_json
 from scformer_jax.io import describe_os_error
 
@@ -41,13 +52,28 @@ def _parse_sets(items: Sequence[str]) -> dict:
     return overrides
 
 
+def _obs_and_var(path: Path):
+    """An AnnData with only the obs and var of an .h5ad file (no X, no uns)."""
+    import anndata
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        return anndata.AnnData(obs=read_elem(f["obs"]), var=read_elem(f["var"]))
+
+
 def _cmd_simulate(args: argparse.Namespace) -> str:
     out = Path(args.out)
     if out.suffix != ".h5ad":
         raise DataFormatError(f"--out {str(out)!r} must end in .h5ad.")
     cfg = simulation_config(args.preset, **_parse_sets(args.set))
-    adata = simulate(cfg, seed=args.seed)
-    write_h5ad_atomic(adata, out)
+    if args.chunked or args.preset in ON_DISK_PRESETS:
+        # Chunk by chunk straight to the file: X is never in memory.
+        simulate_to_h5ad(cfg, out, seed=args.seed, progress=True)
+        adata = _obs_and_var(out)
+    else:
+        adata = simulate(cfg, seed=args.seed)
+        write_h5ad_atomic(adata, out)
     n_conditions = adata.obs["condition"].nunique()
     return (
         f"wrote {out}: {adata.n_obs} cells x {adata.n_vars} genes, {n_conditions} "
@@ -66,13 +92,8 @@ def _cmd_prepare(args: argparse.Namespace) -> str:
         out = out / PROCESSED_FILE
     if out.resolve() == source.resolve():
         raise DataFormatError("OUT must differ from IN; prepare never overwrites its input.")
-    try:
-        adata = anndata.read_h5ad(source)
-    except Exception as e:  # h5py raises various errors on a bad file
-        raise DataFormatError(f"Could not read {str(source)!r} as .h5ad: {e}") from e
     normalize = {"auto": None, "yes": True, "no": False}[args.normalize]
-    result = prepare(
-        adata,
+    options = dict(
         perturbation_key=args.perturbation_key,
         control_label=args.control_label,
         cell_type_key=args.cell_type_key,
@@ -81,9 +102,25 @@ def _cmd_prepare(args: argparse.Namespace) -> str:
         combo_separator=args.combo_separator,
         normalize=normalize,
         min_cells=args.min_cells,
-        de_backend=args.de_backend,
         labels_are_gene_names=args.labels_are_gene_names,
     )
+    try:
+        large = args.chunked or x_nbytes(source) > DEFAULT_BACKED_ABOVE_GB * 2**30
+    except OSError as e:
+        raise DataFormatError(f"Could not read {str(source)!r} as .h5ad: {e}") from e
+    if large:
+        # Block by block from disk to disk (DE with the numpy backend): X never in memory.
+        prepare_h5ad(source, out, progress=True, **options)
+        result = _obs_and_var(out)
+        return (
+            f"wrote {out} chunk by chunk: {result.n_obs} cells x {result.n_vars} genes, "
+            f"{result.obs['condition'].nunique()} conditions"
+        )
+    try:
+        adata = anndata.read_h5ad(source)
+    except Exception as e:  # h5py raises various errors on a bad file
+        raise DataFormatError(f"Could not read {str(source)!r} as .h5ad: {e}") from e
+    result = prepare(adata, de_backend=args.de_backend, **options)
     write_h5ad_atomic(result, out)
     return (
         f"wrote {out}: {result.n_obs} cells x {result.n_vars} genes, "
@@ -93,19 +130,24 @@ def _cmd_prepare(args: argparse.Namespace) -> str:
 
 def _conditions_of(data: str, data_seed: int) -> list[str]:
     if not Path(data).exists() and data in BUILTIN_DATASETS:
-        adata = simulate(BUILTIN_DATASETS[data], seed=data_seed)
-        return adata.obs["condition"].astype(str).tolist()
-    adata = read_gears(data, backed=True)
+        preset = BUILTIN_DATASETS[data]
+        if preset not in ON_DISK_PRESETS:
+            adata = simulate(preset, seed=data_seed)
+            return adata.obs["condition"].astype(str).tolist()
+        path = simulated_path(preset, data_seed)
+        if not path.exists():
+            simulate_to_h5ad(preset, path, seed=data_seed, progress=True)
+        data = str(path)
     try:
-        if "condition" not in adata.obs.columns:
-            raise DataFormatError(
-                f"{data!r} has no obs['condition'] (columns: {list(adata.obs.columns)}). Run "
-                "`python -m scformer_jax.data prepare` on it first."
-            )
-        return adata.obs["condition"].astype(str).tolist()
-    finally:
-        if adata.isbacked:
-            adata.file.close()
+        adata = _obs_and_var(resolve_h5ad_path(data))
+    except (OSError, KeyError) as e:
+        raise DataFormatError(f"Could not read {data!r} as an .h5ad file: {e}") from e
+    if "condition" not in adata.obs.columns:
+        raise DataFormatError(
+            f"{data!r} has no obs['condition'] (columns: {list(adata.obs.columns)}). Run "
+            "`python -m scformer_jax.data prepare` on it first."
+        )
+    return adata.obs["condition"].astype(str).tolist()
 
 
 def _cmd_split(args: argparse.Namespace) -> str:
@@ -138,8 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--preset",
         default="default",
-        choices=["tiny", "default", "norman"],
-        help="size preset (default: default)",
+        choices=list(PRESETS),
+        help="size preset (default: default); "
+        f"{' and '.join(ON_DISK_PRESETS)} are always generated chunk by chunk to the file",
+    )
+    sim.add_argument(
+        "--chunked",
+        action="store_true",
+        help="write chunk by chunk without holding X in memory (same file)",
     )
     sim.add_argument(
         "--set",
@@ -189,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="scanpy",
         choices=["scanpy", "numpy"],
         help="DE t-test via scanpy (GEARS's call, default) or numpy (faster)",
+    )
+    prep.add_argument(
+        "--chunked",
+        action="store_true",
+        help="read, normalise and write X block by block, never all in memory (automatic "
+        f"when X would take more than {DEFAULT_BACKED_ABOVE_GB:g} GB; DE via numpy)",
     )
     prep.add_argument(
         "--labels-are-gene-names",

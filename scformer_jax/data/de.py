@@ -22,40 +22,75 @@ from scformer_jax.data.gears_io import DE_KEY, condition_dose, condition_name
 DE_METHOD = "t-test"
 
 
+def row_chunks(X, chunk_rows: int = 8192):
+    """Yields (start, CSR block of rows [start, start + chunk_rows)) of an in-memory matrix
+    or of a :class:`~scformer_jax.data.backed.BackedCSR` on disk (same blocks either way)."""
+    if hasattr(X, "row_chunks"):
+        yield from X.row_chunks(chunk_rows)
+        return
+    X = sparse.csr_matrix(X)
+    for start in range(0, X.shape[0], chunk_rows):
+        stop = min(start + chunk_rows, X.shape[0])
+        lo, hi = X.indptr[start], X.indptr[stop]
+        indptr = X.indptr[start : stop + 1] - lo
+        yield (
+            start,
+            sparse.csr_matrix(
+                (X.data[lo:hi], X.indices[lo:hi], indptr), shape=(stop - start, X.shape[1])
+            ),
+        )
+
+
 def group_stats(
-    X, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 8192
+    X, codes: np.ndarray, n_groups: int, *, chunk_rows: int = 8192, progress: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cell counts, means and unbiased variances of the rows of X per group.
 
-    One pass over the stored values (bincount per chunk of rows), float64 throughout; no
-    dense copy of a sparse X.
+    One pass over the stored values (bincount per chunk of rows over the groups present in
+    the chunk), float64 throughout; no dense copy of a sparse X. A matrix on disk
+    (:class:`~scformer_jax.data.backed.BackedCSR`) is read chunk by chunk and gives the same
+    numbers as in memory.
 
     Args:
-      X: (cells, genes) CSR matrix or dense array.
-      codes: int (cells,): group of each cell, in [0, n_groups).
+      X: (cells, genes) CSR matrix, dense array or BackedCSR.
+      codes: int (cells,): group of each cell, in [0, n_groups); -1 leaves a cell out.
       n_groups: number of groups.
+      chunk_rows: rows per pass.
+      progress: a label for a progress bar on stderr; None: none.
 
     Returns:
       counts (n_groups,), means (n_groups, genes), variances (n_groups, genes) with ddof=1
       (0 for groups of one cell, NaN-free).
     """
-    X = sparse.csr_matrix(X)
     n_cells, n_genes = X.shape
     codes = np.asarray(codes, np.int64)
-    sums = np.zeros(n_groups * n_genes)
-    squares = np.zeros(n_groups * n_genes)
-    for start in range(0, n_cells, chunk_rows):
-        stop = min(start + chunk_rows, n_cells)
-        lo, hi = X.indptr[start], X.indptr[stop]
-        rows = np.repeat(codes[start:stop], np.diff(X.indptr[start : stop + 1]))
-        keys = rows * n_genes + X.indices[lo:hi]
-        values = X.data[lo:hi].astype(np.float64)
-        sums += np.bincount(keys, weights=values, minlength=n_groups * n_genes)
-        squares += np.bincount(keys, weights=values * values, minlength=n_groups * n_genes)
-    counts = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    sums = np.zeros((n_groups, n_genes))
+    squares = np.zeros((n_groups, n_genes))
+    chunks = row_chunks(X, chunk_rows)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc=progress, total=-(-n_cells // chunk_rows), unit="chunk")
+    for start, block in chunks:
+        rows = np.flatnonzero(codes[start : start + block.shape[0]] >= 0)
+        if not len(rows):
+            continue
+        present, local = np.unique(codes[start + rows], return_inverse=True)
+        # Sum per group as a sparse product (group indicator @ rows), which adds each group's
+        # cells in row order: memory and time follow the stored values, not groups x genes.
+        indicator = sparse.csr_matrix(
+            (np.ones(len(rows)), (local, rows)), shape=(len(present), block.shape[0])
+        )
+        values = sparse.csr_matrix(
+            (block.data.astype(np.float64), block.indices, block.indptr), shape=block.shape
+        )
+        for total, matrix in ((sums, values), (squares, values.multiply(values).tocsr())):
+            part = (indicator @ matrix).tocoo()
+            total[present[part.row], part.col] += part.data
+    counts = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
     safe = np.maximum(counts, 1.0)[:, None]
-    means = sums.reshape(n_groups, n_genes) / safe
-    variances = squares.reshape(n_groups, n_genes) / safe - means**2
+    means = sums / safe
+    variances = squares / safe - means**2
     variances = np.maximum(variances, 0.0) * (safe / np.maximum(safe - 1.0, 1.0))
     return counts, means, variances
 
@@ -68,19 +103,26 @@ def _rank_by_abs_score(scores: np.ndarray) -> np.ndarray:
     return partition[np.argsort(magnitude[partition])[::-1]]
 
 
-def _rank_numpy(X, group_names: np.ndarray, reference: str) -> dict[str, np.ndarray]:
+def _rank_numpy(
+    X, group_names: np.ndarray, reference: str, *, progress: str | None = None
+) -> dict[str, np.ndarray]:
     """Welch t-test of every group against `reference`, as scanpy's 't-test' computes it.
+
+    Args:
+      X: (cells, genes) matrix in memory or on disk.
+      group_names: str (cells,): each cell's group; ``""`` leaves a cell out.
 
     Returns:
       group -> int (genes,) column indices ranked by |t|, NaN scores counting as 0.
     """
     unique, codes = np.unique(group_names, return_inverse=True)
-    counts, means, variances = group_stats(X, codes, len(unique))
+    codes = np.where(group_names == "", -1, codes)
+    counts, means, variances = group_stats(X, codes, len(unique), progress=progress)
     ref = int(np.flatnonzero(unique == reference)[0])
     out = {}
     with np.errstate(invalid="ignore", divide="ignore"):
         for g, name in enumerate(unique):
-            if g == ref:
+            if g == ref or name == "":
                 continue
             scores = (means[g] - means[ref]) / np.sqrt(
                 variances[g] / counts[g] + variances[ref] / counts[ref]
@@ -126,7 +168,7 @@ DE_BACKENDS = ("scanpy", "numpy")
 
 
 def rank_genes_vs_control(
-    adata: anndata.AnnData, *, backend: str = "scanpy"
+    adata: anndata.AnnData, *, backend: str = "scanpy", X=None, progress: bool = False
 ) -> dict[str, np.ndarray]:
     """Every gene ranked per ``condition_name`` against the cell type's control group.
 
@@ -139,6 +181,10 @@ def rank_genes_vs_control(
       backend: ``"scanpy"`` calls ``scanpy.tl.rank_genes_groups`` as GEARS does;
         ``"numpy"`` computes the same statistic in one vectorised pass (used by the
         simulator, where scanpy takes most of the time at Norman size).
+      X: the expression matrix when it is not ``adata.X``: a
+        :class:`~scformer_jax.data.backed.BackedCSR` on disk (numpy backend only), read in
+        chunks.
+      progress: show a progress bar per cell type.
 
     Returns:
       condition_name -> array of var names (n_genes,), most differential first.
@@ -149,7 +195,13 @@ def rank_genes_vs_control(
     var_names = pd.Index(adata.var_names.astype(str))
     cell_types = adata.obs["cell_type"].astype(str).to_numpy()
     group_names = adata.obs["condition_name"].astype(str).to_numpy()
-    X = sparse.csr_matrix(adata.X)
+    on_disk = X is not None and hasattr(X, "row_chunks")
+    if on_disk and backend != "numpy":
+        raise ValueError(
+            "DE genes of a matrix on disk are computed with the numpy backend (the same "
+            "statistic as scanpy's t-test); pass de_backend='numpy'."
+        )
+    X = X if on_disk else sparse.csr_matrix(adata.X if X is None else X)
     for cell_type in pd.unique(cell_types):
         mask = cell_types == cell_type
         reference = condition_name(cell_type, CONTROL)
@@ -161,17 +213,26 @@ def rank_genes_vs_control(
             )
         if len(set(groups)) < 2:
             continue
+        label = f"DE genes ({cell_type})" if progress else None
+        if on_disk:
+            # Cells of other types are left out by their empty group name.
+            ranked = _rank_numpy(X, np.where(mask, group_names, ""), reference, progress=label)
+            for group, order in ranked.items():
+                result[group] = var_names[order].to_numpy(dtype=str)
+            continue
         sub_X = X[mask] if not mask.all() else X
         if backend == "scanpy":
             ranked = _rank_scanpy(sub_X, groups, reference, var_names)
         else:
-            ranked = _rank_numpy(sub_X, groups, reference)
+            ranked = _rank_numpy(sub_X, groups, reference, progress=label)
         for group, order in ranked.items():
             result[group] = var_names[order].to_numpy(dtype=str)
     return result
 
 
-def dropout_gene_sets(adata: anndata.AnnData, ranked: dict[str, np.ndarray]) -> dict[str, dict]:
+def dropout_gene_sets(
+    adata: anndata.AnnData, ranked: dict[str, np.ndarray], *, X=None, progress: bool = False
+) -> dict[str, dict]:
     """GEARS's non-zero / non-dropout gene sets and their top-20 DE genes.
 
     For condition p with mean profile m_p and the control mean m_c: non-zero genes have
@@ -181,6 +242,8 @@ def dropout_gene_sets(adata: anndata.AnnData, ranked: dict[str, np.ndarray]) -> 
     Args:
       adata: dataset with obs 'condition' and 'condition_name'.
       ranked: :func:`rank_genes_vs_control`'s result.
+      X: the expression matrix when it is not ``adata.X`` (e.g. on disk).
+      progress: show a progress bar.
 
     Returns:
       ``{"top_non_dropout_de_20", "non_dropout_gene_idx", "non_zeros_gene_idx",
@@ -188,7 +251,12 @@ def dropout_gene_sets(adata: anndata.AnnData, ranked: dict[str, np.ndarray]) -> 
     """
     conditions = adata.obs["condition"].astype(str).to_numpy()
     unique, codes = np.unique(conditions, return_inverse=True)
-    _, means, _ = group_stats(adata.X, codes, len(unique))
+    _, means, _ = group_stats(
+        adata.X if X is None else X,
+        codes,
+        len(unique),
+        progress="condition means" if progress else None,
+    )
     ctrl_mean = means[int(np.flatnonzero(unique == CONTROL)[0])]
     name_to_condition = dict(zip(adata.obs["condition_name"].astype(str).to_numpy(), conditions))
     row_of = {c: i for i, c in enumerate(unique)}
@@ -213,7 +281,9 @@ def dropout_gene_sets(adata: anndata.AnnData, ranked: dict[str, np.ndarray]) -> 
     return out
 
 
-def add_gears_annotations(adata: anndata.AnnData, *, de_backend: str = "scanpy") -> anndata.AnnData:
+def add_gears_annotations(
+    adata: anndata.AnnData, *, de_backend: str = "scanpy", X=None, progress: bool = False
+) -> anndata.AnnData:
     """Adds GEARS's derived obs columns and DE entries in place (and returns `adata`).
 
     Needs obs 'condition' and 'cell_type' and log1p-normalised X. Adds obs 'dose_val',
@@ -223,6 +293,9 @@ def add_gears_annotations(adata: anndata.AnnData, *, de_backend: str = "scanpy")
     Args:
       adata: the dataset, modified in place.
       de_backend: see :func:`rank_genes_vs_control`.
+      X: the expression matrix when it is not ``adata.X`` (a
+        :class:`~scformer_jax.data.backed.BackedCSR` on disk, read in chunks).
+      progress: show progress bars.
     """
     conditions = adata.obs["condition"].astype(str)
     cell_types = adata.obs["cell_type"].astype(str)
@@ -233,7 +306,7 @@ def add_gears_annotations(adata: anndata.AnnData, *, de_backend: str = "scanpy")
     )
     adata.obs["condition"] = pd.Categorical(conditions.to_numpy())
     adata.obs["cell_type"] = pd.Categorical(cell_types.to_numpy())
-    ranked = rank_genes_vs_control(adata, backend=de_backend)
+    ranked = rank_genes_vs_control(adata, backend=de_backend, X=X, progress=progress)
     adata.uns[DE_KEY] = ranked
-    adata.uns.update(dropout_gene_sets(adata, ranked))
+    adata.uns.update(dropout_gene_sets(adata, ranked, X=X, progress=progress))
     return adata

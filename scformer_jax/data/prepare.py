@@ -4,8 +4,10 @@ processed layout (conditions, cell types, normalised log1p X, DE genes).
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import anndata
@@ -13,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from scformer_jax.data.backed import BackedCSR, CSRWriter
 from scformer_jax.data.conditions import CONTROL, DataFormatError, parse_condition
 from scformer_jax.data.de import add_gears_annotations
 from scformer_jax.data.gears_io import (
@@ -22,6 +25,7 @@ from scformer_jax.data.gears_io import (
     check_unique_var_names,
     looks_like_counts,
 )
+from scformer_jax.io import atomic_path
 
 _CODE_LABEL = re.compile(r"[+-]?\d+(\.0+)?")
 
@@ -69,54 +73,24 @@ def _user_label_to_condition(label: str, control_label: str, separator: str) -> 
     return condition
 
 
-def prepare(
+def _prepared_frames(
     adata: anndata.AnnData,
     *,
     perturbation_key: str,
     control_label: str,
-    cell_type_key: str | None = None,
-    cell_type: str = "cell",
-    gene_name_key: str | None = None,
-    combo_separator: str = "+",
-    normalize: bool | None = None,
-    target_sum: float = 1e4,
-    min_cells: int = 2,
-    de_backend: str = "scanpy",
-    labels_are_gene_names: bool = False,
-) -> anndata.AnnData:
-    """A user's Perturb-seq AnnData -> a new AnnData in GEARS's processed layout.
-
-    Args:
-      adata: cells x genes; X raw counts or log1p-normalised expression, dense or sparse.
-      perturbation_key: obs column with each cell's perturbation: `control_label`, a gene
-        name, or two gene names joined by `combo_separator` (GEARS strings such as
-        ``"A+ctrl"`` are accepted too).
-      control_label: the value of `perturbation_key` that marks control cells.
-      cell_type_key: obs column with the cell type; None: every cell is `cell_type`.
-      cell_type: the cell type when `cell_type_key` is None.
-      gene_name_key: var column with gene symbols; None: the var names.
-      combo_separator: joins the two genes of a double perturbation in the user's labels.
-      normalize: True: X holds counts, normalise to `target_sum` per cell and log1p; False:
-        X is already log1p-normalised; None: decide from X (integers mean counts).
-      target_sum: total per cell after normalisation.
-      min_cells: the fewest cells a condition may have (the t-test needs 2).
-      de_backend: ``"scanpy"`` (GEARS's own call, the default) or ``"numpy"`` (same
-        statistic, faster); see :func:`rank_genes_vs_control`.
-      labels_are_gene_names: accept labels that look like integer codes or name no
-        measured gene (refused by default: such a column usually holds category codes).
+    cell_type_key: str | None,
+    cell_type: str,
+    gene_name_key: str | None,
+    combo_separator: str,
+    min_cells: int,
+    labels_are_gene_names: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """obs and var of the prepared dataset from the input's obs and var (X is not read).
 
     Returns:
-      A new AnnData (CSR float32 X, obs with 'condition', 'cell_type', 'condition_name',
-      'dose_val', 'control' and the input's columns, var with 'gene_name', uns with GEARS's
-      DE entries). The input is not modified.
-
-    Raises:
-      DataFormatError: missing columns, duplicated var names, missing labels, malformed
-        labels, labels that are not gene names, no control cells, conditions with fewer than
-        `min_cells` cells, NaN/inf, counts declared as log values.
+      obs (the input's columns plus 'condition', 'cell_type'), var (plus 'gene_name'),
+      the gene names and each cell's condition.
     """
-    import scanpy as sc
-
     check_columns(
         adata.obs,
         [perturbation_key],
@@ -185,27 +159,6 @@ def prepare(
             f".value_counts()) >= {min_cells}]."
         )
 
-    X = adata.X
-    if X is None:
-        raise DataFormatError("adata.X is empty; put the expression matrix in X.")
-    check_finite(X)
-    # A copy: normalisation below works in place and the input must stay as it was.
-    X = sparse.csr_matrix(X, dtype=np.float32, copy=True)
-    is_counts = looks_like_counts(X)
-    if normalize is None:
-        normalize = is_counts
-    elif normalize is False and is_counts:
-        raise DataFormatError(
-            "adata.X holds raw counts (all values are integers) but normalize=False says it is "
-            "log1p-normalised. Use --normalize auto/yes to normalise and log-transform it."
-        )
-    if normalize and not is_counts:
-        warnings.warn(
-            "normalize=True on a matrix that is not integer counts; normalising and "
-            "log-transforming it anyway.",
-            stacklevel=2,
-        )
-
     if cell_type_key is not None:
         if adata.obs[cell_type_key].isna().any():
             raise DataFormatError(
@@ -230,6 +183,89 @@ def prepare(
     for column in adata.var.columns:
         var[column] = adata.var[column].to_numpy()
     var["gene_name"] = gene_names
+    return obs, var, gene_names, conditions
+
+
+def prepare(
+    adata: anndata.AnnData,
+    *,
+    perturbation_key: str,
+    control_label: str,
+    cell_type_key: str | None = None,
+    cell_type: str = "cell",
+    gene_name_key: str | None = None,
+    combo_separator: str = "+",
+    normalize: bool | None = None,
+    target_sum: float = 1e4,
+    min_cells: int = 2,
+    de_backend: str = "scanpy",
+    labels_are_gene_names: bool = False,
+) -> anndata.AnnData:
+    """A user's Perturb-seq AnnData -> a new AnnData in GEARS's processed layout.
+
+    Args:
+      adata: cells x genes; X raw counts or log1p-normalised expression, dense or sparse.
+      perturbation_key: obs column with each cell's perturbation: `control_label`, a gene
+        name, or two gene names joined by `combo_separator` (GEARS strings such as
+        ``"A+ctrl"`` are accepted too).
+      control_label: the value of `perturbation_key` that marks control cells.
+      cell_type_key: obs column with the cell type; None: every cell is `cell_type`.
+      cell_type: the cell type when `cell_type_key` is None.
+      gene_name_key: var column with gene symbols; None: the var names.
+      combo_separator: joins the two genes of a double perturbation in the user's labels.
+      normalize: True: X holds counts, normalise to `target_sum` per cell and log1p; False:
+        X is already log1p-normalised; None: decide from X (integers mean counts).
+      target_sum: total per cell after normalisation.
+      min_cells: the fewest cells a condition may have (the t-test needs 2).
+      de_backend: ``"scanpy"`` (GEARS's own call, the default) or ``"numpy"`` (same
+        statistic, faster); see :func:`rank_genes_vs_control`.
+      labels_are_gene_names: accept labels that look like integer codes or name no
+        measured gene (refused by default: such a column usually holds category codes).
+
+    Returns:
+      A new AnnData (CSR float32 X, obs with 'condition', 'cell_type', 'condition_name',
+      'dose_val', 'control' and the input's columns, var with 'gene_name', uns with GEARS's
+      DE entries). The input is not modified.
+
+    Raises:
+      DataFormatError: missing columns, duplicated var names, missing labels, malformed
+        labels, labels that are not gene names, no control cells, conditions with fewer than
+        `min_cells` cells, NaN/inf, counts declared as log values.
+    """
+    import scanpy as sc
+
+    obs, var, gene_names, conditions = _prepared_frames(
+        adata,
+        perturbation_key=perturbation_key,
+        control_label=control_label,
+        cell_type_key=cell_type_key,
+        cell_type=cell_type,
+        gene_name_key=gene_name_key,
+        combo_separator=combo_separator,
+        min_cells=min_cells,
+        labels_are_gene_names=labels_are_gene_names,
+    )
+    X = adata.X
+    if X is None:
+        raise DataFormatError("adata.X is empty; put the expression matrix in X.")
+    check_finite(X)
+    # A copy: normalisation below works in place and the input must stay as it was.
+    X = sparse.csr_matrix(X, dtype=np.float32, copy=True)
+    is_counts = looks_like_counts(X)
+    if normalize is None:
+        normalize = is_counts
+    elif normalize is False and is_counts:
+        raise DataFormatError(
+            "adata.X holds raw counts (all values are integers) but normalize=False says it is "
+            "log1p-normalised. Use --normalize auto/yes to normalise and log-transform it."
+        )
+    if normalize and not is_counts:
+        warnings.warn(
+            "normalize=True on a matrix that is not integer counts; normalising and "
+            "log-transforming it anyway.",
+            stacklevel=2,
+        )
+
     out = anndata.AnnData(X=X, obs=obs, var=var)
     if normalize:
         sc.pp.normalize_total(out, target_sum=target_sum)
@@ -237,6 +273,11 @@ def prepare(
         out.X = sparse.csr_matrix(out.X, dtype=np.float32)
     check_log_values(out.X)
 
+    _warn_unmeasured(gene_names, conditions)
+    return add_gears_annotations(out, de_backend=de_backend)
+
+
+def _warn_unmeasured(gene_names: np.ndarray, conditions: np.ndarray) -> None:
     measured = set(gene_names)
     unmeasured = sorted({g for c in pd.unique(conditions) for g in parse_condition(c)} - measured)
     if unmeasured:
@@ -244,6 +285,122 @@ def prepare(
             f"{len(unmeasured)} perturbed gene(s) are not among the measured genes: "
             f"{unmeasured[:10]}{' ...' if len(unmeasured) > 10 else ''}. They become extra "
             "input tokens (flag 1, expression 0).",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return add_gears_annotations(out, de_backend=de_backend)
+
+
+def prepare_h5ad(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    perturbation_key: str,
+    control_label: str,
+    cell_type_key: str | None = None,
+    cell_type: str = "cell",
+    gene_name_key: str | None = None,
+    combo_separator: str = "+",
+    normalize: bool | None = None,
+    target_sum: float = 1e4,
+    min_cells: int = 2,
+    labels_are_gene_names: bool = False,
+    chunk_rows: int = 8192,
+    progress: bool = False,
+) -> Path:
+    """:func:`prepare` for an ``.h5ad`` file larger than memory, chunk by chunk.
+
+    Reads X (CSR) of `source` one block of `chunk_rows` cells at a time, normalises and
+    log-transforms each block as :func:`prepare` does (scanpy's ``normalize_total`` and
+    ``log1p``, which treat every cell on its own, so the values are the same), appends it to
+    `output`, and computes the DE genes in chunked passes over the written file (the numpy
+    backend: the same t-test as scanpy's). Memory: a block of cells, the per-condition
+    statistics (conditions x genes, float64) and obs. The output is written under a temporary
+    name and renamed when complete.
+
+    Args:
+      source: the input ``.h5ad`` (X stored as CSR).
+      output: the ``.h5ad`` to write.
+      chunk_rows: cells per block.
+      progress: progress bars on stderr.
+      Others: as :func:`prepare`.
+
+    Returns:
+      The path written.
+
+    Raises:
+      DataFormatError: as :func:`prepare`, and for an X that is not stored as CSR.
+    """
+    import h5py
+    import scanpy as sc
+    from anndata.io import read_elem, write_elem
+    from tqdm import tqdm
+
+    source, output = Path(source), Path(output)
+    X = BackedCSR(source)
+    try:
+        meta = anndata.AnnData(obs=read_elem(X.file["obs"]), var=read_elem(X.file["var"]))
+        obs, var, gene_names, conditions = _prepared_frames(
+            meta,
+            perturbation_key=perturbation_key,
+            control_label=control_label,
+            cell_type_key=cell_type_key,
+            cell_type=cell_type,
+            gene_name_key=gene_name_key,
+            combo_separator=combo_separator,
+            min_cells=min_cells,
+            labels_are_gene_names=labels_are_gene_names,
+        )
+        # One pass for the checks that decide what to do (NaN/inf, counts or log values).
+        is_counts = True
+        for _, block in X.row_chunks(chunk_rows):
+            check_finite(block)
+            is_counts = is_counts and looks_like_counts(block)
+        if normalize is None:
+            normalize = is_counts
+        elif normalize is False and is_counts:
+            raise DataFormatError(
+                "X holds raw counts (all values are integers) but normalize=False says it is "
+                "log1p-normalised. Use --normalize auto/yes to normalise and log-transform it."
+            )
+        if normalize and not is_counts:
+            warnings.warn(
+                "normalize=True on a matrix that is not integer counts; normalising and "
+                "log-transforming it anyway.",
+                stacklevel=2,
+            )
+        with atomic_path(output, suffix=".h5ad") as tmp:
+            with h5py.File(tmp, "w") as f:
+                writer = CSRWriter(f, X.shape[1])
+                chunks = X.row_chunks(chunk_rows)
+                if progress:
+                    total = -(-X.shape[0] // chunk_rows)
+                    chunks = tqdm(chunks, desc="normalise", total=total, unit="chunk")
+                for _, block in chunks:
+                    block = sparse.csr_matrix(block, dtype=np.float32, copy=True)
+                    if normalize:
+                        part = anndata.AnnData(X=block)
+                        sc.pp.normalize_total(part, target_sum=target_sum)
+                        sc.pp.log1p(part)
+                        block = sparse.csr_matrix(part.X, dtype=np.float32)
+                    check_log_values(block)
+                    writer.append(block.data, block.indices, np.diff(block.indptr))
+                writer.close()
+            _warn_unmeasured(gene_names, conditions)
+            written = BackedCSR(tmp)
+            try:
+                out = anndata.AnnData(obs=obs, var=var)
+                add_gears_annotations(out, de_backend="numpy", X=written, progress=progress)
+            finally:
+                written.close()
+            if normalize:
+                out.uns["log1p"] = {"base": None}  # what scanpy's log1p records
+            with h5py.File(tmp, "a") as f:
+                f.attrs["encoding-type"] = "anndata"
+                f.attrs["encoding-version"] = "0.1.0"
+                write_elem(f, "obs", out.obs)
+                write_elem(f, "var", out.var)
+                write_elem(f, "uns", dict(out.uns))
+                for key in ("obsm", "varm", "obsp", "varp", "layers"):
+                    write_elem(f, key, {})
+    finally:
+        X.close()
+    return output

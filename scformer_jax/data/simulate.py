@@ -27,10 +27,12 @@ preset (about 90k cells x 5k genes) never holds a dense copy of X.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import anndata
@@ -38,8 +40,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from scformer_jax.data.backed import BackedCSR, CSRWriter
 from scformer_jax.data.conditions import CONTROL
 from scformer_jax.data.de import add_gears_annotations
+from scformer_jax.io import atomic_path
 
 INTERACTIONS = ("additive", "synergistic", "buffering")
 
@@ -138,7 +142,37 @@ PRESETS: dict[str, SimulationConfig] = {
         n_control_cells=7353,
         umis_per_gene=0.6,
     ),
+    # The size of Replogle et al. 2022's K562 essential screen (~310k cells x 8563 genes,
+    # 2057 single CRISPRi knock-downs, ~10.7k control cells). About a third of X is non-zero
+    # (~0.8G stored values, ~6.6 GB on disk): too large to hold comfortably as CSR on a
+    # small machine, so it is generated straight to disk and read from there.
+    "replogle_essential": SimulationConfig(
+        n_genes=8563,
+        n_pert_genes=2057,
+        n_unmeasured_pert_genes=200,
+        n_combos=0,
+        cells_per_condition=145,
+        n_control_cells=10691,
+        activation_fraction=0.0,
+        umis_per_gene=0.6,
+    ),
+    # Genome-wide-sized (Replogle 2022's K562 genome-wide screen: ~2M cells x 8248 genes,
+    # 9867 single knock-downs). Sparser than the essential preset (12% non-zero, ~2G stored
+    # values: X ~16 GB on disk, plus ~4 GB of per-condition DE tables) to fit a modest disk.
+    "genome_wide": SimulationConfig(
+        n_genes=8248,
+        n_pert_genes=9867,
+        n_unmeasured_pert_genes=1619,
+        n_combos=0,
+        cells_per_condition=195,
+        n_control_cells=75000,
+        activation_fraction=0.0,
+        umis_per_gene=0.15,
+    ),
 }
+# Presets too large to generate in memory: the built-in names write them to an .h5ad cache
+# file (simulate_to_h5ad) and load them from there.
+ON_DISK_PRESETS = ("replogle_essential", "genome_wide")
 
 
 def simulation_config(preset: str = "default", **overrides: Any) -> SimulationConfig:
@@ -193,6 +227,18 @@ def _make_network(cfg: SimulationConfig, total: int, rng: np.random.Generator) -
     weights = sign * rng.uniform(0.5, 1.1, len(targets)) / np.sqrt(in_degree[targets])
     matrix = sparse.csr_matrix((weights, (regulators, targets)), shape=(total, total))
     return _Network(matrix, regulators, targets, weights, layer)
+
+
+def _pair_of_index(index: np.ndarray, n: int) -> np.ndarray:
+    """int64 (k, 2): the pairs (i, j), i < j < n, at positions `index` of their
+    lexicographic order (without listing all n(n-1)/2 pairs)."""
+    index = np.asarray(index, np.int64)
+    # Pairs before row i: i * n - i * (i + 1) / 2.
+    rows = np.arange(n, dtype=np.int64)
+    first = rows * n - rows * (rows + 1) // 2
+    i = np.searchsorted(first, index, side="right") - 1
+    j = index - first[i] + i + 1
+    return np.stack([i, j], axis=1).reshape(-1, 2)
 
 
 def _gene_names(total: int) -> np.ndarray:
@@ -313,29 +359,36 @@ def _simulate_chunk(
     return _to_csr_rows(values)
 
 
-def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> anndata.AnnData:
-    """Generates the simulated Perturb-seq dataset as a GEARS-format AnnData.
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything about a simulated experiment except the cells' expression."""
 
-    Args:
-      config: a :class:`SimulationConfig` or a preset name (``"tiny"``, ``"default"``,
-        ``"norman"``).
-      seed: the whole dataset is a function of (config, seed).
+    cfg: SimulationConfig
+    seed: int
+    tables: _ChunkTables
+    cell_condition: np.ndarray  # int (cells,): row of the tables
+    condition_strings: list[str]
+    names: np.ndarray  # all gene names, measured and unmeasured
+    network: _Network
+    pert_genes: np.ndarray
+    activated: np.ndarray
+    unmeasured: np.ndarray
+    n_singles: int
+    interaction: np.ndarray
+    chunk: int  # cells per generated chunk
 
-    Returns:
-      AnnData: X CSR float32 (cells, n_genes) log1p-normalised; obs 'condition',
-      'cell_type', 'condition_name', 'dose_val', 'control'; var 'gene_name'; uns with
-      GEARS's DE entries and ``uns['simulation']`` (config, network edges, perturbation modes,
-      interaction type of each double).
-    """
-    cfg = simulation_config(config) if isinstance(config, str) else config
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    @property
+    def n_cells(self) -> int:
+        return len(self.cell_condition)
+
+
+def _plan(cfg: SimulationConfig, seed: int) -> _Plan:
+    """Draws the network, the perturbations and each cell's condition (not the cells)."""
     rng = np.random.default_rng(int(seed))
     total = cfg.n_genes + cfg.n_unmeasured_pert_genes
     names = _gene_names(total)
     network = _make_network(cfg, total, rng)
     baseline = rng.normal(0.0, cfg.baseline_sd, total)
-
     # Perturbed genes: regulators first (their effects propagate), preferring big hubs.
     out_degree = np.bincount(network.regulators, minlength=total)
     propensity = np.sqrt(out_degree) + 0.1 * (out_degree == 0)
@@ -350,11 +403,10 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
 
     # Conditions: singles of every perturbed gene, doubles among pairs of them.
     singles = [(int(g),) for g in pert_genes]
-    pairs = np.array(
-        [(i, j) for i in range(cfg.n_pert_genes) for j in range(i + 1, cfg.n_pert_genes)],
-        dtype=np.int64,
-    ).reshape(-1, 2)
-    chosen = pairs[np.sort(rng.choice(len(pairs), cfg.n_combos, replace=False))]
+    n_pairs = cfg.n_pert_genes * (cfg.n_pert_genes - 1) // 2
+    chosen = _pair_of_index(
+        np.sort(rng.choice(n_pairs, cfg.n_combos, replace=False)), cfg.n_pert_genes
+    )
     combos = [
         tuple(sorted((int(pert_genes[i]), int(pert_genes[j])), key=lambda g: names[g]))
         for i, j in chosen
@@ -378,7 +430,6 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
     ).astype(np.int64)
     sizes = np.concatenate([[cfg.n_control_cells], sizes])
     cell_condition = rng.permutation(np.repeat(np.arange(len(perturbations)), sizes))
-    n_cells = len(cell_condition)
 
     # Per-condition perturbation shifts and interaction gains, as dense small tables.
     pert_table = np.full((len(perturbations), 2), -1, np.int64)
@@ -403,18 +454,109 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
     # The chunk size and each chunk's random stream depend only on (config, seed), so the
     # result is the same whatever the number of worker threads.
     chunk = int(max(256, min(16384, 4_000_000 // total)))
-    starts = range(0, n_cells, chunk)
-    work = [
-        (np.random.default_rng([int(seed), 1, i]), cell_condition[s : s + chunk])
+    return _Plan(
+        cfg=cfg,
+        seed=int(seed),
+        tables=tables,
+        cell_condition=cell_condition,
+        condition_strings=condition_strings,
+        names=names,
+        network=network,
+        pert_genes=pert_genes,
+        activated=activated,
+        unmeasured=unmeasured,
+        n_singles=len(singles),
+        interaction=interaction,
+        chunk=chunk,
+    )
+
+
+def _blocks(plan: _Plan, workers: int | None = None):
+    """Yields the cells' expression chunk by chunk, in order, as CSR pieces.
+
+    The chunk size and each chunk's random stream depend only on (config, seed), so the
+    result is the same whatever the number of worker threads. At most ``2 * workers`` chunks
+    are in flight, so memory stays bounded however many cells there are.
+    """
+    starts = range(0, plan.n_cells, plan.chunk)
+    work = (
+        (np.random.default_rng([plan.seed, 1, i]), plan.cell_condition[s : s + plan.chunk])
         for i, s in enumerate(starts)
-    ]
-    workers = max(1, min(len(work), os.cpu_count() or 1, 4))
-    if workers > 1:
-        # numpy's samplers, ufuncs and scipy's sparse products release the GIL.
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            blocks = list(pool.map(lambda w: _simulate_chunk(cfg, tables, *w), work))
-    else:
-        blocks = [_simulate_chunk(cfg, tables, *w) for w in work]
+    )
+    if workers is None:
+        workers = max(1, min(len(starts), os.cpu_count() or 1, 4))
+    if workers <= 1:
+        for w in work:
+            yield _simulate_chunk(plan.cfg, plan.tables, *w)
+        return
+    # numpy's samplers, ufuncs and scipy's sparse products release the GIL.
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for w in work:
+            pending.append(pool.submit(_simulate_chunk, plan.cfg, plan.tables, *w))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _frames(plan: _Plan) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """obs ('condition', 'cell_type') and var ('gene_name') of the simulated dataset."""
+    n_cells = plan.n_cells
+    obs = pd.DataFrame(
+        {
+            "condition": np.asarray(plan.condition_strings, dtype=object)[plan.cell_condition],
+            "cell_type": plan.cfg.cell_type,
+        },
+        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
+    )
+    keep = plan.tables.keep
+    names = plan.names
+    var = pd.DataFrame({"gene_name": names[keep]}, index=pd.Index(names[keep].astype(str)))
+    return obs, var
+
+
+def _truth(plan: _Plan) -> dict[str, Any]:
+    """``uns['simulation']``: the config, the network and the perturbations' modes."""
+    names, network = plan.names, plan.network
+    return {
+        "config": json.dumps(dataclasses.asdict(plan.cfg)),
+        "seed": int(plan.seed),
+        "edge_regulator": names[network.regulators].astype(str),
+        "edge_target": names[network.targets].astype(str),
+        "edge_weight": network.edge_weights.astype(np.float32),
+        "perturbed_genes": names[plan.pert_genes].astype(str),
+        "perturbation_mode": np.where(plan.activated, "activation", "knockdown").astype(str),
+        "unmeasured_genes": names[plan.unmeasured].astype(str),
+        "combo_conditions": np.asarray(plan.condition_strings[1 + plan.n_singles :], dtype=str),
+        "combo_interactions": np.asarray([INTERACTIONS[i] for i in plan.interaction], dtype=str),
+    }
+
+
+def _checked_config(config: SimulationConfig | str, seed) -> SimulationConfig:
+    cfg = simulation_config(config) if isinstance(config, str) else config
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    return cfg
+
+
+def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> anndata.AnnData:
+    """Generates the simulated Perturb-seq dataset as a GEARS-format AnnData in memory.
+
+    Args:
+      config: a :class:`SimulationConfig` or a preset name (``"tiny"``, ``"default"``,
+        ``"norman"``, ...).
+      seed: the whole dataset is a function of (config, seed).
+
+    Returns:
+      AnnData: X CSR float32 (cells, n_genes) log1p-normalised; obs 'condition',
+      'cell_type', 'condition_name', 'dose_val', 'control'; var 'gene_name'; uns with
+      GEARS's DE entries and ``uns['simulation']`` (config, network edges, perturbation modes,
+      interaction type of each double).
+    """
+    cfg = _checked_config(config, seed)
+    plan = _plan(cfg, int(seed))
+    blocks = list(_blocks(plan))
     indptr = np.concatenate([[0], np.cumsum(np.concatenate([b[2] for b in blocks]))])
     index_dtype = np.int32 if indptr[-1] < np.iinfo(np.int32).max else np.int64
     X = sparse.csr_matrix(
@@ -423,34 +565,79 @@ def simulate(config: SimulationConfig | str = "default", seed: int = 0) -> annda
             np.concatenate([b[1] for b in blocks]).astype(index_dtype, copy=False),
             indptr.astype(index_dtype),
         ),
-        shape=(n_cells, len(tables.keep)),
+        shape=(plan.n_cells, len(plan.tables.keep)),
     )
     del blocks
-
-    obs = pd.DataFrame(
-        {
-            "condition": np.asarray(condition_strings, dtype=object)[cell_condition],
-            "cell_type": cfg.cell_type,
-        },
-        index=pd.Index([f"cell{i}" for i in range(n_cells)]),
-    )
-    keep = tables.keep
-    var = pd.DataFrame({"gene_name": names[keep]}, index=pd.Index(names[keep].astype(str)))
+    obs, var = _frames(plan)
     adata = anndata.AnnData(X=X, obs=obs, var=var)
     add_gears_annotations(adata, de_backend="numpy")
-    adata.uns["simulation"] = {
-        "config": json.dumps(dataclasses.asdict(cfg)),
-        "seed": int(seed),
-        "edge_regulator": names[network.regulators].astype(str),
-        "edge_target": names[network.targets].astype(str),
-        "edge_weight": network.edge_weights.astype(np.float32),
-        "perturbed_genes": names[pert_genes].astype(str),
-        "perturbation_mode": np.where(activated, "activation", "knockdown").astype(str),
-        "unmeasured_genes": names[unmeasured].astype(str),
-        "combo_conditions": np.asarray(condition_strings[1 + len(singles) :], dtype=str),
-        "combo_interactions": np.asarray([INTERACTIONS[i] for i in interaction], dtype=str),
-    }
+    adata.uns["simulation"] = _truth(plan)
     return adata
+
+
+def simulate_to_h5ad(
+    config: SimulationConfig | str,
+    path: str | os.PathLike,
+    seed: int = 0,
+    *,
+    progress: bool = False,
+    workers: int | None = None,
+) -> Path:
+    """Generates the simulated dataset straight into an ``.h5ad`` file, chunk by chunk.
+
+    The same dataset as :func:`simulate` (same X, obs, var and uns), but X never sits in
+    memory: chunks of cells are appended to the file's CSR arrays as they are generated and
+    the DE statistics are then computed in one chunked pass over the file. Memory stays at a
+    few chunks plus the per-condition statistics (conditions x genes, float64). The file is
+    written under a temporary name and renamed when complete.
+
+    Args:
+      config: a :class:`SimulationConfig` or a preset name.
+      path: the ``.h5ad`` file to write.
+      seed: the whole dataset is a function of (config, seed).
+      progress: show progress bars on stderr.
+      workers: generating threads (None: up to 4, at most the CPU count).
+
+    Returns:
+      The path written.
+    """
+    import h5py
+    from anndata.io import write_elem
+    from tqdm import tqdm
+
+    cfg = _checked_config(config, seed)
+    plan = _plan(cfg, int(seed))
+    obs, var = _frames(plan)
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        with h5py.File(tmp, "w") as f:
+            writer = CSRWriter(f, len(plan.tables.keep))
+            blocks = _blocks(plan, workers)
+            if progress:
+                blocks = tqdm(
+                    blocks,
+                    desc="simulate cells",
+                    total=-(-plan.n_cells // plan.chunk),
+                    unit="chunk",
+                )
+            for data, indices, lengths in blocks:
+                writer.append(data, indices, lengths)
+            writer.close()
+        X = BackedCSR(tmp)
+        try:
+            meta = anndata.AnnData(obs=obs, var=var)
+            add_gears_annotations(meta, de_backend="numpy", X=X, progress=progress)
+        finally:
+            X.close()
+        meta.uns["simulation"] = _truth(plan)
+        with h5py.File(tmp, "a") as f:
+            f.attrs["encoding-type"] = "anndata"
+            f.attrs["encoding-version"] = "0.1.0"
+            write_elem(f, "obs", meta.obs)
+            write_elem(f, "var", meta.var)
+            write_elem(f, "uns", dict(meta.uns))
+            for key in ("obsm", "varm", "obsp", "varp", "layers"):
+                write_elem(f, key, {})
+    return Path(path)
 
 
 def simulation_truth(adata: anndata.AnnData) -> dict[str, Any]:
