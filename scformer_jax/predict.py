@@ -163,21 +163,29 @@ class Predictor:
             condition, self.dataset.n_genes
         )
 
-    def prior_part(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
+    def prior_part(
+        self,
+        condition: str,
+        control_cells: np.ndarray,
+        network_cells: np.ndarray | None = None,
+    ) -> np.ndarray:
         """(n, n_genes) what the priors add to the network's output for `condition` on each
         control cell: the co-expression prior (``model.coexpression_prior``) and, for
         multi-gene conditions, the additive prior (``model.additive_prior``) or the
         correction by the model's errors on the measured singles
-        (``model.seen_single_correction``); zeros without any."""
+        (``model.seen_single_correction``); zeros without any. With ``model.unseen_single:
+        prior``, for a single of a measured gene without a training single: its prediction
+        minus the network's output, which `network_cells` ((n, n_genes), e.g. from a
+        validation pass) gives when the caller has it, else computed here."""
         n_genes = self.dataset.n_genes
         out = np.zeros((len(control_cells), n_genes), np.float32)
         if self.prior is None:
             return out
         if self._unseen_single_gene(condition) is not None:
             # In place of the network's output (model.unseen_single: prior).
-            return self._unseen_single_cells(condition, control_cells) - self._model_cells(
-                condition, control_cells
-            )
+            if network_cells is None:
+                network_cells = self._model_cells(condition, control_cells)
+            return self._unseen_single_cells(condition, control_cells) - network_cells
         out += self.prior.effect_offset(condition, n_genes)
         if len(condition_genes(condition)) < 2:
             return out

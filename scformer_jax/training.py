@@ -307,7 +307,7 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
             conds = np.asarray(host.conditions[: host.n_real])
             for cond in set(conds.tolist()):
                 rows = np.flatnonzero(conds == cond)
-                full[rows] += predictor.prior_part(cond, host.control_indices[rows])
+                full[rows] += predictor.prior_part(cond, host.control_indices[rows], full[rows])
         for row in range(host.n_real):
             cond = host.conditions[row]
             pred_sum[cond] = pred_sum.get(cond, 0.0) + full[row]

@@ -449,12 +449,13 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
     )
     np.testing.assert_allclose(chosen.predict_cells(single, controls), expected, atol=1e-5)
     assert not np.allclose(expected, network.predict_cells(single, controls), atol=1e-3)
-    # Validation adds prior_part to the network's output: the same prediction.
-    np.testing.assert_allclose(
-        chosen._model_cells(single, controls) + chosen.prior_part(single, controls),
-        expected,
-        atol=1e-5,
-    )
+    # Validation adds prior_part to the network's output (given, or computed): the same
+    # prediction.
+    network_cells = chosen._model_cells(single, controls)
+    for given in (None, network_cells):
+        np.testing.assert_allclose(
+            network_cells + chosen.prior_part(single, controls, given), expected, atol=1e-5
+        )
     # Measured singles, doubles (also with an unseen gene) and the control are unchanged.
     for condition in (f"{seen[0]}+ctrl", f"{seen[0]}+{unseen}", f"{seen[0]}+{seen[1]}", "ctrl"):
         np.testing.assert_allclose(
