@@ -215,3 +215,19 @@ class CSRWriter:
         self.group.attrs["encoding-version"] = "0.1.0"
         self.group.attrs["shape"] = np.array([len(lengths), self.n_genes], np.int64)
         return len(lengths)
+
+
+def write_metadata(path: str | os.PathLike, adata) -> None:
+    """Completes an ``.h5ad`` whose ``X`` was written by :class:`CSRWriter`: the AnnData
+    encoding attributes, `adata`'s ``obs``, ``var`` and ``uns``, and empty ``obsm``,
+    ``varm``, ``obsp``, ``varp`` and ``layers``, so that ``anndata.read_h5ad`` reads it."""
+    from anndata.io import write_elem
+
+    with h5py.File(path, "a") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        write_elem(f, "obs", adata.obs)
+        write_elem(f, "var", adata.var)
+        write_elem(f, "uns", dict(adata.uns))
+        for key in ("obsm", "varm", "obsp", "varp", "layers"):
+            write_elem(f, key, {})

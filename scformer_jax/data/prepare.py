@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from scformer_jax.data.backed import BackedCSR, CSRWriter
+from scformer_jax.data.backed import BackedCSR, CSRWriter, write_metadata
 from scformer_jax.data.conditions import CONTROL, DataFormatError, parse_condition
 from scformer_jax.data.de import add_gears_annotations
 from scformer_jax.data.gears_io import (
@@ -331,7 +331,7 @@ def prepare_h5ad(
     """
     import h5py
     import scanpy as sc
-    from anndata.io import read_elem, write_elem
+    from anndata.io import read_elem
     from tqdm import tqdm
 
     source, output = Path(source), Path(output)
@@ -393,14 +393,7 @@ def prepare_h5ad(
                 written.close()
             if normalize:
                 out.uns["log1p"] = {"base": None}  # what scanpy's log1p records
-            with h5py.File(tmp, "a") as f:
-                f.attrs["encoding-type"] = "anndata"
-                f.attrs["encoding-version"] = "0.1.0"
-                write_elem(f, "obs", out.obs)
-                write_elem(f, "var", out.var)
-                write_elem(f, "uns", dict(out.uns))
-                for key in ("obsm", "varm", "obsp", "varp", "layers"):
-                    write_elem(f, key, {})
+            write_metadata(tmp, out)
     finally:
         X.close()
     return output

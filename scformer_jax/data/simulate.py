@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from scformer_jax.data.backed import BackedCSR, CSRWriter
+from scformer_jax.data.backed import BackedCSR, CSRWriter, write_metadata
 from scformer_jax.data.conditions import CONTROL
 from scformer_jax.data.de import add_gears_annotations
 from scformer_jax.io import atomic_path
@@ -602,7 +602,6 @@ def simulate_to_h5ad(
       The path written.
     """
     import h5py
-    from anndata.io import write_elem
     from tqdm import tqdm
 
     cfg = _checked_config(config, seed)
@@ -629,14 +628,7 @@ def simulate_to_h5ad(
         finally:
             X.close()
         meta.uns["simulation"] = _truth(plan)
-        with h5py.File(tmp, "a") as f:
-            f.attrs["encoding-type"] = "anndata"
-            f.attrs["encoding-version"] = "0.1.0"
-            write_elem(f, "obs", meta.obs)
-            write_elem(f, "var", meta.var)
-            write_elem(f, "uns", dict(meta.uns))
-            for key in ("obsm", "varm", "obsp", "varp", "layers"):
-                write_elem(f, key, {})
+        write_metadata(tmp, meta)
     return Path(path)
 
 
