@@ -72,6 +72,7 @@ WIN_METRICS = ("pearson_delta", "pearson_de_delta")
 # ablation runs.
 ABLATIONS = {
     "unseen_single network": ["model.unseen_single=network"],
+    "no control_anchor": ["model.control_anchor=false"],
     "no coexpression_prior": ["model.coexpression_prior=false", "model.unseen_single=network"],
     "no seen_single_correction": ["model.seen_single_correction=false"],
     "additive_prior instead of seen_single_correction": [

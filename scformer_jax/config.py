@@ -143,6 +143,13 @@ class ModelConfig:
     # coexpression_prior). Validation, eval and predict apply it; training is unchanged
     # (scformer_jax.predict).
     unseen_single: str = "network"
+    # Predictions set on the control mean: every network output in a prediction counts as
+    # its change over the network's own prediction of the same control cells unperturbed
+    # (one more network pass per condition). Takes out of the mean profile the network's
+    # drift (what it predicts for a control cell with no flag set) and the noise of the few
+    # control cells paired with a condition; each cell keeps its own variation. Validation,
+    # eval and predict apply it; training is unchanged (scformer_jax.predict).
+    control_anchor: bool = False
     # How the parameters start: "flax" (the modules' initialisers: Flax's lecun_normal for
     # most dense kernels, zero classifier and MVC biases, layers drawn independently) or
     # "torch" (the distributions the PyTorch original starts from: nn.Linear's

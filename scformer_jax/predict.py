@@ -138,10 +138,12 @@ class Predictor:
         """(n, n_genes) predicted profiles of `control_cells` under `condition`."""
         if self._unseen_single_gene(condition) is not None:
             # The network's output for the condition itself is not used: skip computing it.
-            return self._unseen_single_cells(condition, control_cells)
-        return self._model_cells(condition, control_cells) + self.prior_part(
-            condition, control_cells
-        )
+            unperturbed = self._model_cells(CONTROL, control_cells)
+            return self._unseen_single_cells(
+                condition, control_cells, unperturbed
+            ) + self._control_anchor(condition, control_cells, unperturbed)
+        network_cells = self._model_cells(condition, control_cells)
+        return network_cells + self.prior_part(condition, control_cells, network_cells)
 
     def _unseen_single_gene(self, condition: str) -> str | None:
         """The gene of a single perturbation predicted from the co-expression prior instead of
@@ -156,12 +158,58 @@ class Predictor:
             return None  # no co-expression prior for it: the network predicts it
         return genes[0]
 
-    def _unseen_single_cells(self, condition: str, control_cells: np.ndarray) -> np.ndarray:
+    def _unseen_single_cells(
+        self,
+        condition: str,
+        control_cells: np.ndarray,
+        unperturbed: np.ndarray | None = None,
+    ) -> np.ndarray:
         """``model.unseen_single: prior``: the model's prediction of each control cell
-        unperturbed plus the condition's co-expression prior."""
-        return self._model_cells(CONTROL, control_cells) + self.prior.effect_offset(
-            condition, self.dataset.n_genes
-        )
+        unperturbed (`unperturbed` when the caller has it) plus the condition's
+        co-expression prior."""
+        if unperturbed is None:
+            unperturbed = self._model_cells(CONTROL, control_cells)
+        return unperturbed + self.prior.effect_offset(condition, self.dataset.n_genes)
+
+    def _network_outputs(self, condition: str) -> int:
+        """How many times the network's output enters the prediction of `condition`, with
+        its sign: once for the condition itself (for an unseen single under
+        ``model.unseen_single: prior``: the unperturbed prediction in its place), minus once
+        per measured single of a double under ``model.seen_single_correction``, plus once per
+        unmeasured single of a double under ``model.additive_prior``."""
+        if self._unseen_single_gene(condition) is not None or self.prior is None:
+            return 1
+        genes = condition_genes(condition)
+        if len(genes) < 2:
+            return 1
+        if self.model_config.seen_single_correction:
+            return 1 - sum(gene in self.prior.changes for gene in genes)
+        if self.model_config.additive_prior:
+            return 1 + sum(gene not in self.prior.changes for gene in genes)
+        return 1
+
+    def _control_anchor(
+        self,
+        condition: str,
+        control_cells: np.ndarray,
+        unperturbed: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """float32 (n_genes,) ``model.control_anchor``: what sets the prediction on the
+        control mean, ``-k * (mean of the network's unperturbed prediction of control_cells
+        - control mean)`` with k from :meth:`_network_outputs`; every network output then
+        counts as its change over the network's own prediction of the same cells
+        unperturbed. `unperturbed`: that prediction, when the caller has it. Zeros when the
+        option is off."""
+        n_genes = self.dataset.n_genes
+        if not self.model_config.control_anchor or len(control_cells) == 0:
+            return np.zeros(n_genes, np.float32)
+        k = self._network_outputs(condition)
+        if k == 0:
+            return np.zeros(n_genes, np.float32)
+        if unperturbed is None:
+            unperturbed = self._model_cells(CONTROL, control_cells)
+        drift = unperturbed.mean(axis=0, dtype=np.float64) - self.dataset.control_mean
+        return (-k * drift).astype(np.float32)
 
     def prior_part(
         self,
@@ -173,19 +221,27 @@ class Predictor:
         control cell: the co-expression prior (``model.coexpression_prior``) and, for
         multi-gene conditions, the additive prior (``model.additive_prior``) or the
         correction by the model's errors on the measured singles
-        (``model.seen_single_correction``); zeros without any. With ``model.unseen_single:
-        prior``, for a single of a measured gene without a training single: its prediction
-        minus the network's output, which `network_cells` ((n, n_genes), e.g. from a
-        validation pass) gives when the caller has it, else computed here."""
+        (``model.seen_single_correction``), and the control anchor
+        (``model.control_anchor``); zeros without any. With ``model.unseen_single: prior``,
+        for a single of a measured gene without a training single: its prediction minus the
+        network's output, which `network_cells` ((n, n_genes), e.g. from a validation pass)
+        gives when the caller has it, else computed here."""
         n_genes = self.dataset.n_genes
-        out = np.zeros((len(control_cells), n_genes), np.float32)
-        if self.prior is None:
-            return out
         if self._unseen_single_gene(condition) is not None:
             # In place of the network's output (model.unseen_single: prior).
             if network_cells is None:
                 network_cells = self._model_cells(condition, control_cells)
-            return self._unseen_single_cells(condition, control_cells) - network_cells
+            unperturbed = self._model_cells(CONTROL, control_cells)
+            return (
+                self._unseen_single_cells(condition, control_cells, unperturbed)
+                + self._control_anchor(condition, control_cells, unperturbed)
+                - network_cells
+            )
+        out = np.zeros((len(control_cells), n_genes), np.float32)
+        unperturbed = network_cells if condition == CONTROL else None
+        out += self._control_anchor(condition, control_cells, unperturbed)
+        if self.prior is None:
+            return out
         out += self.prior.effect_offset(condition, n_genes)
         if len(condition_genes(condition)) < 2:
             return out

@@ -283,7 +283,8 @@ def validate(p_eval, params_repl, loader, dataset, *, max_batches: int = 0, pred
     are not input tokens of a cell keep its control value, and the truth is the whole cell.
 
     ``predictor``: a :class:`~scformer_jax.predict.Predictor` holding the priors
-    (``model.coexpression_prior``, ``model.additive_prior``, ``model.seen_single_correction``);
+    (``model.coexpression_prior``, ``model.additive_prior``, ``model.seen_single_correction``)
+    and the control anchor (``model.control_anchor``);
     its :meth:`prior_part` is added to the model's output, as in prediction. The loss scores
     the model's own output (with the co-expression or additive prior: the change beyond
     them)."""
@@ -460,8 +461,8 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
 
     model = TransformerGenerator(model_config)
     prior_predictor = None
-    if prior is not None:
-        # Validation composes the priors with the model's output as eval does.
+    if prior is not None or model_config.control_anchor:
+        # Validation composes the priors and the anchor with the model's output as eval does.
         prior_predictor = Predictor(
             model_config,
             state.params,

@@ -274,7 +274,7 @@ def test_seen_single_correction_adds_the_models_errors_on_measured_singles(data_
         load_config(None, ["model.additive_prior=true", "model.seen_single_correction=true"])
 
 
-def test_seen_single_correction_changes_validation_and_eval_not_training(tmp_path):
+def test_seen_single_correction_and_anchor_change_validation_and_eval_not_training(tmp_path):
     import json
 
     import eval as eval_cli
@@ -317,6 +317,17 @@ def test_seen_single_correction_changes_validation_and_eval_not_training(tmp_pat
     assert corrected["val_pearson_delta"] != plain["val_pearson_delta"]
     assert load_predictor(str(corrected_dir)).prior is not None
     assert load_predictor(str(plain_dir)).prior is None
+    # So does the control anchor, alone (no prior): same training, another val metric.
+    _, unanchored = run(
+        "unanchored",
+        "model.coexpression_prior=false",
+        "model.unseen_single=network",
+        "model.seen_single_correction=false",
+        "model.control_anchor=false",
+    )
+    assert unanchored["train_mse"] == plain["train_mse"]
+    assert unanchored["val_mse"] == plain["val_mse"]
+    assert unanchored["val_pearson_delta"] != plain["val_pearson_delta"]
     metrics = {}
     for name, workdir in (("plain", plain_dir), ("corrected", corrected_dir)):
         assert eval_cli.main(["--workdir", str(workdir)]) == 0
@@ -467,6 +478,80 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
         load_config(None, ["model.coexpression_prior=false", "model.unseen_single=prior"])
     with pytest.raises(ConfigError, match="unseen_single"):
         load_config(None, ["model.unseen_single=guess"])
+
+
+def test_control_anchor_sets_each_prediction_on_the_control_mean(data_tiny):
+    from scformer_jax.predict import Predictor
+    from scformer_jax.prior import prior_for
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(
+        data_tiny,
+        coexpression_prior=True,
+        seen_single_correction=True,
+        unseen_single="prior",
+        output_baseline="control_input",
+    )
+    prior = prior_for(config, data_tiny, split["train"])
+    params = init_params(config, jax.random.PRNGKey(0))
+    plain = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
+    anchored = Predictor(
+        dataclasses.replace(config, control_anchor=True),
+        params,
+        data_tiny,
+        batch_size=8,
+        prior=prior,
+    )
+    controls = data_tiny.control_cells[:6]
+    ctrl_mean = np.asarray(data_tiny.control_mean, np.float64)
+    # The network's drift on these cells: its unperturbed prediction's mean minus the
+    # control mean (not zero for an untrained network).
+    drift = plain.predict_cells("ctrl", controls).mean(0) - ctrl_mean
+    assert np.abs(drift).max() > 1e-3
+    names = list(data_tiny.gene_names)
+    seen = sorted(prior.changes)
+    unseen = next(
+        g
+        for c in split["test"]
+        for g in data_tiny.condition_genes[c]
+        if g not in prior.changes and g in names
+    )
+    # Network outputs in each prediction, with their sign: the condition's own, minus one
+    # per measured single that corrects a double.
+    cases = {
+        "ctrl": 1,
+        f"{seen[0]}+ctrl": 1,
+        f"{unseen}+ctrl": 1,
+        f"{seen[0]}+{unseen}": 0,
+        f"{seen[0]}+{seen[1]}": -1,
+    }
+    for condition, k in cases.items():
+        got = anchored.predict_cells(condition, controls)
+        want = plain.predict_cells(condition, controls) - k * drift
+        np.testing.assert_allclose(got, want, atol=1e-4, err_msg=condition)
+        # Validation adds prior_part to the network's output: the same prediction.
+        network_cells = anchored._model_cells(condition, controls)
+        np.testing.assert_allclose(
+            network_cells + anchored.prior_part(condition, controls, network_cells),
+            got,
+            atol=1e-4,
+            err_msg=condition,
+        )
+    # The control itself predicts the control mean on average, and an unseen single the
+    # control mean plus its co-expression prior; each cell keeps its own variation.
+    ctrl_cells = anchored.predict_cells("ctrl", controls)
+    np.testing.assert_allclose(ctrl_cells.mean(0), ctrl_mean, atol=1e-4)
+    assert np.ptp(ctrl_cells, axis=0).max() > 1e-2
+    np.testing.assert_allclose(
+        anchored.predict_cells(f"{unseen}+ctrl", controls).mean(0),
+        ctrl_mean + prior.effect_offset(f"{unseen}+ctrl", data_tiny.n_genes),
+        atol=1e-4,
+    )
+    # Without any prior the anchor applies alone.
+    bare = _tiny_model_config(data_tiny, output_baseline="control_input", control_anchor=True)
+    alone = Predictor(bare, params, data_tiny, batch_size=8)
+    assert alone.prior is None
+    np.testing.assert_allclose(alone.predict_cells("ctrl", controls).mean(0), ctrl_mean, atol=1e-4)
 
 
 def test_randomized_components_match_the_exact_ones():
