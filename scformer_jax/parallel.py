@@ -137,9 +137,68 @@ def prefetch(iterator, size: int = 2):
         yield queue.popleft()
 
 
-def shard_batch(batch: PerturbBatch) -> PerturbBatch:
-    """A global host batch -> this process's rows, split over the local devices."""
-    return shard(process_rows(batch))
+def shard_batch(batch: PerturbBatch, *, local: bool = False) -> PerturbBatch:
+    """A global host batch -> this process's rows, split over the local devices.
+
+    `local`: the batch already holds only this process's rows (a loader with a
+    :class:`~scformer_jax.data.batching.ProcessShare`)."""
+    return shard(batch if local else process_rows(batch))
+
+
+class HostExchange:
+    """A host-side all-gather of small NumPy arrays between the processes of a run, through
+    the coordination service's key-value store (no device collective, so a loader thread
+    may call it while the devices run a step).
+
+    Every process must call it the same number of times in the same order; call ``k``
+    writes this process's array under a key of its own and waits (up to `timeout_s`) for the
+    others'. Keys older than `keep` calls are deleted.
+    """
+
+    def __init__(self, *, timeout_s: float = 600.0, keep: int = 64, prefix: str = "scformer_jax"):
+        from jax._src import distributed
+
+        self._client = distributed.global_state.client
+        if self._client is None:
+            raise RuntimeError(
+                "HostExchange needs jax.distributed.initialize(...) (train.py's "
+                "--coordinator-address/--num-processes/--process-id) to have run."
+            )
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self._timeout_ms = int(timeout_s * 1000)
+        self._keep = keep
+        self._prefix = prefix
+        self._calls = 0
+
+    def _key(self, call: int, process: int) -> str:
+        return f"{self._prefix}/exchange/{call}/{process}"
+
+    def __call__(self, local: np.ndarray) -> list[np.ndarray]:
+        local = np.ascontiguousarray(local)
+        call, self._calls = self._calls, self._calls + 1
+        self._client.key_value_set_bytes(self._key(call, self.index), local.tobytes())
+        out = []
+        for process in range(self.count):
+            raw = self._client.blocking_key_value_get_bytes(
+                self._key(call, process), self._timeout_ms
+            )
+            out.append(np.frombuffer(raw, dtype=local.dtype).reshape(local.shape))
+        if call >= self._keep:
+            # Every process has written call - keep long ago, and read it before writing
+            # anything later: its own key can go.
+            self._client.key_value_delete(self._key(call - self._keep, self.index))
+        return out
+
+
+def process_share():
+    """This process's :class:`~scformer_jax.data.batching.ProcessShare` of every training
+    batch when several processes run, else None."""
+    if jax.process_count() == 1:
+        return None
+    from scformer_jax.data.batching import ProcessShare
+
+    exchange = HostExchange()
+    return ProcessShare(index=exchange.index, count=exchange.count, exchange=exchange)
 
 
 def replicate(tree: Any) -> Any:

@@ -252,7 +252,16 @@ def model_config_for(config: Config, dataset) -> ModelConfig:
     )
 
 
-def _loader(dataset, conditions, config: Config, *, train: bool, batch_size: int, prior=None):
+def _loader(
+    dataset,
+    conditions,
+    config: Config,
+    *,
+    train: bool,
+    batch_size: int,
+    prior=None,
+    share=None,
+):
     seed = config.data.seed if config.data.seed is not None else config.train.seed
     # Evaluation scores every gene of a cell, as the original's pred_perturb: no sampling.
     max_len = config.data.max_seq_len if train else None
@@ -274,6 +283,7 @@ def _loader(dataset, conditions, config: Config, *, train: bool, batch_size: int
         target_offsets=None
         if prior is None or not (config.model.additive_prior or config.model.coexpression_prior)
         else prior.offsets(conditions, dataset.n_genes, additive=config.model.additive_prior),
+        share=share,
     )
 
 
@@ -399,8 +409,16 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     per_device = parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
     prior = prior_for(model_config, dataset, split["train"])
+    # With several processes each assembles (and reads the cells of) only its share of a
+    # training batch; validation gathers every prediction, so each process builds it whole.
     train_loader = _loader(
-        dataset, split["train"], config, train=True, batch_size=config.train.batch_size, prior=prior
+        dataset,
+        split["train"],
+        config,
+        train=True,
+        batch_size=config.train.batch_size,
+        prior=prior,
+        share=parallel.process_share(),
     )
     val_loader = _loader(
         dataset,
@@ -487,6 +505,12 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
             f"{n_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "
             f"({jax.default_backend()}), {per_device} cells per device per step"
         )
+        if train_loader.share is not None:
+            print(
+                f"{train_loader.share.count} processes: each assembles (and reads the cells "
+                f"of) its {config.train.batch_size // train_loader.share.count} rows of every "
+                "training batch"
+            )
 
     total_steps = int(state.step)
     stopped_early = False
@@ -497,7 +521,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
             t_epoch = time.time()
             start_batch, loop.batch_in_epoch = loop.batch_in_epoch, 0
             batches = (
-                parallel.shard_batch(h.batch)
+                parallel.shard_batch(h.batch, local=train_loader.share is not None)
                 for h in train_loader.epoch(epoch, start_batch=start_batch)
             )
             it, bar = _progress(

@@ -326,3 +326,112 @@ def test_unmeasured_perturbed_gene_tokens_have_no_target(data_tiny_unmeasured):
     assert np.all(batch.loss_mask[extra] == 0)
     measured = (host.gene_index >= 0)[: host.n_real]
     assert np.all(batch.loss_mask[: host.n_real][measured] == 1)
+
+
+def _threaded_shares(loader_kwargs, data, count, epoch=0):
+    """Each of `count` threads plays one process: a loader with its ProcessShare, exchanging
+    through a barrier. Returns per process (batches, cells read)."""
+    import threading
+
+    from scformer_jax.data.batching import ProcessShare
+
+    barrier = threading.Barrier(count)
+    slots: list = [None] * count
+    reads: dict[int, list] = {i: [] for i in range(count)}
+    who = threading.local()
+    dense_rows = data.dense_rows
+
+    def recording(cells):
+        reads[who.index].extend(np.asarray(cells).tolist())
+        return dense_rows(cells)
+
+    def exchange_for(index):
+        def exchange(local):
+            slots[index] = np.array(local)
+            barrier.wait()
+            out = [np.array(s) for s in slots]
+            barrier.wait()
+            return out
+
+        return exchange
+
+    results: list = [None] * count
+    errors = []
+
+    def run(index):
+        who.index = index
+        try:
+            share = ProcessShare(index=index, count=count, exchange=exchange_for(index))
+            loader = BatchLoader(data, share=share, **loader_kwargs)
+            results[index] = list(loader.epoch(epoch))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    data.dense_rows = recording
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del data.dense_rows
+    assert not errors, errors
+    return results, reads
+
+
+@pytest.mark.parametrize(
+    "mode, max_len",
+    [("batch-wise", None), ("batch-wise", 12), ("all", None), ("row-wise", 10)],
+)
+def test_process_shares_equal_the_whole_batch_and_read_only_their_cells(data_tiny, mode, max_len):
+    count, batch = 4, 8
+    train = [c for c in data_tiny.conditions if c != "ctrl"][:6] + ["ctrl"]
+    kwargs = dict(
+        conditions=train,
+        batch_size=batch,
+        include_zero_gene=mode,
+        max_seq_len=max_len,
+        seed=3,
+        frozen_pairing=False,
+    )
+    whole = list(BatchLoader(data_tiny, **kwargs).epoch(0))
+    # The last batch leaves a share without real rows.
+    assert whole[-1].n_real <= batch - batch // count
+    shares, reads = _threaded_shares(kwargs, data_tiny, count)
+    rows = batch // count
+    for p in range(count):
+        assert len(shares[p]) == len(whole)
+        mine = set()
+        for host, full in zip(shares[p], whole):
+            lo = p * rows
+            real = max(0, min(rows, full.n_real - lo))
+            assert host.n_real == real
+            for name in ("gene_ids", "control_values", "pert_flags", "target_values"):
+                got = np.asarray(getattr(host.batch, name))[:real]
+                want = np.asarray(getattr(full.batch, name))[lo : lo + real]
+                np.testing.assert_array_equal(got, want, err_msg=f"{mode} {name}")
+            assert (
+                np.asarray(host.batch.gene_ids).shape[1] == np.asarray(full.batch.gene_ids).shape[1]
+            )
+            np.testing.assert_array_equal(
+                host.cell_indices[:real], full.cell_indices[lo : lo + real]
+            )
+            weights = np.asarray(host.batch.cell_weights)
+            assert weights[:real].tolist() == [1.0] * real and not weights[real:].any()
+            mine |= set(full.cell_indices[lo : lo + real].tolist())
+            mine |= set(full.control_indices[lo : lo + real].tolist())
+            if real == 0:  # padded from the batch's first row: one pair read
+                mine |= {int(full.cell_indices[0]), int(full.control_indices[0])}
+        # Only the share's own cells are read (the whole batches read every cell).
+        assert set(reads[p]) <= mine
+        other = set().union(
+            *(
+                set(full.cell_indices[q * rows : (q + 1) * rows].tolist())
+                for full in whole
+                for q in range(count)
+                if q != p
+            )
+        ) - {-1}
+        assert len(set(reads[p])) < len(set(reads[p]) | other)

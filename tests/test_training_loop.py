@@ -169,6 +169,76 @@ def test_two_processes_equal_one_process(tmp_path):
             np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
+def test_two_train_processes_read_their_share_and_equal_one_process(tmp_path):
+    """train.py in 2 processes (1 device each; each assembles only its half of every
+    batch, the batch-wise gene set exchanged between them) takes the same steps as 1
+    process with 2 devices."""
+    import os
+
+    base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    settings = [
+        "data.include_zero_gene=batch-wise",
+        "data.max_seq_len=24",
+        "train.epochs=1",
+        "train.max_steps=6",
+        "train.log_interval=1",
+    ]
+
+    def command(workdir, *extra):
+        cmd = [sys.executable, str(ROOT / "train.py"), "--config", TINY, "--workdir", str(workdir)]
+        cmd += ["--no-progress", *extra]
+        for s in settings:
+            cmd += ["--set", s]
+        return cmd
+
+    one = subprocess.run(
+        command(tmp_path / "one"),
+        env={**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = 14000 + os.getpid() % 20000
+    procs = [
+        subprocess.Popen(
+            command(
+                tmp_path / "two",
+                "--coordinator-address",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ),
+            env={**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "each assembles (and reads the cells of) its 8 rows" in outs[0][0]
+
+    def losses(workdir):
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+        return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=1e-5, atol=1e-6)
+    pa, _ = final_params(tmp_path / "one")
+    pb, _ = final_params(tmp_path / "two")
+    for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
 def test_resume_with_another_config_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_train(run, "train.epochs=1") == 0

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +67,32 @@ class HostBatch:
     n_real: int
     cell_indices: np.ndarray
     control_indices: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessShare:
+    """This process's part of every global batch when several processes train together.
+
+    A global batch of ``count * r`` rows is split into ``count`` contiguous shares of ``r``
+    rows; process ``index`` assembles (and reads the cells of) only its own share. What the
+    rows' token choice needs from the other shares (the genes their control cells express, in
+    ``"batch-wise"`` mode; the longest row, in the row-wise modes) comes through `exchange`.
+
+    Attributes:
+      index: this process.
+      count: processes.
+      exchange: ``exchange(local)`` -> every process's `local` (same shape and dtype), in
+        process order; every process calls it the same number of times in the same order
+        (e.g. :func:`scformer_jax.parallel.host_exchange`).
+    """
+
+    index: int
+    count: int
+    exchange: Callable[[np.ndarray], list[np.ndarray]]
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"process index {self.index} is not in [0, {self.count}).")
 
 
 def pair_controls(
@@ -155,6 +181,7 @@ def assemble_batch(
     pert_pad_id: int = DEFAULT_PERT_PAD_ID,
     target_profiles: Mapping[str, np.ndarray] | None = None,
     target_offsets: Mapping[str, np.ndarray] | None = None,
+    share: ProcessShare | None = None,
 ) -> HostBatch:
     """Builds one fixed-shape batch from (target, control) cell pairs.
 
@@ -178,9 +205,13 @@ def assemble_batch(
         condition's mean: a denoised target). None: each target cell's expression.
       target_offsets: condition -> float32 (n_genes,) subtracted from the targets of that
         condition's rows (the measured part of :mod:`scformer_jax.prior`'s additive prior).
+      share: with several processes, build only this process's rows of the global batch
+        (reading only their cells); its real rows equal those rows of the whole batch.
+        None: the whole batch.
 
     Returns:
-      A :class:`HostBatch`.
+      A :class:`HostBatch` (with `share`: of the share's ``batch_size // count`` rows; a share
+      without real rows holds weight-0 copies of the global batch's first row).
     """
     if include_zero_gene not in INCLUDE_ZERO_GENE_MODES:
         raise ValueError(
@@ -206,18 +237,38 @@ def assemble_batch(
     if len(conditions) != n:
         raise ValueError(f"{len(conditions)} conditions for {n} cells.")
     rng = np.random.default_rng(0) if rng is None else rng
+    # Independent streams per row (row-wise modes), so that a row's gene sample does not
+    # depend on which other rows a process assembles.
+    row_rngs = rng.spawn(n) if include_zero_gene not in _SHARED_MODES else None
 
-    control_values = data.dense_rows(controls)  # (n, n_genes)
+    # The rows built here: all of them, or this process's share.
+    if share is None:
+        out_rows, mine = rows_total, np.arange(n)
+    else:
+        if rows_total % share.count:
+            raise ValueError(
+                f"A batch of {rows_total} rows does not split into {share.count} equal shares."
+            )
+        out_rows = rows_total // share.count
+        start = share.index * out_rows
+        mine = np.arange(start, min(start + out_rows, n))
+    m = len(mine)  # real rows built here
+    source = mine if m else np.zeros(1, np.int64)  # a share without real rows pads with row 0
+    local_conditions = [conditions[i] for i in source]
+
+    control_values = data.dense_rows(controls[source])  # (len(source), n_genes)
     if target_profiles is None:
-        target_values = data.dense_rows(targets)  # (n, n_genes)
+        target_values = data.dense_rows(targets[source])
     else:
         missing = sorted(set(conditions) - set(target_profiles))
         if missing:
             raise ValueError(f"target_profiles has no profile for condition(s) {missing[:5]}.")
-        target_values = np.stack([np.asarray(target_profiles[c], np.float32) for c in conditions])
+        target_values = np.stack(
+            [np.asarray(target_profiles[c], np.float32) for c in local_conditions]
+        )
     if target_offsets is not None:
         target_values = target_values - np.stack(
-            [np.asarray(target_offsets[c], np.float32) for c in conditions]
+            [np.asarray(target_offsets[c], np.float32) for c in local_conditions]
         )
     n_genes = data.n_genes
     pert = {}
@@ -226,32 +277,40 @@ def assemble_batch(
     row_cols = [pert[c][1][pert[c][1] >= 0] for c in conditions]
     row_extra = [pert[c][0][pert[c][1] < 0] for c in conditions]
 
-    # Per row: measured columns (sorted) and extra tokens (sorted); shared modes share them.
-    if include_zero_gene in _SHARED_MODES:
+    # Per built row: measured columns (sorted) and extra tokens (sorted); shared modes share
+    # them over the whole batch (every share computes the same).
+    shared = include_zero_gene in _SHARED_MODES
+    if shared:
         keep = np.unique(np.concatenate(row_cols)).astype(np.int64)
         extra = np.unique(np.concatenate(row_extra)).astype(np.int64)
         if include_zero_gene == "all":
             candidates = np.arange(n_genes)
         else:
-            candidates = np.flatnonzero((control_values != 0).any(axis=0))
+            expressed = (control_values[:m] != 0).any(axis=0)
+            if share is not None:
+                packed = share.exchange(np.packbits(expressed))
+                expressed = np.unpackbits(np.bitwise_or.reduce(packed), count=n_genes) > 0
+            candidates = np.flatnonzero(expressed)
         columns = _select(candidates, keep, len(extra), max_seq_len, rng, "This batch")
-        per_row = [(columns, extra)] * n
+        per_row = [(columns, extra)] * len(source)
     else:
         per_row = []
-        for i in range(n):
-            mask = control_values[i] != 0
+        for j, i in enumerate(source):
+            mask = control_values[j] != 0
             extra = np.unique(row_extra[i]).astype(np.int64)
             columns = _select(
                 np.flatnonzero(mask),
                 np.unique(row_cols[i]).astype(np.int64),
                 len(extra),
                 max_seq_len,
-                rng,
+                row_rngs[i],
                 f"Row {i} ({conditions[i]!r})",
             )
             per_row.append((columns, extra))
 
-    longest = max(len(c) + len(e) for c, e in per_row)
+    longest = max(len(c) + len(e) for c, e in per_row[: max(m, 1)])
+    if share is not None and not shared:
+        longest = int(np.max(share.exchange(np.asarray([longest if m else 0], np.int64))))
     if bucket_sizes is None:
         length = longest
     else:
@@ -263,19 +322,19 @@ def assemble_batch(
             )
         length = fitting[0]
 
-    gene_ids = np.full((rows_total, length), data.pad_token_id, np.int32)
-    gene_index = np.full((rows_total, length), -1, np.int64)
-    inputs_value = np.full((rows_total, length), pad_value, np.float32)
-    inputs_flag = np.full((rows_total, length), pert_pad_id, np.float32)
-    target = np.full((rows_total, length), pad_value, np.float32)
-    padding = np.ones((rows_total, length), bool)
+    gene_ids = np.full((out_rows, length), data.pad_token_id, np.int32)
+    gene_index = np.full((out_rows, length), -1, np.int64)
+    inputs_value = np.full((out_rows, length), pad_value, np.float32)
+    inputs_flag = np.full((out_rows, length), pert_pad_id, np.float32)
+    target = np.full((out_rows, length), pad_value, np.float32)
+    padding = np.ones((out_rows, length), bool)
     # A zero column at index n_genes stands for unmeasured genes (expression 0).
-    control_ext = np.concatenate([control_values, np.zeros((n, 1), np.float32)], axis=1)
-    target_ext = np.concatenate([target_values, np.zeros((n, 1), np.float32)], axis=1)
-    shared = include_zero_gene in _SHARED_MODES
-    for i in range(1 if shared else n):
-        columns, extra = per_row[i]
-        rows = slice(0, n) if shared else slice(i, i + 1)
+    k_src = len(source)
+    control_ext = np.concatenate([control_values, np.zeros((k_src, 1), np.float32)], axis=1)
+    target_ext = np.concatenate([target_values, np.zeros((k_src, 1), np.float32)], axis=1)
+    for j in range(1 if shared else k_src):
+        columns, extra = per_row[j]
+        rows = slice(0, k_src) if shared else slice(j, j + 1)
         k = len(columns) + len(extra)
         # Ascending token ids: measured columns (token = column) then the extra tokens.
         tokens = np.concatenate([data.gene_token_ids[columns].astype(np.int64), extra])
@@ -288,18 +347,18 @@ def assemble_batch(
         padding[rows, :k] = False
         inputs_flag[rows, :k] = 0.0
         for r in range(rows.start, rows.stop):
-            mine = pert[conditions[r]][0]
-            if len(mine):
-                inputs_flag[r, np.searchsorted(tokens, mine)] = 1.0
-    labels = np.zeros(rows_total, np.int32)
-    labels[:n] = data.labels[targets]
-    weights = np.zeros(rows_total, np.float32)
-    weights[:n] = 1.0
-    if rows_total > n:
-        # Padding rows repeat row 0 (weight 0) so that no row is all padding: attention over
-        # an all-masked row would produce NaNs.
+            mine_tokens = pert[local_conditions[r]][0]
+            if len(mine_tokens):
+                inputs_flag[r, np.searchsorted(tokens, mine_tokens)] = 1.0
+    labels = np.zeros(out_rows, np.int32)
+    labels[:k_src] = data.labels[targets[source]]
+    weights = np.zeros(out_rows, np.float32)
+    weights[:m] = 1.0
+    if out_rows > m:
+        # Padding rows repeat the first row (weight 0) so that no row is all padding:
+        # attention over an all-masked row would produce NaNs.
         for array in (gene_ids, gene_index, inputs_value, inputs_flag, target, padding, labels):
-            array[n:] = array[0]
+            array[m:] = array[0]
     batch = PerturbBatch.from_arrays(
         gene_ids=gene_ids,
         control_values=inputs_value,
@@ -310,14 +369,14 @@ def assemble_batch(
         labels=labels,
         target_mask=gene_index >= 0,
     )
-    pad_rows = rows_total - n
+    pad_rows = out_rows - m
     return HostBatch(
         batch=batch,
-        conditions=conditions + [""] * pad_rows,
+        conditions=[conditions[i] for i in mine] + [""] * pad_rows,
         gene_index=gene_index,
-        n_real=n,
-        cell_indices=np.concatenate([targets, np.full(pad_rows, -1, np.int64)]),
-        control_indices=np.concatenate([controls, np.full(pad_rows, -1, np.int64)]),
+        n_real=m,
+        cell_indices=np.concatenate([targets[mine], np.full(pad_rows, -1, np.int64)]),
+        control_indices=np.concatenate([controls[mine], np.full(pad_rows, -1, np.int64)]),
     )
 
 
@@ -345,6 +404,8 @@ class BatchLoader:
         :func:`assemble_batch`); None: nothing.
       drop_last: leave out the last partial batch of every epoch (its cells, which change
         with the shuffle, are not served in that epoch), as GEARS's train loader.
+      share: with several processes, yield only this process's rows of every batch (and
+        read only their cells); see :class:`ProcessShare`. None: whole batches.
 
     Attributes:
       cell_indices: int64 (n_cells,) the cells served, ascending.
@@ -368,6 +429,7 @@ class BatchLoader:
         target: str = "cell",
         target_offsets: Mapping[str, np.ndarray] | None = None,
         drop_last: bool = False,
+        share: ProcessShare | None = None,
     ):
         if include_zero_gene not in INCLUDE_ZERO_GENE_MODES:
             raise ValueError(
@@ -404,6 +466,12 @@ class BatchLoader:
                 f"drop_last leaves no batch: the loader has {len(self.cell_indices)} cells, fewer "
                 f"than batch_size {self.batch_size}; lower the batch size or set drop_last false."
             )
+        if share is not None and self.batch_size % share.count:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split into {share.count} equal "
+                "process shares."
+            )
+        self.share = share
         self.include_zero_gene = include_zero_gene
         self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
         self.seed = int(seed)
@@ -497,6 +565,7 @@ class BatchLoader:
                 pert_pad_id=self.pert_pad_id,
                 target_profiles=self.target_profiles,
                 target_offsets=self.target_offsets,
+                share=self.share,
             )
 
     def __repr__(self) -> str:
