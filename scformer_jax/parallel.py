@@ -8,9 +8,10 @@ change the functions here.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
+import queue
+import threading
 from typing import Any, Callable
 
 import jax
@@ -122,19 +123,53 @@ def shard(tree: Any) -> Any:
 
 
 def prefetch(iterator, size: int = 2):
-    """Yields `iterator`'s items with `size` of them drawn ahead of the consumer.
+    """Yields `iterator`'s items in order, drawn by a background thread up to `size` ahead.
 
-    It places nothing: the items are whatever `iterator` yields (the training loop passes
-    batches already sharded by :func:`shard_batch`, so their transfers are issued `size`
-    steps before the step that uses them and overlap its compute).
+    The thread runs `iterator` (the training loop passes a generator that assembles each
+    batch and shards it onto the devices with :func:`shard_batch`) while the consumer waits
+    on the step in flight, so a batch's assembly and its host-to-device transfer overlap the
+    step before it. An exception raised by `iterator` is raised to the consumer where its
+    item would have come. Closing this generator (or dropping it) stops the thread after the
+    item it is drawing.
     """
-    queue = collections.deque()
-    for item in iterator:
-        queue.append(item)
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+    if size < 1:
+        raise ValueError(f"prefetch size must be >= 1, got {size}.")
+    items: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    end = object()
+
+    def offer(entry) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for item in iterator:
+                if not offer((item, None)):
+                    return
+        except BaseException as error:  # noqa: BLE001  (handed to the consumer, raised there)
+            offer((end, error))
+            return
+        offer((end, None))
+
+    thread = threading.Thread(target=fill, name="scformer-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def shard_batch(batch: PerturbBatch, *, local: bool = False) -> PerturbBatch:

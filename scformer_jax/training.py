@@ -524,8 +524,9 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                 parallel.shard_batch(h.batch, local=train_loader.share is not None)
                 for h in train_loader.epoch(epoch, start_batch=start_batch)
             )
+            fed = parallel.prefetch(batches)
             it, bar = _progress(
-                parallel.prefetch(batches),
+                fed,
                 steps_per_epoch,
                 f"epoch {epoch + 1}/{config.train.epochs}",
                 progress and primary,
@@ -586,6 +587,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                 if config.train.max_steps and total_steps >= config.train.max_steps:
                     stopped_mid_epoch = start_batch + n_steps < steps_per_epoch
                     break
+            fed.close()  # stops the loader thread after a mid-epoch stop
             if bar is not None:
                 bar.close()
             if stopped_mid_epoch:

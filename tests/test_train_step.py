@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import time
 
 import chex
 import jax
@@ -133,3 +134,43 @@ def test_one_channel_batch_fails_in_the_train_step():
     bad = dataclasses.replace(batch, inputs=batch.inputs[..., :1])
     with pytest.raises(AssertionError, match="index 1 is out of bounds"):
         single_device_step(fresh_state(), bad, jax.random.PRNGKey(0), ObjectiveConfig())
+
+
+def test_prefetch_draws_ahead_in_a_thread_keeps_order_and_stops_on_close():
+    import threading
+
+    drawn = []
+    released = threading.Event()
+
+    def source(n):
+        for i in range(n):
+            if i == 3:  # the consumer holds item 0 until the thread has drawn items 1-3
+                released.wait(timeout=10)
+            drawn.append((i, threading.current_thread().name))
+            yield i
+
+    fed = parallel.prefetch(source(8), size=2)
+    assert next(fed) == 0
+    deadline = time.time() + 10
+    while len(drawn) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert [i for i, _ in drawn] == [0, 1, 2], "the thread draws up to size items ahead"
+    assert {name for _, name in drawn} == {"scformer-prefetch"}
+    released.set()
+    assert [next(fed) for _ in range(3)] == [1, 2, 3]
+    fed.close()  # a mid-epoch stop: the thread stops without draining the source
+    assert not any(t.name == "scformer-prefetch" for t in threading.enumerate())
+    assert len(drawn) < 8
+
+    assert list(parallel.prefetch(source(0))) == []
+    released.set()
+    assert list(parallel.prefetch(iter(range(5)), size=1)) == [0, 1, 2, 3, 4]
+
+    def failing():
+        yield "a"
+        raise OSError("disk read failed")
+
+    fed = parallel.prefetch(failing())
+    assert next(fed) == "a"
+    with pytest.raises(OSError, match="disk read failed"):
+        next(fed)
