@@ -19,6 +19,7 @@ import numpy as np
 from flax import jax_utils
 
 from scformer_jax.batch import PerturbBatch
+from scformer_jax.data.batching import ProcessShare
 
 AXIS = "batch"
 log = logging.getLogger(__name__)
@@ -230,7 +231,6 @@ def process_share():
     batch when several processes run, else None."""
     if jax.process_count() == 1:
         return None
-    from scformer_jax.data.batching import ProcessShare
 
     exchange = HostExchange()
     return ProcessShare(index=exchange.index, count=exchange.count, exchange=exchange)
