@@ -343,7 +343,8 @@ def restore_params(
       (step, params as NumPy arrays, meta).
 
     Raises:
-      FileNotFoundError: no checkpoint, or none readable.
+      FileNotFoundError: no checkpoint, none readable, or (`which` "best") the best one
+        unreadable.
     """
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}.")
@@ -354,9 +355,17 @@ def restore_params(
     try:
         if not ckpts.steps():
             raise FileNotFoundError(f"No checkpoint in {directory}.")
-        restored = ckpts.restore(None, step=ckpts.best_step() if which == "best" else None)
+        best = ckpts.best_step() if which == "best" else None
+        restored = ckpts.restore(None, step=best)
     finally:
         ckpts.close()
+    if restored is None and best is not None:
+        raise FileNotFoundError(
+            f"The best checkpoint in {directory} (step {best}) is unreadable (the warning "
+            "above says why), and no other checkpoint is used in its place. Evaluate the "
+            "newest readable checkpoint instead (eval.py --checkpoint latest; "
+            "restore_params(..., which='latest')) or train the run again."
+        )
     if restored is None:
         raise FileNotFoundError(f"No readable checkpoint in {directory}.")
     step, state, meta = restored
