@@ -8,6 +8,7 @@ change the functions here.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -123,7 +124,7 @@ def shard(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.device_put(split(x), sharding), tree)
 
 
-def prefetch(iterator, size: int = 2):
+def prefetch(iterator, size: int = 2, *, join_timeout_s: float = 60.0):
     """Yields `iterator`'s items in order, drawn by a background thread up to `size` ahead.
 
     The thread runs `iterator` (the training loop passes a generator that assembles each
@@ -131,7 +132,9 @@ def prefetch(iterator, size: int = 2):
     on the step in flight, so a batch's assembly and its host-to-device transfer overlap the
     step before it. An exception raised by `iterator` is raised to the consumer where its
     item would have come. Closing this generator (or dropping it) stops the thread after the
-    item it is drawing.
+    item it is drawing (waiting at most `join_timeout_s` for it). A source shared between
+    processes (a :class:`HostExchange` per item) must be limited to the items every process
+    will consume, so that no process draws an item the others never draw.
     """
     if size < 1:
         raise ValueError(f"prefetch size must be >= 1, got {size}.")
@@ -170,7 +173,9 @@ def prefetch(iterator, size: int = 2):
             yield item
     finally:
         stop.set()
-        thread.join()
+        # The item being drawn finishes first; bounded, so that an interrupt cannot hang here
+        # on a source that waits for other processes (the thread is a daemon).
+        thread.join(timeout=join_timeout_s)
 
 
 def shard_batch(batch: PerturbBatch, *, local: bool = False) -> PerturbBatch:
@@ -191,6 +196,8 @@ class HostExchange:
     others'. Keys older than `keep` calls are deleted.
     """
 
+    _instances = itertools.count()
+
     def __init__(self, *, timeout_s: float = 600.0, keep: int = 64, prefix: str = "scformer_jax"):
         from jax._src import distributed
 
@@ -203,7 +210,9 @@ class HostExchange:
         self.index, self.count = jax.process_index(), jax.process_count()
         self._timeout_ms = int(timeout_s * 1000)
         self._keep = keep
-        self._prefix = prefix
+        # Each instance its own key space (processes create theirs in the same order), so
+        # that a second exchange in the same job never meets the first one's keys.
+        self._prefix = f"{prefix}/{next(HostExchange._instances)}"
         self._calls = 0
 
     def _key(self, call: int, process: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -516,6 +517,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     stopped_early = False
     best_metric = f"val_{config.train.best_metric.removeprefix('val_')}"
     last_val: dict[str, float] = {}
+    fed = None
     try:
         for epoch in range(loop.epoch, config.train.epochs):
             t_epoch = time.time()
@@ -524,6 +526,10 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                 parallel.shard_batch(h.batch, local=train_loader.share is not None)
                 for h in train_loader.epoch(epoch, start_batch=start_batch)
             )
+            if config.train.max_steps:
+                # The loader thread draws no batch past the stop: with several processes, a
+                # batch one drew and another did not would leave it waiting on the exchange.
+                batches = itertools.islice(batches, max(config.train.max_steps - total_steps, 1))
             fed = parallel.prefetch(batches)
             it, bar = _progress(
                 fed,
@@ -672,6 +678,8 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                     )
                 break
     finally:
+        if fed is not None:
+            fed.close()  # an error mid-epoch: stop the loader thread before anything else reads
         ckpts.close()
         writer.close()
 

@@ -174,3 +174,27 @@ def test_prefetch_draws_ahead_in_a_thread_keeps_order_and_stops_on_close():
     assert next(fed) == "a"
     with pytest.raises(OSError, match="disk read failed"):
         next(fed)
+
+
+def test_two_host_exchanges_in_one_job_keep_their_keys_apart():
+    import os
+    import subprocess
+    import sys
+
+    port = 15000 + os.getpid() % 20000
+    script = f"""
+import jax
+import numpy as np
+jax.distributed.initialize("localhost:{port}", num_processes=1, process_id=0)
+from scformer_jax.parallel import HostExchange
+first, second = HostExchange(timeout_s=10), HostExchange(timeout_s=10)
+a = first(np.arange(3))
+b = second(np.arange(3) + 10)
+c = first(np.arange(3) + 20)
+print(a[0].tolist(), b[0].tolist(), c[0].tolist())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[0, 1, 2] [10, 11, 12] [20, 21, 22]"

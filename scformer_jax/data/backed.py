@@ -89,7 +89,7 @@ class BackedCSR:
             collections.OrderedDict()
         )
         self._cached_bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the row cache and the file: a loader thread reads too
         self.rows_read = 0  # rows read from disk (cache misses), for benchmarks
 
     @property
@@ -122,20 +122,21 @@ class BackedCSR:
             yield start, self.row_range(start, min(start + chunk_rows, self.shape[0]))
 
     def _row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        hit = self._cache.get(i)
-        if hit is not None:
-            self._cache.move_to_end(i)
-            return hit
-        row = self._read_range(i, i + 1)
-        self.rows_read += 1
-        size = row[0].nbytes + row[1].nbytes
-        if size <= self.cache_bytes:
-            self._cache[i] = row
-            self._cached_bytes += size
-            while self._cached_bytes > self.cache_bytes:
-                _, (d, j) = self._cache.popitem(last=False)
-                self._cached_bytes -= d.nbytes + j.nbytes
-        return row
+        with self._lock:
+            hit = self._cache.get(i)
+            if hit is not None:
+                self._cache.move_to_end(i)
+                return hit
+            row = self._read_range(i, i + 1)
+            self.rows_read += 1
+            size = row[0].nbytes + row[1].nbytes
+            if size <= self.cache_bytes:
+                self._cache[i] = row
+                self._cached_bytes += size
+                while self._cached_bytes > self.cache_bytes:
+                    _, (d, j) = self._cache.popitem(last=False)
+                    self._cached_bytes -= d.nbytes + j.nbytes
+            return row
 
     def rows(self, rows: np.ndarray) -> sparse.csr_matrix:
         """CSR float32 (len(rows), n_genes): the given rows in the given order.
