@@ -150,7 +150,6 @@ def test_default_yaml_differs_from_the_seed_setup_only_where_listed():
         "model.seen_single_correction",
         "model.coexpression_prior",
         "model.unseen_single",
-        "model.control_anchor",
         "data.train_target",
         "optim.lr",
         "train.epochs",

@@ -303,6 +303,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "model.coexpression_prior=false",
         "model.unseen_single=network",
         "model.seen_single_correction=false",
+        "model.control_anchor=false",
     )
     corrected_dir, corrected = run(
         "corrected",
@@ -318,16 +319,16 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
     assert load_predictor(str(corrected_dir)).prior is not None
     assert load_predictor(str(plain_dir)).prior is None
     # So does the control anchor, alone (no prior): same training, another val metric.
-    _, unanchored = run(
-        "unanchored",
+    _, anchored = run(
+        "anchored",
         "model.coexpression_prior=false",
         "model.unseen_single=network",
         "model.seen_single_correction=false",
-        "model.control_anchor=false",
+        "model.control_anchor=true",
     )
-    assert unanchored["train_mse"] == plain["train_mse"]
-    assert unanchored["val_mse"] == plain["val_mse"]
-    assert unanchored["val_pearson_delta"] != plain["val_pearson_delta"]
+    assert anchored["train_mse"] == plain["train_mse"]
+    assert anchored["val_mse"] == plain["val_mse"]
+    assert anchored["val_pearson_delta"] != plain["val_pearson_delta"]
     metrics = {}
     for name, workdir in (("plain", plain_dir), ("corrected", corrected_dir)):
         assert eval_cli.main(["--workdir", str(workdir)]) == 0
