@@ -224,9 +224,19 @@ class HostExchange:
         self._client.key_value_set_bytes(self._key(call, self.index), local.tobytes())
         out = []
         for process in range(self.count):
-            raw = self._client.blocking_key_value_get_bytes(
-                self._key(call, process), self._timeout_ms
-            )
+            try:
+                raw = self._client.blocking_key_value_get_bytes(
+                    self._key(call, process), self._timeout_ms
+                )
+            except jax.errors.JaxRuntimeError as e:
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+                raise RuntimeError(
+                    f"Process {self.index} waited {self._timeout_ms / 1000:g} s for process "
+                    f"{process}'s part of input exchange {call}, which never came: that "
+                    "process most likely failed or stopped before it (read its log for the "
+                    "first error), or it runs another config or data file."
+                ) from e
             out.append(np.frombuffer(raw, dtype=local.dtype).reshape(local.shape))
         if call >= self._keep:
             # Every process has written call - keep long ago, and read it before writing

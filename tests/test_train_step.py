@@ -176,7 +176,7 @@ def test_prefetch_draws_ahead_in_a_thread_keeps_order_and_stops_on_close():
         next(fed)
 
 
-def test_two_host_exchanges_in_one_job_keep_their_keys_apart():
+def test_host_exchanges_keep_their_keys_apart_and_name_a_missing_process():
     import os
     import subprocess
     import sys
@@ -192,9 +192,18 @@ a = first(np.arange(3))
 b = second(np.arange(3) + 10)
 c = first(np.arange(3) + 20)
 print(a[0].tolist(), b[0].tolist(), c[0].tolist())
+# A process that never comes (here: a second one that does not exist) is named, not a
+# bare deadline error.
+lonely = HostExchange(timeout_s=0.5)
+lonely.count = 2
+try:
+    lonely(np.arange(3))
+except RuntimeError as e:
+    print("named:", "process 1's part of input exchange 0" in str(e))
 """
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[-2] == "[0, 1, 2] [10, 11, 12] [20, 21, 22]"
+    lines = out.stdout.splitlines()
+    assert lines[-2:] == ["[0, 1, 2] [10, 11, 12] [20, 21, 22]", "named: True"]
