@@ -38,7 +38,9 @@ def _join_new_threads(before: set[threading.Thread], *, timeout: float) -> None:
     """Waits up to `timeout` seconds for the threads started since `before` to end.
 
     A thread whose `start()` was called but that is not running yet cannot be joined (the
-    `RuntimeError` of `Thread.join`); it is waited for until it runs.
+    `RuntimeError` of `Thread.join`); it is waited for until it runs. orbax's writer threads
+    re-raise their own error from `join`: that thread has ended, and its error is the failed
+    save the caller is already reporting, so it is not raised again here.
     """
     deadline = time.monotonic() + timeout
     current = threading.current_thread()
@@ -47,8 +49,12 @@ def _join_new_threads(before: set[threading.Thread], *, timeout: float) -> None:
             try:
                 thread.join(timeout=left)
                 break
-            except RuntimeError:  # started but not yet running
-                time.sleep(0.01)
+            except RuntimeError as e:
+                if "before it is started" not in str(e):
+                    break  # the thread's own error: it has ended
+                time.sleep(0.01)  # started but not yet running
+            except Exception:  # noqa: BLE001 - the thread's own error: it has ended
+                break
 
 
 class CheckpointWriteError(OSError):
