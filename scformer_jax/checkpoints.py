@@ -49,12 +49,10 @@ def _join_new_threads(before: set[threading.Thread], *, timeout: float) -> None:
             try:
                 thread.join(timeout=left)
                 break
-            except RuntimeError as e:
-                if "before it is started" not in str(e):
+            except Exception as e:  # noqa: BLE001
+                if not (isinstance(e, RuntimeError) and "before it is started" in str(e)):
                     break  # the thread's own error: it has ended
                 time.sleep(0.01)  # started but not yet running
-            except Exception:  # noqa: BLE001 - the thread's own error: it has ended
-                break
 
 
 class CheckpointWriteError(OSError):

@@ -83,7 +83,7 @@ class ProcessShare:
       count: processes.
       exchange: ``exchange(local)`` -> every process's `local` (same shape and dtype), in
         process order; every process calls it the same number of times in the same order
-        (e.g. :func:`scformer_jax.parallel.host_exchange`).
+        (e.g. :class:`scformer_jax.parallel.HostExchange`).
     """
 
     index: int
