@@ -73,6 +73,8 @@ WIN_METRICS = ("pearson_delta", "pearson_de_delta")
 ABLATIONS = {
     "unseen_single network": ["model.unseen_single=network"],
     "with control_anchor": ["model.control_anchor=true"],
+    "with ema_decay 0.99": ["optim.ema_decay=0.99"],
+    "with ema_decay 0.998": ["optim.ema_decay=0.998"],
     "no coexpression_prior": ["model.coexpression_prior=false", "model.unseen_single=network"],
     "no seen_single_correction": ["model.seen_single_correction=false"],
     "additive_prior instead of seen_single_correction": [

@@ -344,7 +344,8 @@ def restore_params(
       best_mode: "max" or "min", the direction of the saved metric.
 
     Returns:
-      (step, params as NumPy arrays, meta).
+      (step, params as NumPy arrays, meta); the moving average of the parameters where the
+      run kept one (``optim.ema_decay``), the parameters otherwise.
 
     Raises:
       FileNotFoundError: no checkpoint, none readable, or (`which` "best") the best one
@@ -373,4 +374,5 @@ def restore_params(
     if restored is None:
         raise FileNotFoundError(f"No readable checkpoint in {directory}.")
     step, state, meta = restored
-    return step, state["params"], meta
+    # A run trained with a parameter average (optim.ema_decay) is evaluated with the average.
+    return step, state.get("ema_params", state["params"]), meta

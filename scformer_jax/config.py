@@ -66,11 +66,12 @@ def _check_range(
     high: float | None = None,
     *,
     low_open: bool = False,
+    high_open: bool = False,
 ) -> None:
     if low is not None and (value < low or (low_open and value == low)):
         raise ConfigError(f"{name}: {value!r} must be {'>' if low_open else '>='} {low}.")
-    if high is not None and value > high:
-        raise ConfigError(f"{name}: {value!r} must be <= {high}.")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ConfigError(f"{name}: {value!r} must be {'<' if high_open else '<='} {high}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,9 +378,13 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    # Validation, checkpoint selection, eval and predict use an exponential moving average of
+    # the parameters with this decay per step (0: the parameters themselves).
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         _check_range("optim.lr", self.lr, 0.0, low_open=True)
+        _check_range("optim.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         _check_range("optim.schedule_interval", self.schedule_interval, 1)
         _check_range("optim.decay", self.decay, 0.0, 1.0, low_open=True)
         _check_range("optim.grad_clip_norm", self.grad_clip_norm, 0.0, low_open=True)

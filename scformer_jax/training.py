@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
@@ -47,7 +48,29 @@ log = logging.getLogger(__name__)
 
 
 class TrainState(train_state.TrainState):
-    """Params, optimiser state and step; nothing else lives on the devices."""
+    """Params, optimiser state and step, and with ``optim.ema_decay`` > 0 an exponential
+    moving average of the params (``ema_params``, what validation and the checkpoint's
+    evaluation use); nothing else lives on the devices."""
+
+    ema_params: Any = None
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+    @property
+    def eval_params(self) -> Any:
+        """The parameters that validation, eval and predict apply."""
+        return self.params if self.ema_params is None else self.ema_params
+
+
+def update_ema(ema: Any, params: Any, step, decay: float) -> Any:
+    """One step of the parameters' moving average: ``ema + (1 - d) * (params - ema)``.
+
+    ``d = min(decay, (1 + step) / (10 + step))``: the average follows the parameters closely
+    over the first steps (where it starts from the initialisation) and settles at ``decay``.
+    """
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree_util.tree_map(
+        lambda e, p: e + ((1.0 - d) * (p - e)).astype(e.dtype), ema, params
+    )
 
 
 class NonFiniteError(RuntimeError):
@@ -80,7 +103,11 @@ def create_train_state(
     if params is None:
         params = init_params(model_config, rng)
     tx, schedule = make_optimizer(optim, steps_per_epoch)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx), schedule
+    ema = jax.tree_util.tree_map(jnp.array, params) if optim.ema_decay > 0 else None
+    state = TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx, ema_params=ema, ema_decay=optim.ema_decay
+    )
+    return state, schedule
 
 
 def train_step(
@@ -119,6 +146,10 @@ def train_step(
         if axis_name is not None:
             batch_stats = jax.lax.pmean(batch_stats, axis_name)
         state = state.replace(params={**state.params, BATCH_STATS: batch_stats})
+    if state.ema_params is not None:
+        state = state.replace(
+            ema_params=update_ema(state.ema_params, state.params, state.step, state.ema_decay)
+        )
     return state, metrics
 
 
@@ -466,7 +497,10 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     if restored is not None:
         step, host_state, meta = restored
         state = state.replace(
-            step=host_state["step"], params=host_state["params"], opt_state=host_state["opt_state"]
+            step=host_state["step"],
+            params=host_state["params"],
+            opt_state=host_state["opt_state"],
+            ema_params=host_state.get("ema_params"),
         )
         loop = LoopState(**meta["loop"])
         resumed_step = int(step)
@@ -484,7 +518,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
         # Validation composes the priors and the anchor with the model's output as eval does.
         prior_predictor = Predictor(
             model_config,
-            state.params,
+            state.eval_params,
             dataset,
             batch_size=config.train.eval_batch_size,
             include_zero_gene=config.data.include_zero_gene,
@@ -618,7 +652,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
                 break
             # Checked before validation, which would fail on NaN predictions.
             host_state = _finite_host_state(state_repl, total_steps, epoch, ckpts)
-            params_repl = state_repl.params
+            params_repl = state_repl.eval_params
             if prior_predictor is not None:
                 prior_predictor.params = parallel.unreplicate(params_repl)
             val = validate(
@@ -700,7 +734,10 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
 
 def _saved_state(state: TrainState) -> dict:
     """What a checkpoint holds of the train state (the optimiser's code is not data)."""
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    saved = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.ema_params is not None:
+        saved["ema_params"] = state.ema_params
+    return saved
 
 
 def _non_finite(what: str, step: int, epoch: int, ckpts: Checkpoints) -> NonFiniteError:

@@ -91,6 +91,7 @@ SEED_SETTINGS = {
     "optim.b2": (0.999, "Adam: betas[1]"),
     "optim.eps": (1e-8, "Adam: eps"),
     "optim.weight_decay": (0.0, "Adam: weight_decay"),
+    "optim.ema_decay": (0.0, "evaluates the trained parameters, no average"),
     "train.batch_size": (32, "batch_size = 32"),
     "train.eval_batch_size": (32, "eval_batch_size = 32"),
     "train.epochs": (6, "epochs = 6"),

@@ -318,3 +318,45 @@ def test_data_keys_reach_the_train_loader_only(data_tiny, drop_last, redraw):
     assert len(val) == -(-n // 32)  # validation scores every cell
     assert np.array_equal(train.pairing(0), train.pairing(1)) is not redraw
     assert np.array_equal(val.pairing(0), val.pairing(1))
+
+
+def test_update_ema_matches_a_numpy_reference_under_jit():
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5)}
+    params["b"] = params["b"].astype(np.float32)
+    ema = jax.tree_util.tree_map(np.copy, params)
+    ref = jax.tree_util.tree_map(np.float64, params)
+    update = jax.jit(training.update_ema, static_argnames="decay")
+    for step in range(1, 40):
+        params = jax.tree_util.tree_map(lambda p: p + rng.normal(size=p.shape), params)
+        params = jax.tree_util.tree_map(lambda p: p.astype(np.float32), params)
+        ema = update(ema, params, step, decay=0.9)
+        d = min(0.9, (1 + step) / (10 + step))
+        ref = {k: d * ref[k] + (1 - d) * params[k] for k in ref}
+    for got, want in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(ref)):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ema_run_evaluates_the_average_and_resumes_it(tmp_path):
+    from scformer_jax.checkpoints import Checkpoints
+
+    assert run_train(tmp_path / "straight", "train.epochs=2", "optim.ema_decay=0.9") == 0
+    evaluated, _ = final_params(tmp_path / "straight")
+    ckpts = Checkpoints(tmp_path / "straight" / runs.CHECKPOINTS_DIR)
+    try:
+        _, saved, _ = ckpts.restore(None, step=ckpts.steps()[-1])
+    finally:
+        ckpts.close()
+    # What eval and predict read is the average, and the average is not the parameters.
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(evaluated), leaves(saved["ema_params"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, b) for a, b in zip(leaves(saved["params"]), leaves(evaluated)))
+    # A run stopped mid-epoch resumes the average where it was.
+    args = ("train.epochs=2", "optim.ema_decay=0.9")
+    assert run_train(tmp_path / "split", *args, "train.max_steps=7") == 0
+    assert run_train(tmp_path / "split", *args) == 0
+    resumed, _ = final_params(tmp_path / "split")
+    for a, b in zip(leaves(evaluated), leaves(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
