@@ -62,15 +62,16 @@ class TrainState(train_state.TrainState):
 
 
 def update_ema(ema: Any, params: Any, step, decay: float) -> Any:
-    """One step of the parameters' moving average: ``ema + (1 - d) * (params - ema)``.
+    """The parameters' moving average after step ``step`` (1, 2, ...), bias-corrected.
 
-    ``d = min(decay, (1 + step) / (10 + step))``: the average follows the parameters closely
-    over the first steps (where it starts from the initialisation) and settles at ``decay``.
+    The average of the parameters after steps 1..t with weights ``decay ** (t - i)``, divided
+    by their sum (as Adam corrects its moments, so the initialisation carries no weight and
+    ``decay`` sets the horizon, about ``1 / (1 - decay)`` steps, from the first step):
+    ``ema + (params - ema) * (1 - decay) / (1 - decay ** t)``.
     """
-    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    return jax.tree_util.tree_map(
-        lambda e, p: e + ((1.0 - d) * (p - e)).astype(e.dtype), ema, params
-    )
+    step = jnp.asarray(step, jnp.float32)
+    rate = (1.0 - decay) / (1.0 - jnp.power(decay, step))
+    return jax.tree_util.tree_map(lambda e, p: e + (rate * (p - e)).astype(e.dtype), ema, params)
 
 
 class NonFiniteError(RuntimeError):

@@ -324,15 +324,21 @@ def test_update_ema_matches_a_numpy_reference_under_jit():
     rng = np.random.default_rng(0)
     params = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5)}
     params["b"] = params["b"].astype(np.float32)
-    ema = jax.tree_util.tree_map(np.copy, params)
-    ref = jax.tree_util.tree_map(np.float64, params)
+    ema = jax.tree_util.tree_map(np.copy, params)  # the initialisation: no weight
+    history = []
     update = jax.jit(training.update_ema, static_argnames="decay")
     for step in range(1, 40):
         params = jax.tree_util.tree_map(lambda p: p + rng.normal(size=p.shape), params)
         params = jax.tree_util.tree_map(lambda p: p.astype(np.float32), params)
+        history.append(params)
         ema = update(ema, params, step, decay=0.9)
-        d = min(0.9, (1 + step) / (10 + step))
-        ref = {k: d * ref[k] + (1 - d) * params[k] for k in ref}
+    # The weighted mean of the parameters after each step, weights 0.9 ** (age in steps).
+    weights = 0.9 ** np.arange(len(history))[::-1]
+    ref = {
+        k: np.tensordot(weights, np.stack([h[k] for h in history]).astype(np.float64), 1)
+        / weights.sum()
+        for k in params
+    }
     for got, want in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(ref)):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
