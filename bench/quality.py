@@ -67,6 +67,7 @@ METRICS = (
 )
 # Metrics that the win count and the closing line use.
 WIN_METRICS = ("pearson_delta", "pearson_de_delta")
+PER_PERTURBATION = "per_perturbation.csv"  # eval's per-perturbation table in a run's eval/
 # The recommended config with one option set back to the seed's value (or, for the additive
 # prior and the control anchor, which validation did not choose, with that option on): the
 # ablation runs.
@@ -200,6 +201,76 @@ def wins(
     return won, total, lost
 
 
+def paired(
+    frames: list,
+    baselines: tuple[str, ...] = SIMPLE_BASELINES,
+    *,
+    subgroups: tuple[str, ...] = SCORED_SUBGROUPS,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Per-perturbation comparison of the model with the strongest baseline of each cell.
+
+    frames: each seed's ``eval/per_perturbation.csv`` (pandas frames with columns
+    condition, method, subgroup and the metrics). For each (subgroup, metric) of
+    WIN_METRICS the baseline with the highest mean over the pooled test perturbations is
+    compared with the model perturbation by perturbation: the mean difference (model minus
+    baseline), a bootstrap 95% interval of it (perturbations resampled, ``n_boot`` draws) and
+    how many perturbations the model scores higher on. A perturbation tested under several
+    split seeds counts once per seed.
+
+    Returns {(subgroup, metric): (baseline, mean difference, low, high, won, n)}.
+    """
+    import numpy as np
+    import pandas as pd
+
+    data = pd.concat([f.assign(split=i) for i, f in enumerate(frames)], ignore_index=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for subgroup in subgroups:
+        rows = data if subgroup == "overall" else data[data["subgroup"] == subgroup]
+        for metric in WIN_METRICS:
+            wide = rows.pivot_table(
+                index=["split", "condition"], columns="method", values=metric, aggfunc="first"
+            )
+            present = [b for b in baselines if b in wide.columns]
+            if "model" not in wide.columns or not present or wide.empty:
+                continue
+            wide = wide.dropna(subset=["model", *present])
+            if wide.empty:
+                continue
+            best = max(present, key=lambda b: wide[b].mean())
+            diff = (wide["model"] - wide[best]).to_numpy()
+            draws = rng.integers(0, len(diff), size=(n_boot, len(diff)))
+            means = diff[draws].mean(axis=1)
+            low, high = np.quantile(means, [0.025, 0.975])
+            out[(subgroup, metric)] = (
+                best,
+                float(diff.mean()),
+                float(low),
+                float(high),
+                int((diff > 0).sum()),
+                len(diff),
+            )
+    return out
+
+
+def format_paired(name: str, result: dict) -> str:
+    lines = [
+        f"{name}: recommended minus the strongest simple baseline, per test perturbation "
+        "(pooled over split seeds; bootstrap 95% interval; perturbations won)",
+        "",
+        "| subgroup | metric | baseline | difference | 95% interval | won |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (subgroup, metric), (base, mean, low, high, won, n) in result.items():
+        lines.append(
+            f"| {subgroup} | {metric} | {base} | {mean:+.3f} | [{low:+.3f}, {high:+.3f}] | "
+            f"{won}/{n} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def format_table(name: str, table: dict, rows: list[str], n_seeds: int) -> str:
     lines = [f"## {name} (mean +- sd over {n_seeds} split seed(s))", ""]
     for subgroup in SUBGROUPS:
@@ -276,6 +347,7 @@ def main(argv=None) -> int:
             for k in chosen
         ]
     metrics_of = {}
+    workdir_of = {}
     for dataset, seed, name, config_path, extra in plan:
         slug = name.replace(", ", "-").replace(" ", "_")
         workdir = args.out / "runs" / dataset / slug / f"seed{seed}"
@@ -286,6 +358,7 @@ def main(argv=None) -> int:
             *args.overrides,
         ]
         metrics_of[(dataset, seed, name)] = run_one(config_path, overrides, workdir, args.fresh)
+        workdir_of[(dataset, seed, name)] = workdir
 
     results = []
     closing = []
@@ -316,6 +389,15 @@ def main(argv=None) -> int:
                     + "; ".join(lost)
                     + "\n"
                 )
+            import pandas as pd
+
+            frames = [
+                pd.read_csv(workdir_of[(dataset, seed, "recommended")] / "eval" / PER_PERTURBATION)
+                for seed in args.seeds
+            ]
+            text = format_paired(dataset, paired(frames))
+            print(text, flush=True)
+            results.append(text)
     (args.out).mkdir(parents=True, exist_ok=True)
     (args.out / "quality.md").write_text("\n\n".join(results) + "\n")
     if closing:

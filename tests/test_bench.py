@@ -197,6 +197,36 @@ def test_win_counts_compare_with_the_chosen_baselines_and_subgroups():
     )[:2] == (2, 2)
 
 
+def test_paired_comparison_takes_the_strongest_baseline_per_cell():
+    import pandas as pd
+
+    def frame(offsets):
+        rows = []
+        for i, off in enumerate(offsets):
+            cond, sub = f"G{i}+ctrl", "unseen_single"
+            for method, value in {
+                "model": 0.5 + off,
+                "additive": 0.5,
+                "train_mean": 0.1,
+                "coexpression": 0.9,  # not a simple baseline: never the comparison
+            }.items():
+                rows.append(
+                    {"condition": cond, "method": method, "subgroup": sub}
+                    | {m: value for m in quality.WIN_METRICS}
+                )
+        return pd.DataFrame(rows)
+
+    # Two split seeds; the model is ahead of additive on 3 of 4 perturbations.
+    result = quality.paired([frame([0.2, 0.1]), frame([0.1, -0.2])], n_boot=500)
+    base, mean, low, high, won, n = result[("unseen_single", "pearson_delta")]
+    assert base == "additive" and (won, n) == (3, 4)
+    assert mean == pytest.approx(0.05) and low <= mean <= high and low < 0 < high
+    assert result[("overall", "pearson_de_delta")][1:2] == (pytest.approx(0.05),)
+    assert ("combo_seen2", "pearson_delta") not in result  # no such perturbation
+    text = quality.format_paired("x", result)
+    assert "| unseen_single | pearson_delta | additive | +0.050 |" in text and "3/4" in text
+
+
 def test_unknown_ablation_is_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--ablations", "no such option", "--datasets", "simulated"])
