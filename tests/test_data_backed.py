@@ -171,18 +171,20 @@ def test_builtin_name_backed_uses_the_cache(tmp_path):
     np.testing.assert_array_equal(memory.control_mean, data.control_mean)
 
 
-def test_csr_writer_round_trip(tmp_path):
+@pytest.mark.parametrize("compress", [False, True])
+def test_csr_writer_round_trip(tmp_path, compress):
     rng = np.random.default_rng(0)
     dense = rng.random((37, 11)).astype(np.float32)
     dense[dense < 0.6] = 0
     matrix = sparse.csr_matrix(dense)
     path = tmp_path / "x.h5ad"
     with h5py.File(path, "w") as f:
-        writer = CSRWriter(f, 11)
+        writer = CSRWriter(f, 11, compress=compress)
         for start in (0, 10, 30):
             block = matrix[start : {0: 10, 10: 30, 30: 37}[start]]
             writer.append(block.data, block.indices, np.diff(block.indptr))
         assert writer.close() == 37
+        assert f["X/data"].compression == ("gzip" if compress else None)
     X = BackedCSR(path)
     try:
         np.testing.assert_array_equal(X.dense_rows(np.arange(37)), dense)
@@ -328,6 +330,8 @@ def test_counts_file_holds_the_draws_behind_the_dataset(counts_file):
     assert raw.var.equals(expected.var[["gene_name"]])
     assert list(raw.uns) == ["simulation"]  # no DE entries: prepare computes them
     assert sorted(raw.obs.columns) == ["cell_type", "condition"]
+    with h5py.File(counts_file, "r") as f:  # read front to back only: stored compressed
+        assert f["X/data"].compression == "gzip" and f["X/indices"].compression == "gzip"
 
 
 def test_prepared_counts_file_is_the_simulated_dataset(counts_file, tmp_path):
