@@ -285,6 +285,19 @@ def test_group_stats_equal_a_direct_computation_with_multiple_chunks():
         np.testing.assert_allclose(variances[g], expected, rtol=1e-9, atol=1e-12)
 
 
+def test_group_stats_of_a_non_canonical_matrix_leave_it_alone():
+    # Unsorted column indices and a duplicated entry (row 0, column 2: 1 + 2 = 3).
+    data = np.array([2.0, 1.0, 2.0, 4.0, 5.0], np.float32)
+    indices = np.array([2, 0, 2, 1, 0], np.int32)
+    matrix = sparse.csr_matrix((data, indices, np.array([0, 3, 5])), shape=(2, 3))
+    before = (matrix.data.copy(), matrix.indices.copy())
+    counts, means, variances = group_stats(matrix, np.array([0, 0]), 1)
+    np.testing.assert_array_equal(means[0], [3.0, 2.0, 2.0])  # rows [1, 0, 4] and [5, 4, 0]
+    np.testing.assert_allclose(variances[0], [8.0, 8.0, 8.0])
+    np.testing.assert_array_equal(matrix.data, before[0])
+    np.testing.assert_array_equal(matrix.indices, before[1])
+
+
 def test_one_pass_drop_out_sets_equal_the_separate_pass():
     from scformer_jax.data.de import _rank_genes, dropout_gene_sets
     from scformer_jax.data.gears_io import condition_name

@@ -87,7 +87,11 @@ def group_stats(
         values = sparse.csr_matrix(
             (block.data.astype(np.float64), block.indices, block.indptr), shape=block.shape
         )
-        values.sum_duplicates()  # squares of stored values need one value per position
+        if not values.has_canonical_format:
+            # Squares need one value per position; a copy, so that the caller's arrays
+            # (views of X) are never reordered.
+            values = values.copy()
+            values.sum_duplicates()
         squared = values.copy()
         squared.data *= squared.data
         row_offsets = present.astype(np.int64) * n_genes
