@@ -46,7 +46,7 @@ def group_stats(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cell counts, means and unbiased variances of the rows of X per group.
 
-    One pass over the stored values (bincount per chunk of rows over the groups present in
+    One pass over the stored values (a sparse product per chunk of rows over the groups in
     the chunk), float64 throughout; no dense copy of a sparse X. A matrix on disk
     (:class:`~scformer_jax.data.backed.BackedCSR`) is read chunk by chunk and gives the same
     numbers as in memory.
