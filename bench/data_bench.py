@@ -3,6 +3,8 @@
     python bench/data_bench.py --json                  # Norman-sized, in memory (bench/run.py)
     python bench/data_bench.py --preset replogle_essential --cache-dir /work/cache15 \\
         --cases generate,load,batches,validate,train,eval
+    python bench/data_bench.py --preset genome_wide --counts --cache-dir DIR \\
+        --cases generate,prepare,load,batches,train --train-steps 100
 
 Without ``--cases`` (the default, what ``bench/run.py`` runs): the ``norman`` preset is written
 once as an ``.h5ad`` file by a child process and cached; this process then loads it, splits it
@@ -16,6 +18,12 @@ With ``--cases``, each case runs in its own child process (so that its peak resi
   (skipped, and reported as cached, when the file exists).
 * ``prepare``: :func:`~scformer_jax.data.prepare.prepare_h5ad` on the preset's file (already
   log-normalised: X rewritten block by block, DE genes recomputed); the output is deleted.
+
+With ``--counts`` the simulator writes the raw experiment instead (UMI counts of the measured
+genes, compressed, no DE genes: ``simulate_to_h5ad(counts=True)``) to
+``simulated_PRESET_seedN_counts.h5ad``; ``prepare`` normalises it, log-transforms it and
+computes the DE genes into ``simulated_PRESET_seedN_prepared.h5ad``, which it keeps, and the
+later cases read that file: the path of a user's raw screen.
 * ``load``: load (X on disk when larger than ``data.backed_above_gb``) + split + pairing.
 * ``batches``: assembles ``--batches`` training batches at the seed's settings (batch
   ``--batch-size``, ``include_zero_gene`` batch-wise, ``max_seq_len`` 1536, pairing drawn once)
@@ -54,13 +62,22 @@ def dataset_path(cache_dir: Path, preset: str, seed: int) -> Path:
     return cache_dir / f"simulated_{preset}_seed{seed}.h5ad"
 
 
-def generate(path: Path, preset: str, seed: int) -> None:
-    """Simulates the preset and writes it to `path` (chunk by chunk for the large presets)."""
+def counts_paths(cache_dir: Path, preset: str, seed: int) -> tuple[Path, Path]:
+    """(raw counts file, its prepared file) of ``--counts``."""
+    stem = f"simulated_{preset}_seed{seed}"
+    return cache_dir / f"{stem}_counts.h5ad", cache_dir / f"{stem}_prepared.h5ad"
+
+
+def generate(path: Path, preset: str, seed: int, counts: bool = False) -> None:
+    """Simulates the preset and writes it to `path` (chunk by chunk for the large presets;
+    with `counts`, the raw UMI counts, chunk by chunk)."""
     from scformer_jax.data import simulate, write_h5ad_atomic
     from scformer_jax.data.simulate import ON_DISK_PRESETS, simulate_to_h5ad
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    if preset in ON_DISK_PRESETS:
+    if counts:
+        simulate_to_h5ad(preset, path, seed=seed, progress=True, counts=True)
+    elif preset in ON_DISK_PRESETS:
         simulate_to_h5ad(preset, path, seed=seed, progress=True)
     else:
         write_h5ad_atomic(simulate(preset, seed=seed), path)
@@ -170,19 +187,41 @@ def _load(args):
 
 
 def case_generate(args) -> dict:
-    path = Path(args.path)
+    counts = getattr(args, "counts", False)
+    path = Path(args.raw_path if counts else args.path)
     if path.exists():
         return {"cached": True, "file_gb": path.stat().st_size / 2**30}
     t0 = time.perf_counter()
-    generate(path, args.preset, args.seed)
-    return {"cached": False, "generate_s": time.perf_counter() - t0}
+    generate(path, args.preset, args.seed, counts=counts)
+    return {"cached": False, "generate_s": time.perf_counter() - t0, "file_gb": _gb(path)}
+
+
+def _gb(path) -> float:
+    return Path(path).stat().st_size / 2**30
 
 
 def case_prepare(args) -> dict:
     """The chunked prepare of the (already log-normalised) file: X rewritten block by block,
-    DE genes recomputed in chunked passes; the output is deleted afterwards."""
+    DE genes recomputed in chunked passes; the output is deleted afterwards. With
+    ``--counts``: the raw counts normalised, log-transformed and the DE genes computed into
+    the prepared file, which the later cases read."""
     from scformer_jax.data.prepare import prepare_h5ad
 
+    if getattr(args, "counts", False):
+        t0 = time.perf_counter()
+        prepare_h5ad(
+            args.raw_path,
+            args.path,
+            perturbation_key="condition",
+            control_label="ctrl",
+            cell_type_key="cell_type",
+            progress=True,
+        )
+        return {
+            "prepare_s": time.perf_counter() - t0,
+            "raw_file_gb": _gb(args.raw_path),
+            "file_gb": _gb(args.path),
+        }
     out = Path(args.path).with_name(Path(args.path).stem + "_prepared.h5ad")
     t0 = time.perf_counter()
     prepare_h5ad(
@@ -409,6 +448,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--path", default=None, help="cases: this .h5ad instead of the preset's cache file"
     )
+    parser.add_argument(
+        "--counts",
+        action="store_true",
+        help="cases: simulate raw counts, prepare them (normalise, log1p, DE genes) into the "
+        "file the later cases read",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--generate", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default=None, choices=CASES, help=argparse.SUPPRESS)
@@ -421,6 +466,9 @@ def main(argv=None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     if args.case or args.cases:
+        if args.counts:
+            raw, prepared = counts_paths(args.cache_dir, args.preset, args.seed)
+            args.raw_path, args.path = str(raw), args.path or str(prepared)
         args.path = args.path or str(dataset_path(args.cache_dir, args.preset, args.seed))
         args.batch_size = args.batch_size or 64
         if args.workdir is None:

@@ -272,3 +272,31 @@ def test_data_bench_cases_on_tiny_data(tmp_path):
     assert batches["batches_per_train_step"] == pytest.approx(
         batches["batches_per_s"] * batches["train_step_s"]
     )
+
+
+def test_data_bench_counts_cases_on_tiny_data(tmp_path):
+    import argparse
+
+    import h5py
+
+    from bench import data_bench
+
+    raw, prepared = data_bench.counts_paths(tmp_path, "tiny", 0)
+    args = argparse.Namespace(
+        preset="tiny",
+        seed=0,
+        counts=True,
+        raw_path=str(raw),
+        path=str(prepared),
+        batch_size=8,
+        eval_batch_size=8,
+        cache_mb=1,
+    )
+    generated = data_bench.run_case("generate", args)
+    assert generated["cached"] is False and raw.exists() and not prepared.exists()
+    with h5py.File(raw, "r") as f:
+        assert "rank_genes_groups_cov_all" not in f["uns"]
+    made = data_bench.run_case("prepare", args)
+    assert made["prepare_s"] > 0 and made["file_gb"] > 0 and prepared.exists()
+    loaded = data_bench.run_case("load", args)
+    assert loaded["n_genes"] == 40 and loaded["n_paired"] == loaded["n_train_cells"] > 0

@@ -171,18 +171,20 @@ def test_builtin_name_backed_uses_the_cache(tmp_path):
     np.testing.assert_array_equal(memory.control_mean, data.control_mean)
 
 
-def test_csr_writer_round_trip(tmp_path):
+@pytest.mark.parametrize("compress", [False, True])
+def test_csr_writer_round_trip(tmp_path, compress):
     rng = np.random.default_rng(0)
     dense = rng.random((37, 11)).astype(np.float32)
     dense[dense < 0.6] = 0
     matrix = sparse.csr_matrix(dense)
     path = tmp_path / "x.h5ad"
     with h5py.File(path, "w") as f:
-        writer = CSRWriter(f, 11)
+        writer = CSRWriter(f, 11, compress=compress)
         for start in (0, 10, 30):
             block = matrix[start : {0: 10, 10: 30, 30: 37}[start]]
             writer.append(block.data, block.indices, np.diff(block.indptr))
         assert writer.close() == 37
+        assert f["X/data"].compression == ("gzip" if compress else None)
     X = BackedCSR(path)
     try:
         np.testing.assert_array_equal(X.dense_rows(np.arange(37)), dense)
@@ -265,3 +267,117 @@ def test_cli_prepare_chunked_equals_in_memory(tmp_path):
         a.uns["rank_genes_groups_cov_all"]["cell_G1+ctrl_1+1"],
         b.uns["rank_genes_groups_cov_all"]["cell_G1+ctrl_1+1"],
     )
+
+
+def test_group_stats_equal_a_direct_computation_with_multiple_chunks():
+    rng = np.random.default_rng(4)
+    dense = rng.poisson(0.7, (95, 13)).astype(np.float32) * rng.random((95, 13), np.float32)
+    codes = rng.integers(-1, 6, 95)
+    counts, means, variances = group_stats(sparse.csr_matrix(dense), codes, 7, chunk_rows=10)
+    for g in range(7):
+        rows = dense[codes == g].astype(np.float64)
+        assert counts[g] == len(rows)
+        if len(rows) == 0:
+            assert not means[g].any() and not variances[g].any()
+            continue
+        np.testing.assert_allclose(means[g], rows.mean(axis=0), rtol=1e-12, atol=1e-12)
+        expected = rows.var(axis=0, ddof=1) if len(rows) > 1 else np.zeros(13)
+        np.testing.assert_allclose(variances[g], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_group_stats_of_a_non_canonical_matrix_leave_it_alone():
+    # Unsorted column indices and a duplicated entry (row 0, column 2: 1 + 2 = 3).
+    data = np.array([2.0, 1.0, 2.0, 4.0, 5.0], np.float32)
+    indices = np.array([2, 0, 2, 1, 0], np.int32)
+    matrix = sparse.csr_matrix((data, indices, np.array([0, 3, 5])), shape=(2, 3))
+    before = (matrix.data.copy(), matrix.indices.copy())
+    counts, means, variances = group_stats(matrix, np.array([0, 0]), 1)
+    np.testing.assert_array_equal(means[0], [3.0, 2.0, 2.0])  # rows [1, 0, 4] and [5, 4, 0]
+    np.testing.assert_allclose(variances[0], [8.0, 8.0, 8.0])
+    np.testing.assert_array_equal(matrix.data, before[0])
+    np.testing.assert_array_equal(matrix.indices, before[1])
+
+
+def test_one_pass_drop_out_sets_equal_the_separate_pass():
+    from scformer_jax.data.de import _rank_genes, dropout_gene_sets
+    from scformer_jax.data.gears_io import condition_name
+
+    adata = simulate("tiny", seed=5)
+    ranked, name_means = _rank_genes(adata, backend="numpy", X=None, progress=False)
+    assert name_means is not None and set(ranked) < set(name_means)
+    shared = dropout_gene_sets(adata, ranked, name_means=name_means)
+    separate = dropout_gene_sets(adata, ranked)
+    assert shared.keys() == separate.keys()
+    for key in shared:
+        assert shared[key].keys() == separate[key].keys()
+        for name in shared[key]:
+            np.testing.assert_array_equal(shared[key][name], separate[key][name])
+    # Two cell types: the condition means are not the per-condition_name means, so the
+    # ranking does not hand them over.
+    adata.obs["cell_type"] = np.where(np.arange(adata.n_obs) % 2, "a", "b")
+    adata.obs["condition_name"] = [
+        condition_name(t, c)
+        for t, c in zip(adata.obs["cell_type"], adata.obs["condition"].astype(str))
+    ]
+    assert _rank_genes(adata, backend="numpy", X=None, progress=False)[1] is None
+
+
+@pytest.fixture(scope="module")
+def counts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("counts") / "tiny_counts.h5ad"
+    simulate_to_h5ad("tiny", path, seed=3, workers=2, counts=True)
+    return path
+
+
+def test_counts_file_holds_the_draws_behind_the_dataset(counts_file):
+    raw = anndata.read_h5ad(counts_file)
+    expected = simulate("tiny", seed=3)  # no unmeasured genes: normalised over the same genes
+    counts = raw.X.toarray()
+    assert raw.X.dtype == np.float32 and np.array_equal(counts, np.round(counts))
+    assert counts.max() > 1 and raw.shape == expected.shape
+    totals = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    np.testing.assert_array_equal(
+        np.log1p(counts * (np.float32(1e4) / totals)), expected.X.toarray()
+    )
+    assert raw.obs["condition"].tolist() == expected.obs["condition"].tolist()
+    assert raw.var.equals(expected.var[["gene_name"]])
+    assert list(raw.uns) == ["simulation"]  # no DE entries: prepare computes them
+    assert sorted(raw.obs.columns) == ["cell_type", "condition"]
+    with h5py.File(counts_file, "r") as f:  # read front to back only: stored compressed
+        assert f["X/data"].compression == "gzip" and f["X/indices"].compression == "gzip"
+
+
+def test_prepared_counts_file_is_the_simulated_dataset(counts_file, tmp_path):
+    from scformer_jax.data.prepare import prepare_h5ad
+
+    out = prepare_h5ad(
+        counts_file,
+        tmp_path / "prepared.h5ad",
+        perturbation_key="condition",
+        control_label="ctrl",
+        cell_type_key="cell_type",
+        chunk_rows=50,
+    )
+    prepared, expected = anndata.read_h5ad(out), simulate("tiny", seed=3)
+    np.testing.assert_allclose(prepared.X.toarray(), expected.X.toarray(), rtol=1e-6, atol=1e-6)
+    for column in ("condition", "condition_name", "cell_type", "control"):
+        assert (
+            prepared.obs[column].astype(str).tolist() == expected.obs[column].astype(str).tolist()
+        )
+    assert (
+        prepared.uns["rank_genes_groups_cov_all"].keys()
+        == expected.uns["rank_genes_groups_cov_all"].keys()
+    )
+
+
+def test_counts_file_keeps_only_the_measured_genes(tmp_path):
+    from scformer_jax.data.simulate import simulation_config
+
+    cfg = simulation_config("tiny", n_unmeasured_pert_genes=3)
+    path = simulate_to_h5ad(cfg, tmp_path / "c.h5ad", seed=1, counts=True, workers=1)
+    raw, expected = anndata.read_h5ad(path), simulate(cfg, seed=1)
+    assert raw.shape == expected.shape and list(raw.var_names) == list(expected.var_names)
+    # The simulator normalises over all genes (unmeasured ones too): the same non-zero
+    # pattern, each cell's values a monotone function of its counts.
+    assert (raw.X != 0).toarray().tolist() == (expected.X != 0).toarray().tolist()
+    assert set(raw.uns["simulation"]["unmeasured_genes"]).isdisjoint(raw.var_names)

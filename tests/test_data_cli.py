@@ -158,3 +158,22 @@ def test_module_entry_point(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert anndata.read_h5ad(out).n_vars == 40
+
+
+def test_simulate_counts_writes_the_input_of_prepare(tmp_path, capsys):
+    raw = tmp_path / "raw.h5ad"
+    assert main(["simulate", "--out", str(raw), "--preset", "tiny", "--seed", "2", "--counts"]) == 0
+    message = capsys.readouterr().out
+    assert "raw UMI counts" in message and "prepare" in message
+    counts = anndata.read_h5ad(raw).X.toarray()
+    assert np.array_equal(counts, np.round(counts)) and counts.max() > 1
+    prepared = tmp_path / "prepared.h5ad"
+    common = ["--perturbation-key", "condition", "--control-label", "ctrl"]
+    args = ["prepare", str(raw), str(prepared), "--chunked", "--cell-type-key", "cell_type"]
+    assert main(args + common) == 0
+    expected = simulate("tiny", seed=2)
+    written = anndata.read_h5ad(prepared)
+    np.testing.assert_allclose(written.X.toarray(), expected.X.toarray(), rtol=1e-6, atol=1e-6)
+    assert (
+        written.uns["top_non_dropout_de_20"].keys() == expected.uns["top_non_dropout_de_20"].keys()
+    )

@@ -1,7 +1,8 @@
 """Command line: ``python -m scformer_jax.data {simulate,prepare,split} ...``.
 
-* ``simulate --out FILE.h5ad [--seed N] [--preset NAME] [--set KEY=VALUE] [--chunked]``
-  writes the built-in simulated dataset in GEARS's layout (the large presets chunk by chunk).
+* ``simulate --out FILE.h5ad [--seed N] [--preset NAME] [--set KEY=VALUE] [--chunked]
+  [--counts]`` writes the built-in simulated dataset in GEARS's layout (the large presets chunk
+  by chunk), or with ``--counts`` its raw UMI counts, an input for ``prepare``.
 * ``prepare IN.h5ad OUT.h5ad --perturbation-key COL --control-label LABEL [--chunked] [...]``
   turns a Perturb-seq AnnData into GEARS's layout, block by block for large inputs (OUT may be
   a folder: then ``OUT/perturb_processed.h5ad``).
@@ -67,6 +68,16 @@ def _cmd_simulate(args: argparse.Namespace) -> str:
     if out.suffix != ".h5ad":
         raise DataFormatError(f"--out {str(out)!r} must end in .h5ad.")
     cfg = simulation_config(args.preset, **_parse_sets(args.set))
+    if args.counts:
+        simulate_to_h5ad(cfg, out, seed=args.seed, progress=True, counts=True)
+        adata = _obs_and_var(out)
+        return (
+            f"wrote {out}: raw UMI counts of {adata.n_obs} cells x {adata.n_vars} genes, "
+            f"{adata.obs['condition'].nunique()} conditions (preset {args.preset!r}, seed "
+            f"{args.seed}); prepare it with: python -m scformer_jax.data prepare {out} "
+            "PREPARED.h5ad --perturbation-key condition --control-label ctrl "
+            "--cell-type-key cell_type"
+        )
     if args.chunked or args.preset in ON_DISK_PRESETS:
         # Chunk by chunk straight to the file: X is never in memory.
         simulate_to_h5ad(cfg, out, seed=args.seed, progress=True)
@@ -188,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunked",
         action="store_true",
         help="write chunk by chunk without holding X in memory (same file)",
+    )
+    sim.add_argument(
+        "--counts",
+        action="store_true",
+        help="write the raw UMI counts of the measured genes (chunk by chunk, no DE genes): "
+        "the input of `prepare`, as a sequencing experiment gives it",
     )
     sim.add_argument(
         "--set",

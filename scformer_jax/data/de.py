@@ -46,7 +46,7 @@ def group_stats(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cell counts, means and unbiased variances of the rows of X per group.
 
-    One pass over the stored values (bincount per chunk of rows over the groups present in
+    One pass over the stored values (a sparse product per chunk of rows over the groups in
     the chunk), float64 throughout; no dense copy of a sparse X. A matrix on disk
     (:class:`~scformer_jax.data.backed.BackedCSR`) is read chunk by chunk and gives the same
     numbers as in memory.
@@ -71,6 +71,9 @@ def group_stats(
         from tqdm import tqdm
 
         chunks = tqdm(chunks, desc=progress, total=-(-n_cells // chunk_rows), unit="chunk")
+    # Flat views: adding at (group * n_genes + gene) positions is much faster than a
+    # (rows, cols) fancy index; each position is added once per chunk, as before.
+    flat_sums, flat_squares = sums.reshape(-1), squares.reshape(-1)
     for start, block in chunks:
         rows = np.flatnonzero(codes[start : start + block.shape[0]] >= 0)
         if not len(rows):
@@ -84,14 +87,30 @@ def group_stats(
         values = sparse.csr_matrix(
             (block.data.astype(np.float64), block.indices, block.indptr), shape=block.shape
         )
-        for total, matrix in ((sums, values), (squares, values.multiply(values).tocsr())):
-            part = (indicator @ matrix).tocoo()
-            total[present[part.row], part.col] += part.data
+        if not values.has_canonical_format:
+            # Squares need one value per position; a copy, so that the caller's arrays
+            # (views of X) are never reordered.
+            values = values.copy()
+            values.sum_duplicates()
+        squared = values.copy()
+        squared.data *= squared.data
+        row_offsets = present.astype(np.int64) * n_genes
+        for total, matrix in ((flat_sums, values), (flat_squares, squared)):
+            part = indicator @ matrix  # CSR (len(present), genes)
+            positions = np.repeat(row_offsets, np.diff(part.indptr)) + part.indices
+            total[positions] += part.data
     counts = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
     safe = np.maximum(counts, 1.0)[:, None]
-    means = sums / safe
-    variances = squares / safe - means**2
-    variances = np.maximum(variances, 0.0) * (safe / np.maximum(safe - 1.0, 1.0))
+    # In place, block by block (the same operations as sums / safe and
+    # squares / safe - means**2): no extra groups x genes temporaries.
+    means = sums
+    means /= safe
+    variances = squares
+    variances /= safe
+    for lo in range(0, n_groups, 1024):
+        variances[lo : lo + 1024] -= np.square(means[lo : lo + 1024])
+    np.maximum(variances, 0.0, out=variances)
+    variances *= safe / np.maximum(safe - 1.0, 1.0)
     return counts, means, variances
 
 
@@ -105,7 +124,7 @@ def _rank_by_abs_score(scores: np.ndarray) -> np.ndarray:
 
 def _rank_numpy(
     X, group_names: np.ndarray, reference: str, *, progress: str | None = None
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Welch t-test of every group against `reference`, as scanpy's 't-test' computes it.
 
     Args:
@@ -113,7 +132,9 @@ def _rank_numpy(
       group_names: str (cells,): each cell's group; ``""`` leaves a cell out.
 
     Returns:
-      group -> int (genes,) column indices ranked by |t|, NaN scores counting as 0.
+      group -> int (genes,) column indices ranked by |t|, NaN scores counting as 0; and
+      group -> float64 (genes,) mean of the group's cells (rows of one array, the reference
+      included).
     """
     unique, codes = np.unique(group_names, return_inverse=True)
     codes = np.where(group_names == "", -1, codes)
@@ -129,7 +150,9 @@ def _rank_numpy(
             )
             scores[np.isnan(scores)] = 0.0
             out[str(name)] = _rank_by_abs_score(scores)
-    return out
+    del variances
+    group_means = {str(name): means[g] for g, name in enumerate(unique) if name != ""}
+    return out, group_means
 
 
 def _rank_scanpy(
@@ -189,6 +212,16 @@ def rank_genes_vs_control(
     Returns:
       condition_name -> array of var names (n_genes,), most differential first.
     """
+    return _rank_genes(adata, backend=backend, X=X, progress=progress)[0]
+
+
+def _rank_genes(
+    adata: anndata.AnnData, *, backend: str, X, progress: bool
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """:func:`rank_genes_vs_control`, and the per-``condition_name`` means of X when the
+    ranking computed them over all cells (numpy backend, one cell type): the same numbers
+    :func:`dropout_gene_sets` would compute in another pass (the same cells summed in the
+    same order), else None."""
     if backend not in DE_BACKENDS:
         raise ValueError(f"DE backend {backend!r} is not one of {list(DE_BACKENDS)}.")
     result: dict[str, np.ndarray] = {}
@@ -202,6 +235,7 @@ def rank_genes_vs_control(
             "statistic as scanpy's t-test); pass de_backend='numpy'."
         )
     X = X if on_disk else sparse.csr_matrix(adata.X if X is None else X)
+    means = None
     for cell_type in pd.unique(cell_types):
         mask = cell_types == cell_type
         reference = condition_name(cell_type, CONTROL)
@@ -216,7 +250,11 @@ def rank_genes_vs_control(
         label = f"DE genes ({cell_type})" if progress else None
         if on_disk:
             # Cells of other types are left out by their empty group name.
-            ranked = _rank_numpy(X, np.where(mask, group_names, ""), reference, progress=label)
+            ranked, group_means = _rank_numpy(
+                X, np.where(mask, group_names, ""), reference, progress=label
+            )
+            if mask.all():
+                means = group_means
             for group, order in ranked.items():
                 result[group] = var_names[order].to_numpy(dtype=str)
             continue
@@ -224,14 +262,21 @@ def rank_genes_vs_control(
         if backend == "scanpy":
             ranked = _rank_scanpy(sub_X, groups, reference, var_names)
         else:
-            ranked = _rank_numpy(sub_X, groups, reference, progress=label)
+            ranked, group_means = _rank_numpy(sub_X, groups, reference, progress=label)
+            if mask.all():
+                means = group_means
         for group, order in ranked.items():
             result[group] = var_names[order].to_numpy(dtype=str)
-    return result
+    return result, means
 
 
 def dropout_gene_sets(
-    adata: anndata.AnnData, ranked: dict[str, np.ndarray], *, X=None, progress: bool = False
+    adata: anndata.AnnData,
+    ranked: dict[str, np.ndarray],
+    *,
+    X=None,
+    progress: bool = False,
+    name_means: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict]:
     """GEARS's non-zero / non-dropout gene sets and their top-20 DE genes.
 
@@ -244,22 +289,31 @@ def dropout_gene_sets(
       ranked: :func:`rank_genes_vs_control`'s result.
       X: the expression matrix when it is not ``adata.X`` (e.g. on disk).
       progress: show a progress bar.
+      name_means: when all cells have one cell type: the mean of X over each
+        ``condition_name``'s cells (the control's included), as :func:`group_stats` computes
+        it over all cells; then X is not read again. None: computed in one pass over X.
 
     Returns:
       ``{"top_non_dropout_de_20", "non_dropout_gene_idx", "non_zeros_gene_idx",
       "top_non_zero_de_20"}``, each keyed by condition_name.
     """
     conditions = adata.obs["condition"].astype(str).to_numpy()
-    unique, codes = np.unique(conditions, return_inverse=True)
-    _, means, _ = group_stats(
-        adata.X if X is None else X,
-        codes,
-        len(unique),
-        progress="condition means" if progress else None,
-    )
-    ctrl_mean = means[int(np.flatnonzero(unique == CONTROL)[0])]
-    name_to_condition = dict(zip(adata.obs["condition_name"].astype(str).to_numpy(), conditions))
-    row_of = {c: i for i, c in enumerate(unique)}
+    names = adata.obs["condition_name"].astype(str).to_numpy()
+    if name_means is None:
+        unique, codes = np.unique(conditions, return_inverse=True)
+        _, means, _ = group_stats(
+            adata.X if X is None else X,
+            codes,
+            len(unique),
+            progress="condition means" if progress else None,
+        )
+        condition_means = dict(zip(unique, means))
+        name_to_condition = dict(zip(names, conditions))
+        mean_of = {name: condition_means[name_to_condition[name]] for name in pd.unique(names)}
+        ctrl_mean = condition_means[CONTROL]
+    else:
+        (control_name,) = pd.unique(names[conditions == CONTROL])
+        mean_of, ctrl_mean = name_means, name_means[control_name]
     var_names = pd.Index(adata.var_names.astype(str))
     out = {
         "top_non_dropout_de_20": {},
@@ -268,7 +322,7 @@ def dropout_gene_sets(
         "top_non_zero_de_20": {},
     }
     for name, genes in ranked.items():
-        mean = means[row_of[name_to_condition[name]]]
+        mean = mean_of[name]
         non_zero = mean != 0
         non_dropout = non_zero | (ctrl_mean == 0)
         order = var_names.get_indexer(genes)
@@ -306,7 +360,9 @@ def add_gears_annotations(
     )
     adata.obs["condition"] = pd.Categorical(conditions.to_numpy())
     adata.obs["cell_type"] = pd.Categorical(cell_types.to_numpy())
-    ranked = rank_genes_vs_control(adata, backend=de_backend, X=X, progress=progress)
+    ranked, name_means = _rank_genes(adata, backend=de_backend, X=X, progress=progress)
     adata.uns[DE_KEY] = ranked
-    adata.uns.update(dropout_gene_sets(adata, ranked, X=X, progress=progress))
+    adata.uns.update(
+        dropout_gene_sets(adata, ranked, X=X, progress=progress, name_means=name_means)
+    )
     return adata
