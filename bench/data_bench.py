@@ -18,12 +18,6 @@ With ``--cases``, each case runs in its own child process (so that its peak resi
   (skipped, and reported as cached, when the file exists).
 * ``prepare``: :func:`~scformer_jax.data.prepare.prepare_h5ad` on the preset's file (already
   log-normalised: X rewritten block by block, DE genes recomputed); the output is deleted.
-
-With ``--counts`` the simulator writes the raw experiment instead (UMI counts of the measured
-genes, compressed, no DE genes: ``simulate_to_h5ad(counts=True)``) to
-``simulated_PRESET_seedN_counts.h5ad``; ``prepare`` normalises it, log-transforms it and
-computes the DE genes into ``simulated_PRESET_seedN_prepared.h5ad``, which it keeps, and the
-later cases read that file: the path of a user's raw screen.
 * ``load``: load (X on disk when larger than ``data.backed_above_gb``) + split + pairing.
 * ``batches``: assembles ``--batches`` training batches at the seed's settings (batch
   ``--batch-size``, ``include_zero_gene`` batch-wise, ``max_seq_len`` 1536, pairing drawn once)
@@ -34,6 +28,12 @@ later cases read that file: the path of a user's raw screen.
 * ``train``: ``train.py --config configs/scformer.yaml`` for ``--train-steps`` steps.
 * ``eval``: ``eval.py`` on that run for ``--eval-perturbations`` test perturbations,
   ``--eval-cells`` cells each.
+
+With ``--counts`` the simulator writes the raw experiment instead (UMI counts of the measured
+genes, compressed, no DE genes: ``simulate_to_h5ad(counts=True)``) to
+``simulated_PRESET_seedN_counts.h5ad``; ``prepare`` normalises it, log-transforms it and
+computes the DE genes into ``simulated_PRESET_seedN_prepared.h5ad``, which it keeps, and the
+later cases read that file: the path of a user's raw screen.
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ def dataset_path(cache_dir: Path, preset: str, seed: int) -> Path:
     return cache_dir / f"simulated_{preset}_seed{seed}.h5ad"
 
 
+def _gb(path) -> float:
+    """A file's size in GiB."""
+    return Path(path).stat().st_size / 2**30
+
+
 def counts_paths(cache_dir: Path, preset: str, seed: int) -> tuple[Path, Path]:
     """(raw counts file, its prepared file) of ``--counts``."""
     stem = f"simulated_{preset}_seed{seed}"
@@ -75,10 +80,8 @@ def generate(path: Path, preset: str, seed: int, counts: bool = False) -> None:
     from scformer_jax.data.simulate import ON_DISK_PRESETS, simulate_to_h5ad
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    if counts:
-        simulate_to_h5ad(preset, path, seed=seed, progress=True, counts=True)
-    elif preset in ON_DISK_PRESETS:
-        simulate_to_h5ad(preset, path, seed=seed, progress=True)
+    if counts or preset in ON_DISK_PRESETS:
+        simulate_to_h5ad(preset, path, seed=seed, progress=True, counts=counts)
     else:
         write_h5ad_atomic(simulate(preset, seed=seed), path)
 
@@ -156,7 +159,7 @@ def measure(path: Path, *, batches: int, batch_size: int, max_seq_len: int) -> d
         "n_train_cells": int(loader.n_cells),
         "n_paired": int(len(partners)),
         "backed": bool(data.backed),
-        "file_gb": path.stat().st_size / 2**30,
+        "file_gb": _gb(path),
         "peak_rss_gb": peak_rss_gb(),
         "rss_before_gb": rss_start,
     }
@@ -190,14 +193,10 @@ def case_generate(args) -> dict:
     counts = getattr(args, "counts", False)
     path = Path(args.raw_path if counts else args.path)
     if path.exists():
-        return {"cached": True, "file_gb": path.stat().st_size / 2**30}
+        return {"cached": True, "file_gb": _gb(path)}
     t0 = time.perf_counter()
     generate(path, args.preset, args.seed, counts=counts)
     return {"cached": False, "generate_s": time.perf_counter() - t0, "file_gb": _gb(path)}
-
-
-def _gb(path) -> float:
-    return Path(path).stat().st_size / 2**30
 
 
 def case_prepare(args) -> dict:
@@ -232,7 +231,7 @@ def case_prepare(args) -> dict:
         normalize=False,
         labels_are_gene_names=True,
     )
-    record = {"prepare_s": time.perf_counter() - t0, "file_gb": out.stat().st_size / 2**30}
+    record = {"prepare_s": time.perf_counter() - t0, "file_gb": _gb(out)}
     out.unlink()
     return record
 
