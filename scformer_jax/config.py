@@ -132,6 +132,11 @@ class ModelConfig:
     # model's prediction of that single on the same cell), in validation, eval and predict
     # (scformer_jax.prior). Excludes additive_prior.
     seen_single_correction: bool = False
+    # True: the measured training singles' changes that additive_prior or
+    # seen_single_correction put into multi-gene predictions are first shrunk towards no
+    # change, gene by gene, by their sampling error (empirical Bayes; scformer_jax.prior).
+    # Needs one of the two.
+    shrink_singles: bool = False
     # True: every perturbation of measured genes starts from what the control cells'
     # co-expression implies (the regression of each gene on the perturbed one, scaled by the
     # training singles' typical direct effect) and the model learns the rest
@@ -241,6 +246,12 @@ class ModelConfig:
             raise ConfigError(
                 "model.additive_prior and model.seen_single_correction both correct multi-gene "
                 "predictions by the measured singles: set one of them to false."
+            )
+        if self.shrink_singles and not (self.additive_prior or self.seen_single_correction):
+            raise ConfigError(
+                "model.shrink_singles shrinks the measured singles that multi-gene predictions "
+                "use: set model.seen_single_correction: true (or model.additive_prior: true), "
+                "or model.shrink_singles: false."
             )
         if self.unseen_single == "prior" and not self.coexpression_prior:
             raise ConfigError(

@@ -22,6 +22,17 @@ training:
 so the double inherits the measured singles' effects and keeps what the model predicts beyond
 its own singles (its interaction); a gene without a measured single adds nothing.
 
+With ``model.shrink_singles``, the measured singles' changes that either of the two uses are
+first shrunk towards no change, gene by gene, by how noisy they are (empirical Bayes, in the
+spirit of DESeq2's fold-change shrinkage): a single measured on a few dozen cells has a
+sampling error per gene of about the cells' spread over the square root of their number, which
+the sum of two singles carries twice into a double's prediction. Each gene ``g`` gets a normal
+prior over the training singles' true changes, ``N(0, tau_g^2)`` with
+``tau_g^2 = max(mean over singles of d_Gg^2 - mean of se_Gg^2, 0)``, and each measured change
+``d_Gg`` becomes its posterior mean ``w d_Gg``, ``w = tau_g^2 / (tau_g^2 + se_Gg^2)``, where
+``se_Gg^2`` is the gene's within-condition variance pooled over the training singles divided by
+the single's cell count (the control mean's error, over many more cells, is left out).
+
 With ``model.coexpression_prior``, every perturbation of measured genes starts from what the
 control cells' co-expression implies, and the model learns the rest:
 
@@ -48,6 +59,8 @@ from scformer_jax.data.conditions import CONTROL, condition_genes
 # Ridge of the co-expression regression, as a fraction of the mean gene variance: keeps genes
 # that barely vary in the control cells from getting huge coefficients.
 RIDGE = 0.1
+# Genes per block of :func:`shrink_single_changes` (bounds its memory at genome-wide sizes).
+SHRINK_BLOCK_GENES = 1024
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,24 +164,105 @@ def prior_for(model_config, dataset, train_conditions: Sequence[str]) -> Additiv
     if not uses_prior(model_config):
         return None
     return fit_additive_prior(
-        dataset, train_conditions, coexpression=model_config.coexpression_prior
+        dataset,
+        train_conditions,
+        coexpression=model_config.coexpression_prior,
+        shrink=model_config.shrink_singles,
     )
 
 
 def fit_additive_prior(
-    dataset, train_conditions: Sequence[str], *, coexpression: bool = False
+    dataset, train_conditions: Sequence[str], *, coexpression: bool = False, shrink: bool = False
 ) -> AdditivePrior:
     """The training singles' mean changes over the control mean (training cells only) and,
-    with `coexpression`, the co-expression prior (:func:`fit_coexpression`)."""
-    ctrl = np.asarray(dataset.control_mean, np.float32)
-    changes = {}
+    with `coexpression`, the co-expression prior (:func:`fit_coexpression`, from the
+    measured changes). With `shrink`, the changes are shrunk by their sampling error
+    (:func:`shrink_single_changes`)."""
+    if shrink:
+        changes, squared_errors = single_changes_and_errors(dataset, train_conditions)
+        used = shrink_single_changes(changes, squared_errors)
+    else:
+        ctrl = np.asarray(dataset.control_mean, np.float32)
+        changes = {
+            gene: (dataset.condition_mean(c) - ctrl).astype(np.float32)
+            for gene, c in _training_singles(train_conditions).items()
+        }
+        used = changes
+    return AdditivePrior(
+        changes=used, coexpression=fit_coexpression(dataset, changes) if coexpression else None
+    )
+
+
+def _training_singles(train_conditions: Sequence[str]) -> dict[str, str]:
+    """gene -> its single-gene training condition."""
+    singles = {}
     for condition in dict.fromkeys(train_conditions):
         genes = condition_genes(condition)
         if condition != CONTROL and len(genes) == 1:
-            changes[genes[0]] = (dataset.condition_mean(condition) - ctrl).astype(np.float32)
-    return AdditivePrior(
-        changes=changes, coexpression=fit_coexpression(dataset, changes) if coexpression else None
-    )
+            singles[genes[0]] = condition
+    return singles
+
+
+def single_changes_and_errors(
+    dataset, train_conditions: Sequence[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The training singles' mean changes over the control mean and their squared standard
+    errors: gene -> (n_genes,) float32 and float64. The error of a gene's change is its
+    within-condition variance, pooled over the training singles, over the single's cell count
+    (one pass over the singles' cells; the changes equal :func:`fit_additive_prior`'s)."""
+    ctrl = np.asarray(dataset.control_mean, np.float32)
+    changes, counts = {}, {}
+    squares = np.zeros(dataset.n_genes, np.float64)
+    for gene, condition in _training_singles(train_conditions).items():
+        cells = dataset.condition_cells[condition]
+        mean, square = dataset.expression_moments(cells)
+        squares += square
+        changes[gene] = (mean.astype(np.float32) - ctrl).astype(np.float32)
+        counts[gene] = len(cells)
+    dof = sum(counts.values()) - len(counts)
+    pooled = squares / dof if dof > 0 else np.zeros(dataset.n_genes)
+    errors = {g: pooled / counts[g] for g in changes}
+    return changes, errors
+
+
+def shrink_single_changes(
+    changes: Mapping[str, np.ndarray], squared_errors: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Measured single changes shrunk towards no change by their sampling error.
+
+    Args:
+      changes: gene -> (n_genes,) measured change of its single over the control mean.
+      squared_errors: gene -> (n_genes,) squared standard error of that change.
+
+    Returns:
+      gene -> float32 (n_genes,) ``w * change``, the posterior mean under a per-gene normal
+      prior ``N(0, tau^2)`` whose variance is estimated from all the singles,
+      ``tau^2 = max(mean(change^2) - mean(squared error), 0)``, and
+      ``w = tau^2 / (tau^2 + squared error)`` (1 where both are 0: nothing to shrink by).
+    """
+    if not changes:
+        return {}
+    genes = list(changes)
+    shapes = {np.shape(changes[g]) for g in genes} | {np.shape(squared_errors[g]) for g in genes}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"changes and squared_errors must have the same shape, got {sorted(shapes)}."
+        )
+    n_genes = shapes.pop()[0]
+    out = {g: np.empty(n_genes, np.float32) for g in genes}
+    # Gene by gene (columns in blocks): the prior of a gene is its own column's.
+    for start in range(0, n_genes, SHRINK_BLOCK_GENES):
+        block = slice(start, start + SHRINK_BLOCK_GENES)
+        d = np.stack([np.asarray(changes[g][block], np.float64) for g in genes])
+        se2 = np.stack([np.asarray(squared_errors[g][block], np.float64) for g in genes])
+        if np.any(se2 < 0) or not np.all(np.isfinite(se2)):
+            raise ValueError("squared_errors must be finite and non-negative.")
+        tau2 = np.maximum((d**2).mean(axis=0) - se2.mean(axis=0), 0.0)
+        denominator = tau2 + se2
+        weight = np.divide(tau2, denominator, out=np.ones_like(d), where=denominator > 0)
+        for i, g in enumerate(genes):
+            out[g][block] = weight[i] * d[i]
+    return out
 
 
 def fit_coexpression(

@@ -274,6 +274,96 @@ def test_seen_single_correction_adds_the_models_errors_on_measured_singles(data_
         load_config(None, ["model.additive_prior=true", "model.seen_single_correction=true"])
 
 
+def test_shrink_single_changes_is_the_per_gene_posterior_mean(monkeypatch):
+    from scformer_jax import prior
+    from scformer_jax.prior import shrink_single_changes
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(12)]
+    truth = rng.normal(size=(12, 7)) * np.array([0, 0, 0.1, 0.5, 1, 2, 0])
+    se2 = rng.uniform(0.01, 0.2, size=(12, 7))
+    se2[:, -1] = 0.0  # a gene measured without error (and no change): left as it is
+    measured = truth + rng.normal(size=truth.shape) * np.sqrt(se2)
+    shrunk = shrink_single_changes(dict(zip(genes, measured)), dict(zip(genes, se2)))
+    for j in range(7):  # gene by gene, written out
+        tau2 = max(np.mean(measured[:, j] ** 2) - np.mean(se2[:, j]), 0.0)
+        for i, g in enumerate(genes):
+            weight = 1.0 if tau2 + se2[i, j] == 0 else tau2 / (tau2 + se2[i, j])
+            np.testing.assert_allclose(shrunk[g][j], weight * measured[i, j], rtol=1e-5, atol=1e-7)
+    out = np.stack([shrunk[g] for g in genes])
+    # Genes that do not change are pulled to (nearly) nothing, strong changes barely move,
+    # and the shrunk changes are closer to the truth.
+    assert np.abs(out[:, :2]).mean() < 0.5 * np.abs(measured[:, :2]).mean()
+    np.testing.assert_allclose(out[:, 5], measured[:, 5], rtol=0.15)
+    assert np.mean((out - truth) ** 2) < np.mean((measured - truth) ** 2)
+    # Blocks of genes give the same numbers as one block.
+    monkeypatch.setattr(prior, "SHRINK_BLOCK_GENES", 3)
+    blocked = shrink_single_changes(dict(zip(genes, measured)), dict(zip(genes, se2)))
+    for g in genes:
+        np.testing.assert_array_equal(blocked[g], shrunk[g])
+    with pytest.raises(ValueError, match="non-negative"):
+        shrink_single_changes({"A": measured[0]}, {"A": -se2[0]})
+    with pytest.raises(ValueError, match="same shape"):
+        shrink_single_changes({"A": measured[0]}, {"A": se2[0, :3]})
+
+
+def test_shrink_singles_shrinks_only_the_singles_that_doubles_use(data_tiny):
+    from scformer_jax.predict import Predictor
+    from scformer_jax.prior import fit_additive_prior, prior_for, shrink_single_changes
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(
+        data_tiny, seen_single_correction=True, coexpression_prior=True, shrink_singles=True
+    )
+    raw = fit_additive_prior(data_tiny, split["train"], coexpression=True)
+    shrunk = prior_for(config, data_tiny, split["train"])
+    assert set(shrunk.changes) == set(raw.changes)
+    # The squared errors written out: the within-condition variance pooled over the training
+    # singles, over each single's cell count.
+    X = data_tiny.X.toarray().astype(np.float64)
+    cells = {}
+    for c in split["train"]:
+        genes = data_tiny.condition_genes[c]
+        if c != "ctrl" and len(genes) == 1:
+            cells[genes[0]] = data_tiny.condition_cells[c]
+    deviations = sum(((X[v] - X[v].mean(axis=0)) ** 2).sum(axis=0) for v in cells.values())
+    pooled = deviations / sum(len(v) - 1 for v in cells.values())
+    expected = shrink_single_changes(raw.changes, {g: pooled / len(v) for g, v in cells.items()})
+    for g in raw.changes:
+        np.testing.assert_allclose(shrunk.changes[g], expected[g], rtol=1e-4, atol=1e-6)
+    stacked = np.stack([shrunk.changes[g] for g in raw.changes])
+    assert np.abs(stacked).sum() < np.abs(np.stack(list(raw.changes.values()))).sum()
+    # The co-expression prior keeps the measured direct effect.
+    assert shrunk.coexpression.direct_effect == raw.coexpression.direct_effect
+
+    params = init_params(config, jax.random.PRNGKey(0))
+    with_shrink = Predictor(config, params, data_tiny, batch_size=8, prior=shrunk)
+    without = Predictor(
+        dataclasses.replace(config, shrink_singles=False),
+        params,
+        data_tiny,
+        batch_size=8,
+        prior=raw,
+    )
+    controls = data_tiny.control_cells[:5]
+    seen = sorted(raw.changes)
+    double = f"{seen[0]}+{seen[1]}"
+    np.testing.assert_allclose(
+        with_shrink.predict_cells(double, controls),
+        without.predict_cells(double, controls)
+        - sum(raw.changes[g] - shrunk.changes[g] for g in seen[:2]),
+        atol=1e-4,
+    )
+    for single in (f"{seen[0]}+ctrl", "ctrl"):
+        np.testing.assert_allclose(
+            with_shrink.predict_cells(single, controls),
+            without.predict_cells(single, controls),
+            atol=1e-6,
+        )
+    with pytest.raises(ConfigError, match="shrink_singles"):
+        load_config(None, ["model.seen_single_correction=false", "model.shrink_singles=true"])
+
+
 def test_seen_single_correction_and_anchor_change_validation_and_eval_not_training(tmp_path):
     import json
 
@@ -303,6 +393,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "model.coexpression_prior=false",
         "model.unseen_single=network",
         "model.seen_single_correction=false",
+        "model.shrink_singles=false",
         "model.control_anchor=false",
     )
     corrected_dir, corrected = run(
@@ -310,6 +401,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "model.coexpression_prior=false",
         "model.unseen_single=network",
         "model.seen_single_correction=true",
+        "model.shrink_singles=false",
     )
     # Training and the validation loss are the model's own: unchanged.
     assert corrected["train_mse"] == plain["train_mse"]
@@ -324,6 +416,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "model.coexpression_prior=false",
         "model.unseen_single=network",
         "model.seen_single_correction=false",
+        "model.shrink_singles=false",
         "model.control_anchor=true",
     )
     assert anchored["train_mse"] == plain["train_mse"]

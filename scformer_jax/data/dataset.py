@@ -424,11 +424,30 @@ class PerturbData:
         """
         cells = np.asarray(cell_indices, dtype=np.int64)
         total = np.zeros(self.n_genes, np.float64)
-        for start in range(0, len(cells), MEAN_BLOCK_CELLS):
-            block = self.rows(cells[start : start + MEAN_BLOCK_CELLS])
+        for block in self._row_blocks(cells):
             total += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
         with np.errstate(invalid="ignore", divide="ignore"):
             return (total / len(cells)).astype(np.float32)
+
+    def expression_moments(
+        self, cell_indices: Sequence[int] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """float64 (n_genes,) mean expression of the given cells and the sum of their squared
+        deviations from it, in one pass over the same blocks as :meth:`mean_expression`
+        (whose mean, cast to float32, this mean equals)."""
+        cells = np.asarray(cell_indices, dtype=np.int64)
+        total = np.zeros(self.n_genes, np.float64)
+        square = np.zeros(self.n_genes, np.float64)
+        for block in self._row_blocks(cells):
+            total += np.asarray(block.sum(axis=0, dtype=np.float64)).ravel()
+            square += np.asarray(block.multiply(block).sum(axis=0, dtype=np.float64)).ravel()
+        mean = total / max(len(cells), 1)
+        return mean, np.maximum(square - len(cells) * mean**2, 0.0)
+
+    def _row_blocks(self, cells: np.ndarray):
+        """The given cells' rows (CSR), MEAN_BLOCK_CELLS at a time."""
+        for start in range(0, len(cells), MEAN_BLOCK_CELLS):
+            yield self.rows(cells[start : start + MEAN_BLOCK_CELLS])
 
     def condition_mean(self, condition: str) -> np.ndarray:
         """float32 (n_genes,): mean expression of a condition's cells."""
