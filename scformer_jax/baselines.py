@@ -16,6 +16,9 @@ through the same metrics (:mod:`scformer_jax.metrics`) as the model:
   baseline whose genes without a training single get what the control cells' co-expression
   implies (:mod:`scformer_jax.prior`): the regression of every gene on the perturbed one,
   scaled by the training singles' typical direct effect on their own gene.
+* ``additive_shrunk`` (:func:`fit_additive_baseline` with ``squared_errors``): the additive
+  baseline with each training single's change shrunk towards no change by its sampling error,
+  as ``model.shrink_singles`` does inside the model.
 
 Condition names are GEARS's (``"ctrl"``, ``"A+ctrl"``, ``"ctrl+A"``, ``"A+B"``); a bare
 ``"A"`` is read as the single ``"A+ctrl"``. ``"ctrl"`` is predicted as the control mean by
@@ -36,7 +39,7 @@ import scipy.sparse.linalg as spla
 from scformer_jax.data.conditions import CONTROL, condition_genes
 from scformer_jax.gene_features import top_components
 from scformer_jax.metrics import as_profile
-from scformer_jax.prior import coexpression_from
+from scformer_jax.prior import coexpression_from, shrink_single_changes
 
 # --------------------------------------------------------------------------------------
 # Inputs.
@@ -195,6 +198,7 @@ def fit_additive_baseline(
     ctrl_mean: Any,
     *,
     unseen_gene: Literal["mean", "zero"] = "mean",
+    squared_errors: Mapping[str, Any] | None = None,
 ) -> AdditiveBaseline:
     """The additive baseline: ``ctrl + change(A) + change(B)`` from training singles.
 
@@ -208,6 +212,11 @@ def fit_additive_baseline(
       train_profiles: training condition -> (n_genes,) mean profile.
       ctrl_mean: (n_genes,) mean expression of the control cells.
       unseen_gene: the fallback for genes without a training single.
+      squared_errors: gene -> (n_genes,) squared standard error of its single's change
+        (:func:`scformer_jax.prior.single_changes_and_errors`). Given, the singles' changes
+        are first shrunk towards no change by their errors
+        (:func:`scformer_jax.prior.shrink_single_changes`, as ``model.shrink_singles``) and
+        the baseline is named ``additive_shrunk``.
 
     Returns:
       An :class:`AdditiveBaseline`.
@@ -217,6 +226,14 @@ def fit_additive_baseline(
     ctrl = as_profile(ctrl_mean, "ctrl_mean")
     changes = _training_changes(train_profiles, ctrl)
     singles = _single_changes(changes)
+    if squared_errors is not None:
+        missing = sorted(set(singles) - set(squared_errors))
+        if missing:
+            raise ValueError(
+                f"squared_errors has no entry for the training single(s) {missing[:5]}: give "
+                "the errors of every training single (prior.single_changes_and_errors)."
+            )
+        singles = shrink_single_changes(singles, {g: squared_errors[g] for g in singles})
     if unseen_gene == "zero":
         fallback = np.zeros_like(ctrl)
     elif singles:
@@ -224,7 +241,11 @@ def fit_additive_baseline(
     else:
         fallback = np.mean([np.mean(v, axis=0) for v in changes.values()], axis=0)
     return AdditiveBaseline(
-        ctrl_mean=ctrl, single_changes=singles, fallback_change=fallback, unseen_gene=unseen_gene
+        ctrl_mean=ctrl,
+        single_changes=singles,
+        fallback_change=fallback,
+        unseen_gene=unseen_gene,
+        name="additive" if squared_errors is None else "additive_shrunk",
     )
 
 
@@ -573,9 +594,11 @@ def fit_baselines(
     unseen_gene: Literal["mean", "zero"] = "mean",
     unmeasured_genes: Literal["raise", "ignore"] = "ignore",
     control_expression: Any = None,
+    single_squared_errors: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every baseline, keyed by its ``name`` (control, train_mean, additive, linear, and
-    coexpression when `control_expression` is given).
+    """Every baseline, keyed by its ``name`` (control, train_mean, additive, linear,
+    coexpression when `control_expression` is given and additive_shrunk when
+    `single_squared_errors` is).
 
     Args:
       train_profiles: training condition -> (n_genes,) mean profile.
@@ -591,6 +614,8 @@ def fit_baselines(
         panel).
       control_expression: optional (n_controls, n_genes) control cells for the
         co-expression baseline.
+      single_squared_errors: optional gene -> (n_genes,) squared standard errors of the
+        training singles' changes, for the additive baseline with shrunk singles.
 
     Returns:
       name -> fitted baseline.
@@ -612,5 +637,14 @@ def fit_baselines(
     if control_expression is not None:
         baselines.append(
             fit_coexpression_baseline(train_profiles, ctrl_mean, gene_names, control_expression)
+        )
+    if single_squared_errors is not None:
+        baselines.append(
+            fit_additive_baseline(
+                train_profiles,
+                ctrl_mean,
+                unseen_gene=unseen_gene,
+                squared_errors=single_squared_errors,
+            )
         )
     return {b.name: b for b in baselines if b is not None}

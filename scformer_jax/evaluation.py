@@ -36,6 +36,7 @@ from scformer_jax.data.de import group_stats
 from scformer_jax.data.splits import SUBGROUP_NAMES
 from scformer_jax.io import make_temp_dir, write_text_atomic
 from scformer_jax.predict import Predictor, normalize_perturbation, run_predictor
+from scformer_jax.prior import single_changes_and_errors
 from scformer_jax.runs import Run, load_run
 
 REPORT_METRICS = (
@@ -546,6 +547,7 @@ def evaluate_run(
         ctrl_mean,
         _first_occurrence_names(dataset.gene_names),
         control_expression=dataset.dense_rows(dataset.control_cells),
+        single_squared_errors=single_changes_and_errors(dataset, split["train"])[1],
     )
     for name, baseline in fitted.items():
         predictions[name] = baseline.predict(test)

@@ -146,6 +146,21 @@ def test_coexpression_baseline_regresses_on_the_perturbed_gene_in_control_cells(
         train, ctrl, GENES, n_components=2, control_expression=controls
     )
     assert list(fitted) == ["control", "train_mean", "additive", "linear", "coexpression"]
+    # With the singles' errors: the additive baseline of the shrunk singles besides.
+    errors = {g: np.full(len(ctrl), 0.05) for g in ("G0", "G1", "G2")}
+    with_errors = baselines.fit_baselines(
+        train, ctrl, GENES, n_components=2, single_squared_errors=errors
+    )
+    assert list(with_errors)[-1] == "additive_shrunk"
+    shrunk = with_errors["additive_shrunk"].predict(["G0+G1"])["G0+G1"]
+    raw = with_errors["additive"].predict(["G0+G1"])["G0+G1"]
+    assert not np.allclose(shrunk, raw)
+    from scformer_jax.prior import shrink_single_changes
+
+    expected = shrink_single_changes({g: effect[g] for g in errors}, errors)
+    np.testing.assert_allclose(shrunk, ctrl + expected["G0"] + expected["G1"], atol=1e-5)
+    with pytest.raises(ValueError, match="squared_errors has no entry"):
+        baselines.fit_additive_baseline(train, ctrl, squared_errors={"G0": errors["G0"]})
     with pytest.raises(ValueError, match="control_expression"):
         baselines.fit_coexpression_baseline(train, ctrl, GENES, controls[:, :5])
 

@@ -40,6 +40,7 @@ def test_eval_writes_report_with_model_and_baselines(trained_run, capsys):
         "additive",
         "linear",
         "coexpression",
+        "additive_shrunk",
     }
     split = json.loads((trained_run / "split.json").read_text())
     test = [c for c in split["test"] if c != "ctrl"]
@@ -59,6 +60,7 @@ def test_eval_writes_report_with_model_and_baselines(trained_run, capsys):
         "additive",
         "linear",
         "coexpression",
+        "additive_shrunk",
         "technical_duplicate",
     }
     assert set(table["method"]) == methods
