@@ -13,6 +13,13 @@
    predictions and lower for the truth: the model predicts one change for everything).
 4. **Direct effect**: the predicted change of each perturbed (measured) gene over its
    observed change (1 = the knock-down or activation of the named gene is reproduced).
+5. **Doubles**: for the test doubles whose two singles were measured in training, how far
+   the observed change is from the sum of the singles' measured changes (``additive``; root
+   mean square over genes, median over doubles) beside the sampling error of that difference
+   alone (the double's and the two singles' means, each its cells' variance over their
+   number), and how far the model's prediction is from ``additive`` and how that correlates
+   with the observed difference (the interaction the model predicts, with any shrinkage of
+   the singles).
 
 Prints one block of numbers; reads only the run folder and its dataset.
 """
@@ -83,6 +90,36 @@ def diagnose(workdir: Path, max_cells: int = 64) -> dict:
                 ratios.append((predicted["test"][c][col] - ctrl[col]) / observed)
     out["direct_effect_ratio_median"] = float(np.median(ratios)) if ratios else None
     out["direct_effect_n"] = len(ratios)
+
+    def mean_and_error(condition):
+        cells = data.dense_rows(data.condition_cells[condition]).astype(np.float64)
+        return cells.mean(axis=0), cells.var(axis=0, ddof=1) / len(cells)
+
+    singles = {
+        data.condition_genes[c][0]: c for c in groups["train"] if len(data.condition_genes[c]) == 1
+    }
+    observed_rms, noise_rms, model_rms, agreement = [], [], [], []
+    for c in test:
+        genes = data.condition_genes[c]
+        if len(genes) != 2 or not all(g in singles for g in genes):
+            continue
+        true_mean, error = mean_and_error(c)
+        additive = ctrl.copy()
+        for g in genes:
+            single_mean, single_error = mean_and_error(singles[g])
+            additive += single_mean - ctrl
+            error += single_error
+        observed, model = true_mean - additive, predicted["test"][c] - additive
+        observed_rms.append(np.sqrt(np.mean(observed**2)))
+        noise_rms.append(np.sqrt(np.mean(error)))
+        model_rms.append(np.sqrt(np.mean(model**2)))
+        agreement.append(pearson(model, observed))
+    out["doubles_n"] = len(observed_rms)
+    if observed_rms:
+        out["doubles_observed_minus_additive_rms"] = float(np.median(observed_rms))
+        out["doubles_sampling_error_rms"] = float(np.median(noise_rms))
+        out["doubles_model_minus_additive_rms"] = float(np.median(model_rms))
+        out["doubles_model_vs_observed_difference_corr"] = float(np.mean(agreement))
 
     curve = []
     path = workdir / "metrics.jsonl"
