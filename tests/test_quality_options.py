@@ -135,6 +135,31 @@ def _tiny_model_config(data, **kw):
     )
 
 
+def _predictor_pair(config, data, prior, changed_prior=None, **changed):
+    """Two predictors on the same untrained parameters: `config` with `prior`, and `config`
+    with the fields `changed` and `changed_prior` (default: `prior`; a config that uses no
+    prior drops it). Returns (first, second, params)."""
+    from scformer_jax.predict import Predictor
+
+    params = init_params(config, jax.random.PRNGKey(0))
+    first = Predictor(config, params, data, batch_size=8, prior=prior)
+    other = prior if changed_prior is None else changed_prior
+    second = Predictor(
+        dataclasses.replace(config, **changed), params, data, batch_size=8, prior=other
+    )
+    return first, second, params
+
+
+def _assert_same_predictions(first, second, conditions, controls):
+    """The two predictors predict each condition alike on the given control cells."""
+    for condition in conditions:
+        np.testing.assert_allclose(
+            first.predict_cells(condition, controls),
+            second.predict_cells(condition, controls),
+            atol=1e-6,
+        )
+
+
 def test_additive_prior_sums_the_measured_training_singles(data_tiny):
     from scformer_jax.prior import fit_additive_prior
 
@@ -199,13 +224,9 @@ def test_predictor_composes_doubles_from_prior_and_model(data_tiny):
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
     prior = fit_additive_prior(data_tiny, split["train"])
     config = _tiny_model_config(data_tiny, additive_prior=True, output_baseline="control_input")
-    params = init_params(config, jax.random.PRNGKey(0))
+    with_prior, plain, params = _predictor_pair(config, data_tiny, prior, additive_prior=False)
     with pytest.raises(ValueError, match="additive_prior"):
         Predictor(config, params, data_tiny)
-    with_prior = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
-    plain = Predictor(
-        dataclasses.replace(config, additive_prior=False), params, data_tiny, batch_size=8
-    )
     controls = data_tiny.control_cells[:5]
     x = data_tiny.X[controls].toarray()
     seen = sorted(prior.changes)
@@ -220,10 +241,7 @@ def test_predictor_composes_doubles_from_prior_and_model(data_tiny):
         - x
     )
     np.testing.assert_allclose(with_prior.predict_cells(double, controls), expected, atol=1e-5)
-    single = f"{seen[1]}+ctrl"
-    np.testing.assert_allclose(
-        with_prior.predict_cells(single, controls), plain.predict_cells(single, controls), atol=1e-6
-    )
+    _assert_same_predictions(with_prior, plain, (f"{seen[1]}+ctrl",), controls)
 
 
 def test_seen_single_correction_adds_the_models_errors_on_measured_singles(data_tiny):
@@ -244,13 +262,11 @@ def test_seen_single_correction_adds_the_models_errors_on_measured_singles(data_
         )
         is None
     )
-    params = init_params(config, jax.random.PRNGKey(0))
+    corrected, plain, params = _predictor_pair(
+        config, data_tiny, prior, seen_single_correction=False
+    )
     with pytest.raises(ValueError, match="seen_single_correction"):
         Predictor(config, params, data_tiny)
-    corrected = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
-    plain = Predictor(
-        dataclasses.replace(config, seen_single_correction=False), params, data_tiny, batch_size=8
-    )
     controls = data_tiny.control_cells[:5]
     ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
     seen = sorted(prior.changes)
@@ -264,12 +280,9 @@ def test_seen_single_correction_adds_the_models_errors_on_measured_singles(data_
         np.testing.assert_allclose(corrected.predict_cells(double, controls), expected, atol=1e-4)
         assert not np.allclose(expected, plain.predict_cells(double, controls), atol=1e-3)
     # Singles and the control are the model's alone.
-    for single in (f"{seen[1]}+ctrl", f"{unseen}+ctrl", "ctrl"):
-        np.testing.assert_allclose(
-            corrected.predict_cells(single, controls),
-            plain.predict_cells(single, controls),
-            atol=1e-6,
-        )
+    _assert_same_predictions(
+        corrected, plain, (f"{seen[1]}+ctrl", f"{unseen}+ctrl", "ctrl"), controls
+    )
     with pytest.raises(ConfigError, match="seen_single_correction"):
         load_config(None, ["model.additive_prior=true", "model.seen_single_correction=true"])
 
@@ -308,7 +321,6 @@ def test_shrink_single_changes_is_the_per_gene_posterior_mean(monkeypatch):
 
 
 def test_shrink_singles_shrinks_only_the_singles_that_doubles_use(data_tiny):
-    from scformer_jax.predict import Predictor
     from scformer_jax.prior import fit_additive_prior, prior_for, shrink_single_changes
 
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
@@ -336,14 +348,8 @@ def test_shrink_singles_shrinks_only_the_singles_that_doubles_use(data_tiny):
     # The co-expression prior keeps the measured direct effect.
     assert shrunk.coexpression.direct_effect == raw.coexpression.direct_effect
 
-    params = init_params(config, jax.random.PRNGKey(0))
-    with_shrink = Predictor(config, params, data_tiny, batch_size=8, prior=shrunk)
-    without = Predictor(
-        dataclasses.replace(config, shrink_singles=False),
-        params,
-        data_tiny,
-        batch_size=8,
-        prior=raw,
+    with_shrink, without, _ = _predictor_pair(
+        config, data_tiny, shrunk, changed_prior=raw, shrink_singles=False
     )
     controls = data_tiny.control_cells[:5]
     seen = sorted(raw.changes)
@@ -354,12 +360,7 @@ def test_shrink_singles_shrinks_only_the_singles_that_doubles_use(data_tiny):
         - sum(raw.changes[g] - shrunk.changes[g] for g in seen[:2]),
         atol=1e-4,
     )
-    for single in (f"{seen[0]}+ctrl", "ctrl"):
-        np.testing.assert_allclose(
-            with_shrink.predict_cells(single, controls),
-            without.predict_cells(single, controls),
-            atol=1e-6,
-        )
+    _assert_same_predictions(with_shrink, without, (f"{seen[0]}+ctrl", "ctrl"), controls)
     with pytest.raises(ConfigError, match="shrink_singles"):
         load_config(None, ["model.seen_single_correction=false", "model.shrink_singles=true"])
 
@@ -485,11 +486,7 @@ def test_predictor_adds_the_coexpression_prior(data_tiny):
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
     config = _tiny_model_config(data_tiny, coexpression_prior=True, output_baseline="control_input")
     prior = prior_for(config, data_tiny, split["train"])
-    params = init_params(config, jax.random.PRNGKey(0))
-    with_prior = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
-    plain = Predictor(
-        dataclasses.replace(config, coexpression_prior=False), params, data_tiny, batch_size=8
-    )
+    with_prior, plain, params = _predictor_pair(config, data_tiny, prior, coexpression_prior=False)
     controls = data_tiny.control_cells[:5]
     genes = sorted(prior.changes)
     for condition in (f"{genes[0]}+ctrl", f"{genes[0]}+{genes[1]}", "ctrl"):
@@ -517,7 +514,6 @@ def test_predictor_adds_the_coexpression_prior(data_tiny):
 
 
 def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_genes(data_tiny):
-    from scformer_jax.predict import Predictor
     from scformer_jax.prior import prior_for
 
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
@@ -529,15 +525,7 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
         output_baseline="control_input",
     )
     prior = prior_for(config, data_tiny, split["train"])
-    params = init_params(config, jax.random.PRNGKey(0))
-    chosen = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
-    network = Predictor(
-        dataclasses.replace(config, unseen_single="network"),
-        params,
-        data_tiny,
-        batch_size=8,
-        prior=prior,
-    )
+    chosen, network, _ = _predictor_pair(config, data_tiny, prior, unseen_single="network")
     controls = data_tiny.control_cells[:5]
     names = list(data_tiny.gene_names)
     seen = sorted(prior.changes)
@@ -587,15 +575,7 @@ def test_control_anchor_sets_each_prediction_on_the_control_mean(data_tiny):
         output_baseline="control_input",
     )
     prior = prior_for(config, data_tiny, split["train"])
-    params = init_params(config, jax.random.PRNGKey(0))
-    plain = Predictor(config, params, data_tiny, batch_size=8, prior=prior)
-    anchored = Predictor(
-        dataclasses.replace(config, control_anchor=True),
-        params,
-        data_tiny,
-        batch_size=8,
-        prior=prior,
-    )
+    plain, anchored, params = _predictor_pair(config, data_tiny, prior, control_anchor=True)
     controls = data_tiny.control_cells[:6]
     ctrl_mean = np.asarray(data_tiny.control_mean, np.float64)
     # The network's drift on these cells: its unperturbed prediction's mean minus the
