@@ -149,6 +149,15 @@ class ModelConfig:
     # coexpression_prior). Validation, eval and predict apply it; training is unchanged
     # (scformer_jax.predict).
     unseen_single: str = "network"
+    # The same for a measured gene without a training single inside a multi-gene
+    # perturbation, under seen_single_correction: "network" (the network's output for the
+    # combination carries its guess for that gene) or "prior" (the combination is also
+    # corrected by the network's error on that gene's single, with the single's
+    # unseen_single: prior prediction standing in for a measurement, so the combination keeps
+    # the measured singles, the prior's guess for the unseen gene and the network's
+    # interaction; needs seen_single_correction and coexpression_prior). Validation, eval and
+    # predict apply it; training is unchanged (scformer_jax.predict).
+    unseen_in_combo: str = "network"
     # Predictions set on the control mean: every network output in a prediction counts as
     # its change over the network's own prediction of the same control cells unperturbed
     # (one more network pass per condition). Takes out of the mean profile the network's
@@ -215,6 +224,7 @@ class ModelConfig:
         _check_choice("model.output_baseline", self.output_baseline, OUTPUT_BASELINES)
         _check_choice("model.init", self.init, PARAM_INITS)
         _check_choice("model.unseen_single", self.unseen_single, UNSEEN_SINGLE_PREDICTIONS)
+        _check_choice("model.unseen_in_combo", self.unseen_in_combo, UNSEEN_SINGLE_PREDICTIONS)
         _check_choice("model.expr_decoder", self.expr_decoder, EXPR_DECODERS)
         if self.decoder_activation is not None:
             _check_choice("model.decoder_activation", self.decoder_activation, DECODER_ACTIVATIONS)
@@ -252,6 +262,14 @@ class ModelConfig:
                 "model.shrink_singles shrinks the measured singles that multi-gene predictions "
                 "use: set model.seen_single_correction: true (or model.additive_prior: true), "
                 "or model.shrink_singles: false."
+            )
+        if self.unseen_in_combo == "prior" and not (
+            self.seen_single_correction and self.coexpression_prior
+        ):
+            raise ConfigError(
+                "model.unseen_in_combo: prior corrects multi-gene predictions by the "
+                "co-expression prior of their unseen genes: set model.seen_single_correction: "
+                "true and model.coexpression_prior: true (or model.unseen_in_combo: network)."
             )
         if self.unseen_single == "prior" and not self.coexpression_prior:
             raise ConfigError(

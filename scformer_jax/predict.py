@@ -158,6 +158,17 @@ class Predictor:
             return None  # no co-expression prior for it: the network predicts it
         return genes[0]
 
+    def _stand_in_genes(self, condition: str) -> list[str]:
+        """The genes of a multi-gene `condition` whose single the co-expression prior stands
+        in for (``model.unseen_in_combo: prior``: measured genes without a training single)."""
+        if self.prior is None or self.model_config.unseen_in_combo != "prior":
+            return []
+        genes = condition_genes(condition)
+        if len(genes) < 2 or self.prior.coexpression is None:
+            return []
+        columns = self.prior.coexpression.columns
+        return [g for g in genes if g not in self.prior.changes and g in columns]
+
     def _unseen_single_cells(
         self,
         condition: str,
@@ -176,7 +187,9 @@ class Predictor:
         its sign: once for the condition itself (for an unseen single under
         ``model.unseen_single: prior``: the unperturbed prediction in its place), minus once
         per measured single of a double under ``model.seen_single_correction``, plus once per
-        unmeasured single of a double under ``model.additive_prior``."""
+        unmeasured single of a double under ``model.additive_prior`` (a gene that
+        ``model.unseen_in_combo: prior`` stands in for adds the unperturbed prediction and
+        takes off its single's output: no change)."""
         if self._unseen_single_gene(condition) is not None or self.prior is None:
             return 1
         genes = condition_genes(condition)
@@ -222,7 +235,9 @@ class Predictor:
         multi-gene conditions, the additive prior (``model.additive_prior``) or the
         correction by the model's errors on the measured singles
         (``model.seen_single_correction``), and the control anchor
-        (``model.control_anchor``); zeros without any. With ``model.unseen_single: prior``,
+        (``model.control_anchor``), with ``model.unseen_in_combo: prior`` the correction by
+        the network's guess for unseen genes; zeros without any. With
+        ``model.unseen_single: prior``,
         for a single of a measured gene without a training single: its prediction minus the
         network's output, which `network_cells` ((n, n_genes), e.g. from a validation pass)
         gives when the caller has it, else computed here."""
@@ -250,6 +265,15 @@ class Predictor:
             for gene in condition_genes(condition):
                 if gene in self.prior.changes:
                     out += ctrl + self.prior.changes[gene] - self._single_cells(gene, control_cells)
+            stand_ins = self._stand_in_genes(condition)
+            if stand_ins:
+                # model.unseen_in_combo: prior. The unseen gene's single as unseen_single:
+                # prior predicts it (the unperturbed prediction plus its co-expression prior)
+                # minus the model's prediction of that single (the network's output plus the
+                # same prior): the network's guess for the gene is taken out of the combination.
+                unperturbed = self._model_cells(CONTROL, control_cells)
+                for gene in stand_ins:
+                    out += unperturbed - self._model_cells(f"{gene}+ctrl", control_cells)
         elif self.model_config.additive_prior:
             offset, missing = self.prior.parts(condition, n_genes)
             out += offset

@@ -52,6 +52,7 @@ SEED_SETTINGS = {
     "model.shrink_singles": (False, "no shrinkage of measured singles"),
     "model.coexpression_prior": (False, "no prior"),
     "model.unseen_single": ("network", "the model predicts every perturbation"),
+    "model.unseen_in_combo": ("network", "the model predicts every perturbation"),
     "model.control_anchor": (False, "the network's output on the paired control cells"),
     "model.init": ("torch", "PyTorch's initialisers"),
     "model.expr_decoder": ("linear", "model: decoder = nn.Linear(d_model, 1)"),

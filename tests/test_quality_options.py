@@ -562,6 +562,70 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
         load_config(None, ["model.unseen_single=guess"])
 
 
+def test_unseen_in_combo_prior_takes_the_networks_guess_for_unseen_genes_out_of_doubles(
+    data_tiny,
+):
+    from scformer_jax.prior import prior_for
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(
+        data_tiny,
+        coexpression_prior=True,
+        seen_single_correction=True,
+        unseen_single="prior",
+        unseen_in_combo="prior",
+        output_baseline="control_input",
+    )
+    prior = prior_for(config, data_tiny, split["train"])
+    chosen, network, _ = _predictor_pair(config, data_tiny, prior, unseen_in_combo="network")
+    controls = data_tiny.control_cells[:5]
+    names = list(data_tiny.gene_names)
+    seen = sorted(prior.changes)
+    unseen = [
+        g
+        for g in dict.fromkeys(
+            g for c in split["test"] for g in data_tiny.condition_genes[c] if g in names
+        )
+        if g not in prior.changes
+    ]
+    assert len(unseen) >= 2
+    unperturbed = network.predict_cells("ctrl", controls)
+    # A double with one unseen gene: the network's output for that gene's single is replaced
+    # by the unperturbed prediction (its co-expression prior is in both); with two, both.
+    for double, stand_ins in (
+        (f"{seen[0]}+{unseen[0]}", unseen[:1]),
+        (f"{unseen[0]}+{unseen[1]}", unseen[:2]),
+    ):
+        expected = network.predict_cells(double, controls) + sum(
+            unperturbed - network._model_cells(f"{g}+ctrl", controls) for g in stand_ins
+        )
+        got = chosen.predict_cells(double, controls)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        assert not np.allclose(got, network.predict_cells(double, controls), atol=1e-3)
+        # Validation's route (the network's output plus prior_part) gives the same.
+        np.testing.assert_allclose(
+            chosen._model_cells(double, controls) + chosen.prior_part(double, controls),
+            got,
+            atol=1e-4,
+        )
+    # Doubles of measured singles, singles and the control are unchanged.
+    _assert_same_predictions(
+        chosen,
+        network,
+        (f"{seen[0]}+{seen[1]}", f"{seen[0]}+ctrl", f"{unseen[0]}+ctrl", "ctrl"),
+        controls,
+    )
+    for needed in ([], ["model.seen_single_correction=true"], ["model.coexpression_prior=true"]):
+        with pytest.raises(ConfigError, match="unseen_in_combo"):
+            load_config(None, ["model.unseen_in_combo=prior", *needed])
+    both = ["model.seen_single_correction=true", "model.coexpression_prior=true"]
+    assert load_config(None, ["model.unseen_in_combo=prior", *both]).model.unseen_in_combo == (
+        "prior"
+    )
+    with pytest.raises(ConfigError, match="unseen_in_combo"):
+        load_config(None, ["model.unseen_in_combo=guess"])
+
+
 def test_control_anchor_sets_each_prediction_on_the_control_mean(data_tiny):
     from scformer_jax.predict import Predictor
     from scformer_jax.prior import prior_for
