@@ -1,6 +1,6 @@
 """Prediction quality: the seed config, the recommended config and every baseline, over seeds.
 
-    python bench/quality.py                  # everything below (about 1.5 hours on 2 CPU cores)
+    python bench/quality.py                  # everything below (about 2 hours on 2 CPU cores)
     python bench/quality.py --datasets simulated --seeds 1   # one cell of it
 
 For each dataset and GEARS split seed (1, 2, 3 by default) it trains the seed script's setup
