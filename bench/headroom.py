@@ -1,6 +1,6 @@
 """How far any predictor can go on the simulated data, from the simulator's own truth.
 
-    python bench/headroom.py                # simulated, shifted, shifted2, shifted3 and dev; seeds 1-3
+    python bench/headroom.py    # simulated, shifted, shifted2, shifted3 and dev; seeds 1-3
 
 Two questions, answered on the test perturbations of GEARS's simulation split:
 
