@@ -152,22 +152,27 @@ class Predictor:
         if self.prior is None or self.model_config.unseen_single != "prior":
             return None
         genes = condition_genes(condition)
-        if len(genes) != 1 or genes[0] in self.prior.changes:
-            return None
-        if self.prior.coexpression is None or genes[0] not in self.prior.coexpression.columns:
-            return None  # no co-expression prior for it: the network predicts it
+        if len(genes) != 1 or not self._prior_only(genes[0]):
+            return None  # measured in training, or no co-expression prior: the network
         return genes[0]
 
     def _stand_in_genes(self, condition: str) -> list[str]:
         """The genes of a multi-gene `condition` whose single the co-expression prior stands
-        in for (``model.unseen_in_combo: prior``: measured genes without a training single)."""
+        in for (``model.unseen_in_combo: prior``)."""
         if self.prior is None or self.model_config.unseen_in_combo != "prior":
             return []
         genes = condition_genes(condition)
-        if len(genes) < 2 or self.prior.coexpression is None:
-            return []
-        columns = self.prior.coexpression.columns
-        return [g for g in genes if g not in self.prior.changes and g in columns]
+        return [g for g in genes if self._prior_only(g)] if len(genes) > 1 else []
+
+    def _prior_only(self, gene: str) -> bool:
+        """Whether `gene` is measured, has a co-expression prior and no training single: what
+        ``model.unseen_single`` and ``model.unseen_in_combo`` can predict from the prior."""
+        coexpression = self.prior.coexpression
+        return (
+            gene not in self.prior.changes
+            and coexpression is not None
+            and gene in coexpression.columns
+        )
 
     def _unseen_single_cells(
         self,
@@ -235,8 +240,8 @@ class Predictor:
         multi-gene conditions, the additive prior (``model.additive_prior``) or the
         correction by the model's errors on the measured singles
         (``model.seen_single_correction``), and the control anchor
-        (``model.control_anchor``), with ``model.unseen_in_combo: prior`` the correction by
-        the network's guess for unseen genes; zeros without any. With
+        (``model.control_anchor``), and with ``model.unseen_in_combo: prior`` what takes the
+        network's guess for a double's unseen genes out; zeros without any. With
         ``model.unseen_single: prior``,
         for a single of a measured gene without a training single: its prediction minus the
         network's output, which `network_cells` ((n, n_genes), e.g. from a validation pass)
@@ -271,9 +276,9 @@ class Predictor:
                 # prior predicts it (the unperturbed prediction plus its co-expression prior)
                 # minus the model's prediction of that single (the network's output plus the
                 # same prior): the network's guess for the gene is taken out of the combination.
-                unperturbed = self._model_cells(CONTROL, control_cells)
+                unperturbed_cells = self._model_cells(CONTROL, control_cells)
                 for gene in stand_ins:
-                    out += unperturbed - self._model_cells(f"{gene}+ctrl", control_cells)
+                    out += unperturbed_cells - self._model_cells(f"{gene}+ctrl", control_cells)
         elif self.model_config.additive_prior:
             offset, missing = self.prior.parts(condition, n_genes)
             out += offset
