@@ -92,8 +92,10 @@ def diagnose(workdir: Path, max_cells: int = 64) -> dict:
     out["direct_effect_n"] = len(ratios)
 
     def mean_and_error(condition):
-        cells = data.dense_rows(data.condition_cells[condition]).astype(np.float64)
-        return cells.mean(axis=0), cells.var(axis=0, ddof=1) / len(cells)
+        """A condition's mean and its squared standard error per gene (float64)."""
+        n = len(data.condition_cells[condition])
+        mean, square = data.expression_moments(data.condition_cells[condition])
+        return mean, square / max(n - 1, 1) / n
 
     singles = {
         data.condition_genes[c][0]: c for c in groups["train"] if len(data.condition_genes[c]) == 1
