@@ -178,16 +178,8 @@ def fit_additive_prior(
     with `coexpression`, the co-expression prior (:func:`fit_coexpression`, from the
     measured changes). With `shrink`, the changes are shrunk by their sampling error
     (:func:`shrink_single_changes`)."""
-    if shrink:
-        changes, squared_errors = single_changes_and_errors(dataset, train_conditions)
-        used = shrink_single_changes(changes, squared_errors)
-    else:
-        ctrl = np.asarray(dataset.control_mean, np.float32)
-        changes = {
-            gene: (dataset.condition_mean(c) - ctrl).astype(np.float32)
-            for gene, c in _training_singles(train_conditions).items()
-        }
-        used = changes
+    changes, squared_errors = single_changes_and_errors(dataset, train_conditions)
+    used = shrink_single_changes(changes, squared_errors) if shrink else changes
     return AdditivePrior(
         changes=used, coexpression=fit_coexpression(dataset, changes) if coexpression else None
     )
@@ -209,7 +201,7 @@ def single_changes_and_errors(
     """The training singles' mean changes over the control mean and their squared standard
     errors: gene -> (n_genes,) float32 and float64. The error of a gene's change is its
     within-condition variance, pooled over the training singles, over the single's cell count
-    (one pass over the singles' cells; the changes equal :func:`fit_additive_prior`'s)."""
+    (one pass over the singles' cells)."""
     ctrl = np.asarray(dataset.control_mean, np.float32)
     changes, counts = {}, {}
     squares = np.zeros(dataset.n_genes, np.float64)
