@@ -2,6 +2,7 @@
 
     python bench/quality.py                  # everything below (about 2 hours on 2 CPU cores)
     python bench/quality.py --datasets simulated --seeds 1   # one cell of it
+    python bench/quality.py --datasets simulated --configs recommended --train-seeds 42 43 44
 
 For each dataset and GEARS split seed (1, 2, 3 by default) it trains the seed script's setup
 (``configs/scformer.yaml``) and the recommended one (``configs/default.yaml``), evaluates
@@ -10,7 +11,10 @@ both on the test split with ``eval.py``'s code (which fits the baselines ``contr
 same split), and prints, per dataset, a table of mean +- sd over the seeds per subgroup and
 metric. With
 ``--ablations`` it also trains the recommended config with each of its options changed (on
-the first dataset only).
+the first dataset only). With ``--train-seeds`` every split seed is trained once per
+``train.seed`` (parameter initialisation, dropout, data order) and the means are over all
+those runs: a run's score moves by several hundredths with the training seed alone, so a
+margin that holds for one training seed may not hold for another.
 
 Datasets:
 
@@ -86,7 +90,7 @@ PER_PERTURBATION = "per_perturbation.csv"  # eval's per-perturbation table in a 
 # ablation runs.
 ABLATIONS = {
     "unseen_single network": ["model.unseen_single=network"],
-    "with unseen_in_combo prior": ["model.unseen_in_combo=prior"],
+    "unseen_in_combo network": ["model.unseen_in_combo=network"],
     "with control_anchor": ["model.control_anchor=true"],
     "with ema_decay 0.99": ["optim.ema_decay=0.99"],
     "with ema_decay 0.998": ["optim.ema_decay=0.998"],
@@ -257,8 +261,8 @@ def paired(
     WIN_METRICS the baseline with the highest mean over the pooled test perturbations is
     compared with the model perturbation by perturbation: the mean difference (model minus
     baseline), a bootstrap 95% interval of it (perturbations resampled, ``n_boot`` draws) and
-    how many perturbations the model scores higher on. A perturbation tested under several
-    split seeds counts once per seed.
+    how many perturbations the model scores higher on. A perturbation tested in several runs
+    (split seeds, train seeds) counts once per run.
 
     Returns {(subgroup, metric): (baseline, mean difference, low, high, won, n)}.
     """
@@ -299,7 +303,7 @@ def paired(
 def format_paired(name: str, result: dict) -> str:
     lines = [
         f"{name}: recommended minus the strongest simple baseline, per test perturbation "
-        "(pooled over split seeds; bootstrap 95% interval; perturbations won)",
+        "(pooled over runs; bootstrap 95% interval; perturbations won)",
         "",
         "| subgroup | metric | baseline | difference | 95% interval | won |",
         "|---|---|---|---|---|---|",
@@ -312,8 +316,15 @@ def format_paired(name: str, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_table(name: str, table: dict, rows: list[str], n_seeds: int) -> str:
-    lines = [f"## {name} (mean +- sd over {n_seeds} split seed(s))", ""]
+def runs_label(args) -> str:
+    """What the table's means are over: "split seeds [1, 2, 3]", with "x train seeds [...]"
+    when --train-seeds was given."""
+    label = f"split seeds {args.seeds}"
+    return label if args.train_seeds is None else f"{label} x train seeds {args.train_seeds}"
+
+
+def format_table(name: str, table: dict, rows: list[str], over: str) -> str:
+    lines = [f"## {name} (mean +- sd over {over})", ""]
     for subgroup in SUBGROUPS:
         if not any((r, subgroup, "pearson_delta") in table for r in rows):
             continue
@@ -323,7 +334,7 @@ def format_table(name: str, table: dict, rows: list[str], n_seeds: int) -> str:
             if (r, subgroup, "pearson_delta") in table
         )
         lines += [
-            f"{subgroup} ({n} seed(s) with this subgroup)",
+            f"{subgroup} ({n} run(s) with this subgroup)",
             "",
             "| method | " + " | ".join(m for m, _ in METRICS) + " |",
             "|---|" + "---|" * len(METRICS),
@@ -347,6 +358,16 @@ def main(argv=None) -> int:
         choices=list(DATASETS),
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument(
+        "--train-seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="also vary train.seed (parameter init, dropout, data order): every split seed is "
+        "trained once per train seed and the table averages over all of those runs "
+        "(default: the configs' own train.seed, one run per split seed)",
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument(
         "--ablations",
@@ -374,10 +395,12 @@ def main(argv=None) -> int:
 
     # Every run first (the main table of every dataset before the ablations, so that a cut
     # short benchmark has the main results), then the tables from the stored metrics.
-    plan = []  # (dataset, seed, variant name, config path, extra overrides)
+    # A run is (split seed, train seed); train seed None: the config's own.
+    run_keys = [(s, t) for s in args.seeds for t in (args.train_seeds or [None])]
+    plan = []  # (dataset, run key, variant name, config path, extra overrides)
     for dataset in args.datasets:
-        for seed in args.seeds:
-            plan += [(dataset, seed, name, CONFIGS[name], []) for name in args.configs]
+        for key in run_keys:
+            plan += [(dataset, key, name, CONFIGS[name], []) for name in args.configs]
     if args.ablations_only:
         plan = []
     if args.ablations is not None or args.ablations_only:
@@ -386,34 +409,37 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
         plan += [
-            (args.datasets[0], seed, f"recommended, {k}", CONFIGS["recommended"], ABLATIONS[k])
-            for seed in args.seeds
+            (args.datasets[0], key, f"recommended, {k}", CONFIGS["recommended"], ABLATIONS[k])
+            for key in run_keys
             for k in chosen
         ]
     metrics_of = {}
     workdir_of = {}
-    for dataset, seed, name, config_path, extra in plan:
+    for dataset, (seed, train_seed), name, config_path, extra in plan:
         slug = name.replace(", ", "-").replace(" ", "_")
-        workdir = args.out / "runs" / dataset / slug / f"seed{seed}"
+        folder = f"seed{seed}" if train_seed is None else f"seed{seed}-train{train_seed}"
+        workdir = args.out / "runs" / dataset / slug / folder
         overrides = [
             f"data.path={dataset_path(dataset, args.out)}",
             f"data.split_seed={seed}",
+            *([] if train_seed is None else [f"train.seed={train_seed}"]),
             *extra,
             *args.overrides,
         ]
-        metrics_of[(dataset, seed, name)] = run_one(config_path, overrides, workdir, args.fresh)
-        workdir_of[(dataset, seed, name)] = workdir
+        key = (dataset, (seed, train_seed), name)
+        metrics_of[key] = run_one(config_path, overrides, workdir, args.fresh)
+        workdir_of[key] = workdir
 
     results = []
     closing = []
     for dataset in args.datasets:
         variants = [n for d, _, n, _, _ in plan if d == dataset]
         variants = list(dict.fromkeys(variants))
-        runs = {
-            name: [metrics_of[(dataset, seed, name)] for seed in args.seeds] for name in variants
-        }
+        runs = {name: [metrics_of[(dataset, k, name)] for k in run_keys] for name in variants}
         table = summarize(runs)
-        text = format_table(dataset, table, variants + list(BASELINES) + [CEILING], len(args.seeds))
+        text = format_table(
+            dataset, table, variants + list(BASELINES) + [CEILING], runs_label(args)
+        )
         print(text, flush=True)
         results.append(text)
         if not variants:
@@ -436,8 +462,8 @@ def main(argv=None) -> int:
             import pandas as pd
 
             frames = [
-                pd.read_csv(workdir_of[(dataset, seed, "recommended")] / "eval" / PER_PERTURBATION)
-                for seed in args.seeds
+                pd.read_csv(workdir_of[(dataset, k, "recommended")] / "eval" / PER_PERTURBATION)
+                for k in run_keys
             ]
             text = format_paired(dataset, paired(frames))
             print(text, flush=True)
@@ -447,7 +473,7 @@ def main(argv=None) -> int:
     if closing:
         print(
             "model wins " + "; ".join(closing) + " (subgroup, metric) cells "
-            f"({'/'.join(WIN_METRICS)}; mean over seeds {args.seeds} above each baseline; "
+            f"({'/'.join(WIN_METRICS)}; mean over {runs_label(args)} above each baseline; "
             f"simple: {', '.join(SIMPLE_BASELINES)} on {', '.join(SCORED_SUBGROUPS)}; "
             f"every: also {', '.join(b for b in BASELINES if b not in SIMPLE_BASELINES)}, "
             "and combo_seen0)"

@@ -227,6 +227,46 @@ def test_paired_comparison_takes_the_strongest_baseline_per_cell():
     assert "| unseen_single | pearson_delta | additive | +0.050 |" in text and "3/4" in text
 
 
+def test_train_seeds_give_every_split_seed_one_run_per_train_seed(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    trained = []
+
+    def fake_run_one(config_path, overrides, workdir, fresh):
+        # The model's score is the train seed's number / 100; every baseline scores 0.1.
+        train_seed = next((int(o.split("=")[1]) for o in overrides if "train.seed" in o), 42)
+        trained.append((workdir.relative_to(tmp_path / "runs").as_posix(), overrides))
+        score = {m: train_seed / 100 for m in quality.WIN_METRICS}
+        (workdir / "eval").mkdir(parents=True)
+        pd.DataFrame(
+            [
+                {"condition": "G1+ctrl", "method": method, "subgroup": "unseen_single"}
+                | {m: (v if method == "model" else 0.1) for m, v in score.items()}
+                for method in ("model", *quality.SIMPLE_BASELINES)
+            ]
+        ).to_csv(workdir / "eval" / quality.PER_PERTURBATION)
+        result = {"overall": score, "per_subgroup": {"unseen_single": score}}
+        base = {"overall": {m: 0.1 for m in score}, "per_subgroup": {}}
+        return {"model": result, "baselines": {b: base for b in quality.BASELINES}}
+
+    monkeypatch.setattr(quality, "run_one", fake_run_one)
+    args = ["--datasets", "simulated", "--configs", "recommended", "--out", str(tmp_path)]
+    assert quality.main([*args, "--seeds", "1", "2", "--train-seeds", "40", "50"]) == 0
+    out = capsys.readouterr().out
+    folders = [f for f, _ in trained]
+    assert folders == [f"simulated/recommended/seed{s}-train{t}" for s in (1, 2) for t in (40, 50)]
+    assert all(f"train.seed={f[-2:]}" in o and f"data.split_seed={f[-9]}" in o for f, o in trained)
+    # The table averages the four runs: (0.40 + 0.50) / 2 over both split seeds.
+    assert "split seeds [1, 2] x train seeds [40, 50]" in out
+    assert "| recommended | 0.450 +- 0.058 |" in out
+    assert "| unseen_single | pearson_delta | control | +0.350 |" in out and "4/4" in out
+    # Without --train-seeds: the config's own seed, one run (and folder) per split seed.
+    trained.clear()
+    assert quality.main([*args, "--seeds", "3"]) == 0
+    assert trained == [("simulated/recommended/seed3", trained[0][1])]
+    assert not any("train.seed" in o for o in trained[0][1])
+
+
 def test_unknown_ablation_is_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--ablations", "no such option", "--datasets", "simulated"])
