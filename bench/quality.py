@@ -90,7 +90,7 @@ PER_PERTURBATION = "per_perturbation.csv"  # eval's per-perturbation table in a 
 # ablation runs.
 ABLATIONS = {
     "unseen_single network": ["model.unseen_single=network"],
-    "unseen_in_combo network": ["model.unseen_in_combo=network"],
+    "with unseen_in_combo prior": ["model.unseen_in_combo=prior"],
     "with control_anchor": ["model.control_anchor=true"],
     "with ema_decay 0.99": ["optim.ema_decay=0.99"],
     "with ema_decay 0.998": ["optim.ema_decay=0.998"],
