@@ -31,6 +31,10 @@ PARAM_INITS = ("flax", "torch")
 OUTPUT_BASELINES = ("none", "control_input", "gene_mean")
 # How a single perturbation of a gene without a training single is predicted.
 UNSEEN_SINGLE_PREDICTIONS = ("network", "prior")
+# How a multi-gene perturbation with such a gene is predicted (model.unseen_in_combo): the
+# network, the network with the prior standing in for its guess of that gene, or the priors
+# alone (no network).
+UNSEEN_IN_COMBO_PREDICTIONS = ("network", "prior", "no_network")
 # The expression decoder (model.expr_decoder): scFormer's one Linear, scGPT's MLP
 # (ExprDecoder) or scGPT's affine decoder (AffineExprDecoder). See scformer_jax.model.
 EXPR_DECODERS = ("linear", "mlp", "affine")
@@ -155,8 +159,11 @@ class ModelConfig:
     # corrected by the network's error on that gene's single, with the single's
     # unseen_single: prior prediction standing in for a measurement, so the combination keeps
     # the measured singles, the prior's guess for the unseen gene and the network's
-    # interaction; needs seen_single_correction and coexpression_prior). Validation, eval and
-    # predict apply it; training is unchanged (scformer_jax.predict).
+    # interaction; needs seen_single_correction and coexpression_prior) or "no_network" (a
+    # combination whose every gene is measured and has a training single or a co-expression
+    # prior, one at least without a single, is predicted from the priors alone: the control
+    # mean plus its measured singles' changes plus the co-expression prior of the others).
+    # Validation, eval and predict apply it; training is unchanged (scformer_jax.predict).
     unseen_in_combo: str = "network"
     # Predictions set on the control mean: every network output in a prediction counts as
     # its change over the network's own prediction of the same control cells unperturbed
@@ -224,7 +231,7 @@ class ModelConfig:
         _check_choice("model.output_baseline", self.output_baseline, OUTPUT_BASELINES)
         _check_choice("model.init", self.init, PARAM_INITS)
         _check_choice("model.unseen_single", self.unseen_single, UNSEEN_SINGLE_PREDICTIONS)
-        _check_choice("model.unseen_in_combo", self.unseen_in_combo, UNSEEN_SINGLE_PREDICTIONS)
+        _check_choice("model.unseen_in_combo", self.unseen_in_combo, UNSEEN_IN_COMBO_PREDICTIONS)
         _check_choice("model.expr_decoder", self.expr_decoder, EXPR_DECODERS)
         if self.decoder_activation is not None:
             _check_choice("model.decoder_activation", self.decoder_activation, DECODER_ACTIVATIONS)
@@ -263,13 +270,14 @@ class ModelConfig:
                 "use: set model.seen_single_correction: true (or model.additive_prior: true), "
                 "or model.shrink_singles: false."
             )
-        if self.unseen_in_combo == "prior" and not (
+        if self.unseen_in_combo != "network" and not (
             self.seen_single_correction and self.coexpression_prior
         ):
             raise ConfigError(
-                "model.unseen_in_combo: prior corrects multi-gene predictions by the "
-                "co-expression prior of their unseen genes: set model.seen_single_correction: "
-                "true and model.coexpression_prior: true (or model.unseen_in_combo: network)."
+                f"model.unseen_in_combo: {self.unseen_in_combo} predicts multi-gene "
+                "perturbations from their measured singles and the co-expression prior of their "
+                "unseen genes: set model.seen_single_correction: true and "
+                "model.coexpression_prior: true (or model.unseen_in_combo: network)."
             )
         if self.unseen_single == "prior" and not self.coexpression_prior:
             raise ConfigError(

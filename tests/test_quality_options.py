@@ -393,6 +393,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "plain",
         "model.coexpression_prior=false",
         "model.unseen_single=network",
+        "model.unseen_in_combo=network",
         "model.seen_single_correction=false",
         "model.shrink_singles=false",
         "model.control_anchor=false",
@@ -401,6 +402,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "corrected",
         "model.coexpression_prior=false",
         "model.unseen_single=network",
+        "model.unseen_in_combo=network",
         "model.seen_single_correction=true",
         "model.shrink_singles=false",
     )
@@ -416,6 +418,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "anchored",
         "model.coexpression_prior=false",
         "model.unseen_single=network",
+        "model.unseen_in_combo=network",
         "model.seen_single_correction=false",
         "model.shrink_singles=false",
         "model.control_anchor=true",
@@ -624,6 +627,67 @@ def test_unseen_in_combo_prior_takes_the_networks_guess_for_unseen_genes_out_of_
     )
     with pytest.raises(ConfigError, match="unseen_in_combo"):
         load_config(None, ["model.unseen_in_combo=guess"])
+
+
+def test_unseen_in_combo_no_network_predicts_doubles_with_an_unseen_gene_from_the_priors(
+    data_tiny,
+):
+    from scformer_jax.prior import prior_for
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(
+        data_tiny,
+        coexpression_prior=True,
+        seen_single_correction=True,
+        shrink_singles=True,
+        unseen_single="prior",
+        unseen_in_combo="no_network",
+    )
+    prior = prior_for(config, data_tiny, split["train"])
+    chosen, network, _ = _predictor_pair(config, data_tiny, prior, unseen_in_combo="network")
+    controls = data_tiny.control_cells[:5]
+    names = list(data_tiny.gene_names)
+    seen = sorted(prior.changes)
+    unseen = [
+        g
+        for g in dict.fromkeys(
+            g for c in split["test"] for g in data_tiny.condition_genes[c] if g in names
+        )
+        if g not in prior.changes
+    ]
+    assert len(unseen) >= 2
+    ctrl = np.asarray(data_tiny.control_mean, np.float32)
+    effect = {g: prior.coexpression.effect(g) for g in unseen[:2]}
+    for double, expected in (
+        (f"{seen[0]}+{unseen[0]}", ctrl + prior.changes[seen[0]] + effect[unseen[0]]),
+        (f"{unseen[0]}+{unseen[1]}", ctrl + effect[unseen[0]] + effect[unseen[1]]),
+    ):
+        got = chosen.predict_cells(double, controls)
+        # The control mean, the (shrunk) measured single and the co-expression prior of the
+        # unseen gene, for every cell: no network output.
+        np.testing.assert_allclose(got, np.broadcast_to(expected, got.shape), atol=1e-5)
+        assert not np.allclose(got, network.predict_cells(double, controls), atol=1e-3)
+        # Validation's route (the network's output plus prior_part) gives the same.
+        np.testing.assert_allclose(
+            chosen._model_cells(double, controls) + chosen.prior_part(double, controls),
+            got,
+            atol=1e-4,
+        )
+    # The measured single is the shrunk one (shrink_singles), not the raw mean change.
+    raw = prior_for(
+        dataclasses.replace(config, shrink_singles=False), data_tiny, split["train"]
+    ).changes[seen[0]]
+    assert not np.allclose(prior.changes[seen[0]], raw, atol=1e-4)
+    # Doubles of measured singles, singles and the control keep the network.
+    _assert_same_predictions(
+        chosen,
+        network,
+        (f"{seen[0]}+{seen[1]}", f"{seen[0]}+ctrl", f"{unseen[0]}+ctrl", "ctrl"),
+        controls,
+    )
+    for needed in ([], ["model.seen_single_correction=true"], ["model.coexpression_prior=true"]):
+        with pytest.raises(ConfigError, match="unseen_in_combo: no_network"):
+            load_config(None, ["model.unseen_in_combo=no_network", *needed])
 
 
 def test_control_anchor_sets_each_prediction_on_the_control_mean(data_tiny):
