@@ -90,19 +90,26 @@ PER_PERTURBATION = "per_perturbation.csv"  # eval's per-perturbation table in a 
 # ablation runs.
 ABLATIONS = {
     "unseen_single network": ["model.unseen_single=network"],
-    "with unseen_in_combo prior": ["model.unseen_in_combo=prior"],
+    "unseen_in_combo network": ["model.unseen_in_combo=network"],
+    "unseen_in_combo prior": ["model.unseen_in_combo=prior"],
     "with control_anchor": ["model.control_anchor=true"],
     "with ema_decay 0.99": ["optim.ema_decay=0.99"],
     "with ema_decay 0.998": ["optim.ema_decay=0.998"],
-    "no coexpression_prior": ["model.coexpression_prior=false", "model.unseen_single=network"],
+    "no coexpression_prior": [
+        "model.coexpression_prior=false",
+        "model.unseen_single=network",
+        "model.unseen_in_combo=network",
+    ],
     "no shrink_singles": ["model.shrink_singles=false"],
     "no seen_single_correction": [
         "model.seen_single_correction=false",
         "model.shrink_singles=false",
+        "model.unseen_in_combo=network",
     ],
     "additive_prior instead of seen_single_correction": [
         "model.seen_single_correction=false",
         "model.additive_prior=true",
+        "model.unseen_in_combo=network",
     ],
     "output_baseline none": ["model.output_baseline=none"],
     "no condition_mean target": ["data.train_target=cell"],
@@ -112,6 +119,7 @@ ABLATIONS = {
         "model.seen_single_correction=false",
         "model.shrink_singles=false",
         "model.unseen_single=network",
+        "model.unseen_in_combo=network",
     ],
 }
 SHIFTED = dict(mean_regulators=3.5, knockdown_shift=-1.8, activation_shift=2.5, noise_sd=0.5)

@@ -154,6 +154,7 @@ def test_default_yaml_differs_from_the_seed_setup_only_where_listed():
         "model.shrink_singles",
         "model.coexpression_prior",
         "model.unseen_single",
+        "model.unseen_in_combo",
         "data.train_target",
         "optim.lr",
         "train.epochs",
