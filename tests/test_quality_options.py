@@ -565,53 +565,48 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
         load_config(None, ["model.unseen_single=guess"])
 
 
-def test_unseen_in_combo_prior_takes_the_networks_guess_for_unseen_genes_out_of_doubles(
-    data_tiny,
-):
+def _unseen_in_combo_pair(data, value, **extra):
+    """A predictor with ``model.unseen_in_combo: value`` and one with ``network`` on the same
+    untrained parameters, under both priors, with five control cells, the genes with a
+    training single and the measured test genes without one. Returns (chosen, network,
+    prior, controls, seen, unseen)."""
     from scformer_jax.prior import prior_for
 
-    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    split = gears_split(data.conditions, split="simulation", seed=1)
     config = _tiny_model_config(
-        data_tiny,
+        data,
         coexpression_prior=True,
         seen_single_correction=True,
         unseen_single="prior",
-        unseen_in_combo="prior",
-        output_baseline="control_input",
+        unseen_in_combo=value,
+        **extra,
     )
-    prior = prior_for(config, data_tiny, split["train"])
-    chosen, network, _ = _predictor_pair(config, data_tiny, prior, unseen_in_combo="network")
-    controls = data_tiny.control_cells[:5]
-    names = list(data_tiny.gene_names)
-    seen = sorted(prior.changes)
+    prior = prior_for(config, data, split["train"])
+    chosen, network, _ = _predictor_pair(config, data, prior, unseen_in_combo="network")
+    names = list(data.gene_names)
     unseen = [
         g
         for g in dict.fromkeys(
-            g for c in split["test"] for g in data_tiny.condition_genes[c] if g in names
+            g for c in split["test"] for g in data.condition_genes[c] if g in names
         )
         if g not in prior.changes
     ]
     assert len(unseen) >= 2
-    unperturbed = network.predict_cells("ctrl", controls)
-    # A double with one unseen gene: the network's output for that gene's single is replaced
-    # by the unperturbed prediction (its co-expression prior is in both); with two, both.
-    for double, stand_ins in (
-        (f"{seen[0]}+{unseen[0]}", unseen[:1]),
-        (f"{unseen[0]}+{unseen[1]}", unseen[:2]),
-    ):
-        expected = network.predict_cells(double, controls) + sum(
-            unperturbed - network._model_cells(f"{g}+ctrl", controls) for g in stand_ins
-        )
+    return chosen, network, prior, data.control_cells[:5], sorted(prior.changes), unseen
+
+
+def _check_unseen_in_combo(chosen, network, controls, seen, unseen, doubles, value):
+    """Each double's prediction: validation's route (the network's output plus prior_part)
+    gives the same, and it differs from the network's; doubles of measured singles, singles
+    and the control are the network's; the option needs both priors."""
+    for double in doubles:
         got = chosen.predict_cells(double, controls)
-        np.testing.assert_allclose(got, expected, atol=1e-4)
         assert not np.allclose(got, network.predict_cells(double, controls), atol=1e-3)
-        # Validation's route (the network's output plus prior_part) gives the same.
         np.testing.assert_allclose(
             chosen._model_cells(double, controls) + chosen.prior_part(double, controls),
             got,
             atol=1e-4,
         )
-    # Doubles of measured singles, singles and the control are unchanged.
     _assert_same_predictions(
         chosen,
         network,
@@ -619,8 +614,26 @@ def test_unseen_in_combo_prior_takes_the_networks_guess_for_unseen_genes_out_of_
         controls,
     )
     for needed in ([], ["model.seen_single_correction=true"], ["model.coexpression_prior=true"]):
-        with pytest.raises(ConfigError, match="unseen_in_combo"):
-            load_config(None, ["model.unseen_in_combo=prior", *needed])
+        with pytest.raises(ConfigError, match=f"unseen_in_combo: {value}"):
+            load_config(None, [f"model.unseen_in_combo={value}", *needed])
+
+
+def test_unseen_in_combo_prior_takes_the_networks_guess_for_unseen_genes_out_of_doubles(
+    data_tiny,
+):
+    chosen, network, _, controls, seen, unseen = _unseen_in_combo_pair(
+        data_tiny, "prior", output_baseline="control_input"
+    )
+    unperturbed = network.predict_cells("ctrl", controls)
+    # A double with one unseen gene: the network's output for that gene's single is replaced
+    # by the unperturbed prediction (its co-expression prior is in both); with two, both.
+    doubles = {f"{seen[0]}+{unseen[0]}": unseen[:1], f"{unseen[0]}+{unseen[1]}": unseen[:2]}
+    for double, stand_ins in doubles.items():
+        expected = network.predict_cells(double, controls) + sum(
+            unperturbed - network._model_cells(f"{g}+ctrl", controls) for g in stand_ins
+        )
+        np.testing.assert_allclose(chosen.predict_cells(double, controls), expected, atol=1e-4)
+    _check_unseen_in_combo(chosen, network, controls, seen, unseen, doubles, "prior")
     both = ["model.seen_single_correction=true", "model.coexpression_prior=true"]
     assert load_config(None, ["model.unseen_in_combo=prior", *both]).model.unseen_in_combo == (
         "prior"
@@ -634,60 +647,27 @@ def test_unseen_in_combo_no_network_predicts_doubles_with_an_unseen_gene_from_th
 ):
     from scformer_jax.prior import prior_for
 
-    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
-    config = _tiny_model_config(
-        data_tiny,
-        coexpression_prior=True,
-        seen_single_correction=True,
-        shrink_singles=True,
-        unseen_single="prior",
-        unseen_in_combo="no_network",
+    chosen, network, prior, controls, seen, unseen = _unseen_in_combo_pair(
+        data_tiny, "no_network", shrink_singles=True
     )
-    prior = prior_for(config, data_tiny, split["train"])
-    chosen, network, _ = _predictor_pair(config, data_tiny, prior, unseen_in_combo="network")
-    controls = data_tiny.control_cells[:5]
-    names = list(data_tiny.gene_names)
-    seen = sorted(prior.changes)
-    unseen = [
-        g
-        for g in dict.fromkeys(
-            g for c in split["test"] for g in data_tiny.condition_genes[c] if g in names
-        )
-        if g not in prior.changes
-    ]
-    assert len(unseen) >= 2
     ctrl = np.asarray(data_tiny.control_mean, np.float32)
     effect = {g: prior.coexpression.effect(g) for g in unseen[:2]}
-    for double, expected in (
-        (f"{seen[0]}+{unseen[0]}", ctrl + prior.changes[seen[0]] + effect[unseen[0]]),
-        (f"{unseen[0]}+{unseen[1]}", ctrl + effect[unseen[0]] + effect[unseen[1]]),
-    ):
+    doubles = {
+        f"{seen[0]}+{unseen[0]}": ctrl + prior.changes[seen[0]] + effect[unseen[0]],
+        f"{unseen[0]}+{unseen[1]}": ctrl + effect[unseen[0]] + effect[unseen[1]],
+    }
+    for double, expected in doubles.items():
         got = chosen.predict_cells(double, controls)
         # The control mean, the (shrunk) measured single and the co-expression prior of the
         # unseen gene, for every cell: no network output.
         np.testing.assert_allclose(got, np.broadcast_to(expected, got.shape), atol=1e-5)
-        assert not np.allclose(got, network.predict_cells(double, controls), atol=1e-3)
-        # Validation's route (the network's output plus prior_part) gives the same.
-        np.testing.assert_allclose(
-            chosen._model_cells(double, controls) + chosen.prior_part(double, controls),
-            got,
-            atol=1e-4,
-        )
     # The measured single is the shrunk one (shrink_singles), not the raw mean change.
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
     raw = prior_for(
-        dataclasses.replace(config, shrink_singles=False), data_tiny, split["train"]
+        dataclasses.replace(chosen.model_config, shrink_singles=False), data_tiny, split["train"]
     ).changes[seen[0]]
     assert not np.allclose(prior.changes[seen[0]], raw, atol=1e-4)
-    # Doubles of measured singles, singles and the control keep the network.
-    _assert_same_predictions(
-        chosen,
-        network,
-        (f"{seen[0]}+{seen[1]}", f"{seen[0]}+ctrl", f"{unseen[0]}+ctrl", "ctrl"),
-        controls,
-    )
-    for needed in ([], ["model.seen_single_correction=true"], ["model.coexpression_prior=true"]):
-        with pytest.raises(ConfigError, match="unseen_in_combo: no_network"):
-            load_config(None, ["model.unseen_in_combo=no_network", *needed])
+    _check_unseen_in_combo(chosen, network, controls, seen, unseen, doubles, "no_network")
 
 
 def test_control_anchor_sets_each_prediction_on_the_control_mean(data_tiny):
