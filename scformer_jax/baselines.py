@@ -18,7 +18,8 @@ through the same metrics (:mod:`scformer_jax.metrics`) as the model:
   scaled by the training singles' typical direct effect on their own gene.
 * ``additive_shrunk`` (:func:`fit_additive_baseline` with ``squared_errors``): the additive
   baseline with each training single's change shrunk towards no change by its sampling error,
-  as ``model.shrink_singles`` does inside the model.
+  as ``model.shrink_singles`` does inside the model (under the same ``model.shrink_prior``
+  in eval).
 
 Condition names are GEARS's (``"ctrl"``, ``"A+ctrl"``, ``"ctrl+A"``, ``"A+B"``); a bare
 ``"A"`` is read as the single ``"A+ctrl"``. ``"ctrl"`` is predicted as the control mean by
@@ -199,6 +200,7 @@ def fit_additive_baseline(
     *,
     unseen_gene: Literal["mean", "zero"] = "mean",
     squared_errors: Mapping[str, Any] | None = None,
+    shrink_prior: str = "normal",
 ) -> AdditiveBaseline:
     """The additive baseline: ``ctrl + change(A) + change(B)`` from training singles.
 
@@ -217,6 +219,8 @@ def fit_additive_baseline(
         are first shrunk towards no change by their errors
         (:func:`scformer_jax.prior.shrink_single_changes`, as ``model.shrink_singles``) and
         the baseline is named ``additive_shrunk``.
+      shrink_prior: the prior of that shrinkage (``model.shrink_prior``: ``"normal"`` or
+        ``"adaptive"``).
 
     Returns:
       An :class:`AdditiveBaseline`.
@@ -233,7 +237,9 @@ def fit_additive_baseline(
                 f"squared_errors has no entry for the training single(s) {missing[:5]}: give "
                 "the errors of every training single (prior.single_changes_and_errors)."
             )
-        singles = shrink_single_changes(singles, {g: squared_errors[g] for g in singles})
+        singles = shrink_single_changes(
+            singles, {g: squared_errors[g] for g in singles}, prior=shrink_prior
+        )
     if unseen_gene == "zero":
         fallback = np.zeros_like(ctrl)
     elif singles:
@@ -595,6 +601,7 @@ def fit_baselines(
     unmeasured_genes: Literal["raise", "ignore"] = "ignore",
     control_expression: Any = None,
     single_squared_errors: Mapping[str, Any] | None = None,
+    shrink_prior: str = "normal",
 ) -> dict[str, Any]:
     """Every baseline, keyed by its ``name`` (control, train_mean, additive, linear,
     coexpression when `control_expression` is given and additive_shrunk when
@@ -616,6 +623,7 @@ def fit_baselines(
         co-expression baseline.
       single_squared_errors: optional gene -> (n_genes,) squared standard errors of the
         training singles' changes, for the additive baseline with shrunk singles.
+      shrink_prior: the prior of that shrinkage (as ``model.shrink_prior``).
 
     Returns:
       name -> fitted baseline.
@@ -645,6 +653,7 @@ def fit_baselines(
                 ctrl_mean,
                 unseen_gene=unseen_gene,
                 squared_errors=single_squared_errors,
+                shrink_prior=shrink_prior,
             )
         )
     return {b.name: b for b in baselines if b is not None}

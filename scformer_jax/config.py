@@ -35,6 +35,8 @@ UNSEEN_SINGLE_PREDICTIONS = ("network", "prior")
 # network, the network with the prior standing in for its guess of that gene, or the priors
 # alone (no network).
 UNSEEN_IN_COMBO_PREDICTIONS = ("network", "prior", "no_network")
+# The prior of model.shrink_singles (scformer_jax.prior.shrink_single_changes).
+SHRINK_PRIORS = ("normal", "adaptive")
 # The expression decoder (model.expr_decoder): scFormer's one Linear, scGPT's MLP
 # (ExprDecoder) or scGPT's affine decoder (AffineExprDecoder). See scformer_jax.model.
 EXPR_DECODERS = ("linear", "mlp", "affine")
@@ -141,6 +143,12 @@ class ModelConfig:
     # change, gene by gene, by their sampling error (empirical Bayes; scformer_jax.prior).
     # Needs one of the two.
     shrink_singles: bool = False
+    # The prior of that shrinkage: "normal" (one normal per gene, its variance from all the
+    # singles' changes of the gene: every single's change of a gene is scaled by the same
+    # factor) or "adaptive" (one mixture of a point mass at no change and normals of growing
+    # spread for every change, fitted by maximum likelihood: a change large against its error
+    # is barely shrunk, one within its noise goes near no change). See scformer_jax.prior.
+    shrink_prior: str = "normal"
     # True: every perturbation of measured genes starts from what the control cells'
     # co-expression implies (the regression of each gene on the perturbed one, scaled by the
     # training singles' typical direct effect) and the model learns the rest
@@ -232,6 +240,7 @@ class ModelConfig:
         _check_choice("model.init", self.init, PARAM_INITS)
         _check_choice("model.unseen_single", self.unseen_single, UNSEEN_SINGLE_PREDICTIONS)
         _check_choice("model.unseen_in_combo", self.unseen_in_combo, UNSEEN_IN_COMBO_PREDICTIONS)
+        _check_choice("model.shrink_prior", self.shrink_prior, SHRINK_PRIORS)
         _check_choice("model.expr_decoder", self.expr_decoder, EXPR_DECODERS)
         if self.decoder_activation is not None:
             _check_choice("model.decoder_activation", self.decoder_activation, DECODER_ACTIVATIONS)
@@ -269,6 +278,12 @@ class ModelConfig:
                 "model.shrink_singles shrinks the measured singles that multi-gene predictions "
                 "use: set model.seen_single_correction: true (or model.additive_prior: true), "
                 "or model.shrink_singles: false."
+            )
+        if self.shrink_prior != "normal" and not self.shrink_singles:
+            raise ConfigError(
+                f"model.shrink_prior: {self.shrink_prior} chooses the prior of "
+                "model.shrink_singles, which is off: set model.shrink_singles: true (or "
+                "model.shrink_prior: normal)."
             )
         if self.unseen_in_combo != "network" and not (
             self.seen_single_correction and self.coexpression_prior

@@ -548,6 +548,7 @@ def evaluate_run(
         _first_occurrence_names(dataset.gene_names),
         control_expression=dataset.dense_rows(dataset.control_cells),
         single_squared_errors=single_changes_and_errors(dataset, split["train"])[1],
+        shrink_prior=run.model_config.shrink_prior,
     )
     for name, baseline in fitted.items():
         predictions[name] = baseline.predict(test)

@@ -31,7 +31,13 @@ prior over the training singles' true changes, ``N(0, tau_g^2)`` with
 ``tau_g^2 = max(mean over singles of d_Gg^2 - mean of se_Gg^2, 0)``, and each measured change
 ``d_Gg`` becomes its posterior mean ``w d_Gg``, ``w = tau_g^2 / (tau_g^2 + se_Gg^2)``, where
 ``se_Gg^2`` is the gene's within-condition variance pooled over the training singles divided by
-the single's cell count (the control mean's error, over many more cells, is left out).
+the single's cell count (the control mean's error, over many more cells, is left out). With
+``model.shrink_prior: adaptive`` the prior is instead one scale mixture of normals shared by
+every (single, gene) change, fitted to them by maximum likelihood (the adaptive shrinkage of
+Stephens, Biostatistics 2017): a point mass at no change and normals of growing spread. A
+change that is large against its error then keeps nearly all of it, where the per-gene normal
+prior scales every single's change of a gene by the same factor, so the one single that moves
+a gene most (a double's top differentially expressed genes) was shrunk as hard as the noise.
 
 With ``model.coexpression_prior``, every perturbation of measured genes starts from what the
 control cells' co-expression implies, and the model learns the rest:
@@ -54,6 +60,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from scformer_jax.config import SHRINK_PRIORS
 from scformer_jax.data.conditions import CONTROL, condition_genes
 
 # Ridge of the co-expression regression, as a fraction of the mean gene variance: keeps genes
@@ -61,6 +68,15 @@ from scformer_jax.data.conditions import CONTROL, condition_genes
 RIDGE = 0.1
 # Genes per block of :func:`shrink_single_changes` (bounds its memory at genome-wide sizes).
 SHRINK_BLOCK_GENES = 1024
+# Adaptive shrinkage: the mixture's spreads grow by this factor from a tenth of the smallest
+# standard error to twice the largest change beyond its error; the point mass at no change
+# gets this many pseudo-observations (it is favoured where the data cannot tell); the weights
+# are fitted on at most this many (single, gene) changes, drawn with a fixed seed.
+ADAPTIVE_GRID_FACTOR = float(np.sqrt(2.0))
+ADAPTIVE_NULL_WEIGHT = 10.0
+ADAPTIVE_MAX_FIT = 1 << 18
+ADAPTIVE_MAX_ITERATIONS = 1000
+ADAPTIVE_TOLERANCE = 1e-8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -168,18 +184,24 @@ def prior_for(model_config, dataset, train_conditions: Sequence[str]) -> Additiv
         train_conditions,
         coexpression=model_config.coexpression_prior,
         shrink=model_config.shrink_singles,
+        shrink_prior=model_config.shrink_prior,
     )
 
 
 def fit_additive_prior(
-    dataset, train_conditions: Sequence[str], *, coexpression: bool = False, shrink: bool = False
+    dataset,
+    train_conditions: Sequence[str],
+    *,
+    coexpression: bool = False,
+    shrink: bool = False,
+    shrink_prior: str = "normal",
 ) -> AdditivePrior:
     """The training singles' mean changes over the control mean (training cells only) and,
     with `coexpression`, the co-expression prior (:func:`fit_coexpression`, from the
     measured changes). With `shrink`, the changes are shrunk by their sampling error
-    (:func:`shrink_single_changes`)."""
+    under `shrink_prior` (:func:`shrink_single_changes`)."""
     changes, squared_errors = single_changes_and_errors(dataset, train_conditions)
-    used = shrink_single_changes(changes, squared_errors) if shrink else changes
+    used = shrink_single_changes(changes, squared_errors, prior=shrink_prior) if shrink else changes
     return AdditivePrior(
         changes=used, coexpression=fit_coexpression(dataset, changes) if coexpression else None
     )
@@ -218,20 +240,31 @@ def single_changes_and_errors(
 
 
 def shrink_single_changes(
-    changes: Mapping[str, np.ndarray], squared_errors: Mapping[str, np.ndarray]
+    changes: Mapping[str, np.ndarray],
+    squared_errors: Mapping[str, np.ndarray],
+    *,
+    prior: str = "normal",
 ) -> dict[str, np.ndarray]:
     """Measured single changes shrunk towards no change by their sampling error.
 
     Args:
       changes: gene -> (n_genes,) measured change of its single over the control mean.
       squared_errors: gene -> (n_genes,) squared standard error of that change.
+      prior: ``"normal"``: a normal prior ``N(0, tau^2)`` per gene, its variance estimated
+        from all the singles' changes of that gene, ``tau^2 = max(mean(change^2) -
+        mean(squared error), 0)``; each change becomes its posterior mean ``w * change`` with
+        ``w = tau^2 / (tau^2 + squared error)`` (1 where both are 0: nothing to shrink by).
+        ``"adaptive"``: one prior for every change, a mixture of a point mass at 0 and
+        normals ``N(0, s_k^2)`` whose weights are fitted by maximum likelihood
+        (:func:`fit_adaptive_prior`); the posterior mean is
+        ``sum_k p(k | change) * s_k^2 / (s_k^2 + squared error) * change``, so a change
+        large against its error is barely shrunk and one within its noise goes near 0. A
+        change with no error is kept.
 
     Returns:
-      gene -> float32 (n_genes,) ``w * change``, the posterior mean under a per-gene normal
-      prior ``N(0, tau^2)`` whose variance is estimated from all the singles,
-      ``tau^2 = max(mean(change^2) - mean(squared error), 0)``, and
-      ``w = tau^2 / (tau^2 + squared error)`` (1 where both are 0: nothing to shrink by).
+      gene -> float32 (n_genes,) the posterior means.
     """
+    _check_choice_arg("prior", prior, SHRINK_PRIORS)
     if not changes:
         return {}
     genes = list(changes)
@@ -241,20 +274,122 @@ def shrink_single_changes(
             f"changes and squared_errors must have the same shape, got {sorted(shapes)}."
         )
     n_genes = shapes.pop()[0]
-    out = {g: np.empty(n_genes, np.float32) for g in genes}
-    # Gene by gene (columns in blocks): the prior of a gene is its own column's.
-    for start in range(0, n_genes, SHRINK_BLOCK_GENES):
-        block = slice(start, start + SHRINK_BLOCK_GENES)
-        d = np.stack([np.asarray(changes[g][block], np.float64) for g in genes])
-        se2 = np.stack([np.asarray(squared_errors[g][block], np.float64) for g in genes])
+    for g in genes:
+        se2 = np.asarray(squared_errors[g])
         if np.any(se2 < 0) or not np.all(np.isfinite(se2)):
             raise ValueError("squared_errors must be finite and non-negative.")
-        tau2 = np.maximum((d**2).mean(axis=0) - se2.mean(axis=0), 0.0)
-        denominator = tau2 + se2
-        weight = np.divide(tau2, denominator, out=np.ones_like(d), where=denominator > 0)
+    out = {g: np.empty(n_genes, np.float32) for g in genes}
+    if prior == "adaptive":
+        spreads, weights = fit_adaptive_prior(changes, squared_errors)
+        block_genes = max(1, (1 << 22) // (len(genes) * len(spreads)))
+    else:
+        block_genes = SHRINK_BLOCK_GENES
+    for start in range(0, n_genes, block_genes):
+        block = slice(start, start + block_genes)
+        d = np.stack([np.asarray(changes[g][block], np.float64) for g in genes])
+        se2 = np.stack([np.asarray(squared_errors[g][block], np.float64) for g in genes])
+        if prior == "adaptive":
+            weight = _adaptive_posterior_weight(d, se2, spreads, weights)
+        else:
+            # Gene by gene: the prior of a gene is its own column's.
+            tau2 = np.maximum((d**2).mean(axis=0) - se2.mean(axis=0), 0.0)
+            denominator = tau2 + se2
+            weight = np.divide(tau2, denominator, out=np.ones_like(d), where=denominator > 0)
         for i, g in enumerate(genes):
             out[g][block] = weight[i] * d[i]
     return out
+
+
+def _check_choice_arg(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+
+
+def fit_adaptive_prior(
+    changes: Mapping[str, np.ndarray], squared_errors: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mixture prior of ``shrink_single_changes(prior="adaptive")``.
+
+    The spreads ``s_k`` are 0 (the point mass) and a grid growing by
+    ``ADAPTIVE_GRID_FACTOR`` from a tenth of the smallest non-zero standard error to twice the
+    largest ``sqrt(change^2 - squared error)``. The weights maximise the likelihood of the
+    changes with non-zero error, ``change ~ sum_k w_k N(0, s_k^2 + squared error)``, plus
+    ``ADAPTIVE_NULL_WEIGHT - 1`` pseudo-observations on the point mass, by EM from equal
+    weights (on at most ``ADAPTIVE_MAX_FIT`` changes, drawn with a fixed seed).
+
+    Returns:
+      (spreads float64 (K,), weights float64 (K,) summing to 1). Without any non-zero error:
+      the point mass alone.
+    """
+    genes = list(changes)
+    n_genes = int(np.shape(changes[genes[0]])[0]) if genes else 0
+    total = len(genes) * n_genes
+    rng = np.random.default_rng(0)
+    picked = (
+        np.sort(rng.choice(total, ADAPTIVE_MAX_FIT, replace=False))
+        if total > ADAPTIVE_MAX_FIT
+        else None
+    )
+    fit_d, fit_se2 = [], []
+    min_se2, max_excess = np.inf, 0.0
+    for i, g in enumerate(genes):
+        d = np.asarray(changes[g], np.float64)
+        se2 = np.asarray(squared_errors[g], np.float64)
+        positive = se2 > 0
+        if np.any(positive):
+            min_se2 = min(min_se2, float(se2[positive].min()))
+        max_excess = max(max_excess, float(np.max(d**2 - se2, initial=0.0)))
+        if picked is not None:
+            lo, hi = np.searchsorted(picked, [i * n_genes, (i + 1) * n_genes])
+            columns = picked[lo:hi] - i * n_genes
+            d, se2, positive = d[columns], se2[columns], positive[columns]
+        fit_d.append(d[positive])
+        fit_se2.append(se2[positive])
+    if not np.isfinite(min_se2):
+        return np.zeros(1), np.ones(1)
+    smallest = np.sqrt(min_se2) / 10.0
+    largest = max(2.0 * np.sqrt(max_excess), smallest)
+    n_grid = int(np.floor(np.log(largest / smallest) / np.log(ADAPTIVE_GRID_FACTOR))) + 1
+    spreads = np.concatenate(
+        [[0.0], smallest * ADAPTIVE_GRID_FACTOR ** np.arange(n_grid), [largest]]
+    )
+    spreads = np.unique(spreads)
+    d = np.concatenate(fit_d)
+    se2 = np.concatenate(fit_se2)
+    likelihood = _component_likelihoods(d, se2, spreads)  # (n, K), rows scaled to max 1
+    pseudo = np.zeros(len(spreads))
+    pseudo[0] = ADAPTIVE_NULL_WEIGHT - 1.0
+    weights = np.full(len(spreads), 1.0 / len(spreads))
+    for _ in range(ADAPTIVE_MAX_ITERATIONS):
+        mixture = np.maximum(likelihood @ weights, 1e-300)
+        responsibility_sums = weights * (likelihood.T @ (1.0 / mixture))
+        new = (responsibility_sums + pseudo) / (len(d) + pseudo.sum())
+        converged = np.max(np.abs(new - weights)) < ADAPTIVE_TOLERANCE
+        weights = new
+        if converged:
+            break
+    return spreads, weights
+
+
+def _component_likelihoods(d: np.ndarray, se2: np.ndarray, spreads: np.ndarray) -> np.ndarray:
+    """(..., K) the normal densities of `d` under each component, ``N(0, s_k^2 + se2)``,
+    divided by their largest over the components (se2 > 0)."""
+    variance = spreads**2 + se2[..., None]
+    log_likelihood = -0.5 * (np.log(variance) + d[..., None] ** 2 / variance)
+    log_likelihood -= log_likelihood.max(axis=-1, keepdims=True)
+    return np.exp(log_likelihood)
+
+
+def _adaptive_posterior_weight(
+    d: np.ndarray, se2: np.ndarray, spreads: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """The factor of each change in its posterior mean under the mixture (1 where its
+    error is 0)."""
+    safe = np.where(se2 > 0, se2, 1.0)
+    joint = _component_likelihoods(d, safe, spreads) * weights
+    posterior = joint / np.maximum(joint.sum(axis=-1, keepdims=True), 1e-300)
+    factor = (posterior * (spreads**2 / (spreads**2 + safe[..., None]))).sum(axis=-1)
+    return np.where(se2 > 0, factor, 1.0)
 
 
 def fit_coexpression(

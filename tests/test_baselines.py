@@ -159,6 +159,18 @@ def test_coexpression_baseline_regresses_on_the_perturbed_gene_in_control_cells(
 
     expected = shrink_single_changes({g: effect[g] for g in errors}, errors)
     np.testing.assert_allclose(shrunk, ctrl + expected["G0"] + expected["G1"], atol=1e-5)
+    # The shrinkage follows model.shrink_prior.
+    adaptive = baselines.fit_baselines(
+        train,
+        ctrl,
+        GENES,
+        n_components=2,
+        single_squared_errors=errors,
+        shrink_prior="adaptive",
+    )["additive_shrunk"].predict(["G0+G1"])["G0+G1"]
+    expected = shrink_single_changes({g: effect[g] for g in errors}, errors, prior="adaptive")
+    np.testing.assert_allclose(adaptive, ctrl + expected["G0"] + expected["G1"], atol=1e-5)
+    assert not np.allclose(adaptive, shrunk)
     with pytest.raises(ValueError, match="squared_errors has no entry"):
         baselines.fit_additive_baseline(train, ctrl, squared_errors={"G0": errors["G0"]})
     with pytest.raises(ValueError, match="control_expression"):

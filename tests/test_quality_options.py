@@ -320,6 +320,113 @@ def test_shrink_single_changes_is_the_per_gene_posterior_mean(monkeypatch):
         shrink_single_changes({"A": measured[0]}, {"A": se2[0, :3]})
 
 
+def _mixture_posterior_reference(d, se2, spreads, iterations=3000, null_weight=10.0):
+    """The mixture prior's weights by plain EM (explicit responsibilities) and each change's
+    posterior mean, written out with normal densities (for changes with an error)."""
+
+    def densities(x, v):
+        var = spreads[None, :] ** 2 + v[:, None]
+        return np.exp(-0.5 * x[:, None] ** 2 / var) / np.sqrt(2 * np.pi * var)
+
+    x, v = d.ravel(), se2.ravel()
+    fit = v > 0
+    dens = densities(x[fit], v[fit])
+    weights = np.full(len(spreads), 1 / len(spreads))
+    pseudo = np.zeros(len(spreads))
+    pseudo[0] = null_weight - 1
+    for _ in range(iterations):
+        resp = dens * weights / (dens * weights).sum(axis=1, keepdims=True)
+        weights = (resp.sum(axis=0) + pseudo) / (fit.sum() + pseudo.sum())
+    post = np.array(x)
+    resp = dens * weights / (dens * weights).sum(axis=1, keepdims=True)
+    shrink = spreads[None, :] ** 2 / (spreads[None, :] ** 2 + v[fit][:, None])
+    post[fit] = (resp * shrink).sum(axis=1) * x[fit]
+    return weights, post.reshape(d.shape)
+
+
+def test_adaptive_shrinkage_is_the_mixture_posterior_mean_and_spares_large_changes(monkeypatch):
+    from scformer_jax import prior
+    from scformer_jax.prior import fit_adaptive_prior, shrink_single_changes
+
+    rng = np.random.default_rng(3)
+    n_singles, n_genes = 30, 8
+    genes = [f"G{i}" for i in range(n_singles)]
+    # Sparse effects: most (single, gene) changes are 0; a few singles move a gene a lot.
+    truth = np.zeros((n_singles, n_genes))
+    hits = rng.random(truth.shape) < 0.1
+    truth[hits] = rng.choice([-3.0, 3.0], size=hits.sum())
+    se2 = rng.uniform(0.02, 0.1, size=truth.shape)
+    se2[:, -1] = 0.0  # measured without error: kept as it is
+    measured = truth + rng.normal(size=truth.shape) * np.sqrt(se2)
+    changes, errors = dict(zip(genes, measured)), dict(zip(genes, se2))
+
+    spreads, weights = fit_adaptive_prior(changes, errors)
+    assert spreads[0] == 0 and np.all(np.diff(spreads) > 0)
+    assert spreads[1] == pytest.approx(np.sqrt(se2[se2 > 0].min()) / 10)
+    assert spreads[-1] == pytest.approx(2 * np.sqrt(np.max(measured**2 - se2)))
+    ref_weights, ref_post = _mixture_posterior_reference(measured, se2, spreads)
+    np.testing.assert_allclose(weights, ref_weights, atol=2e-4)
+    adaptive = np.stack(list(shrink_single_changes(changes, errors, prior="adaptive").values()))
+    np.testing.assert_allclose(adaptive, ref_post, rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(adaptive[:, -1], measured[:, -1].astype(np.float32))
+    # Large changes keep nearly all of it; changes within their noise go near 0; the
+    # per-gene normal prior shrinks a gene's rare large change as hard as its noise.
+    large = hits & (se2 > 0)
+    assert np.all(np.abs(adaptive[large]) > 0.95 * np.abs(measured[large]))
+    null = ~hits & (se2 > 0)
+    assert np.abs(adaptive[null]).mean() < 0.2 * np.abs(measured[null]).mean()
+    normal = np.stack(list(shrink_single_changes(changes, errors).values()))
+    assert np.mean((adaptive - truth) ** 2) < np.mean((normal - truth) ** 2)
+    assert np.abs(adaptive[large]).mean() > np.abs(normal[large]).mean()
+    # Fitting the weights on a subsample (genome-wide sizes) moves the shrinkage little.
+    monkeypatch.setattr(prior, "ADAPTIVE_MAX_FIT", 120)
+    sub = np.stack(list(shrink_single_changes(changes, errors, prior="adaptive").values()))
+    np.testing.assert_allclose(sub[large], adaptive[large], rtol=0.05)
+    with pytest.raises(ValueError, match="prior must be one of"):
+        shrink_single_changes(changes, errors, prior="laplace")
+    # Without any error there is nothing to shrink by.
+    zero = {g: np.zeros(n_genes) for g in genes}
+    kept = shrink_single_changes(changes, zero, prior="adaptive")
+    np.testing.assert_array_equal(kept["G0"], measured[0].astype(np.float32))
+
+
+def test_shrink_prior_adaptive_reaches_the_prior_and_the_shrunk_baseline(data_tiny):
+    from scformer_jax.prior import (
+        fit_additive_prior,
+        prior_for,
+        shrink_single_changes,
+        single_changes_and_errors,
+    )
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(
+        data_tiny,
+        seen_single_correction=True,
+        coexpression_prior=True,
+        shrink_singles=True,
+        shrink_prior="adaptive",
+    )
+    changes, errors = single_changes_and_errors(data_tiny, split["train"])
+    fitted = prior_for(config, data_tiny, split["train"])
+    expected = shrink_single_changes(changes, errors, prior="adaptive")
+    normal = fit_additive_prior(data_tiny, split["train"], shrink=True)
+    for g in changes:
+        np.testing.assert_array_equal(fitted.changes[g], expected[g])
+    assert any(not np.allclose(fitted.changes[g], normal.changes[g]) for g in changes)
+    with pytest.raises(ConfigError, match="model.shrink_prior: adaptive"):
+        load_config(
+            None,
+            [
+                "model.shrink_singles=false",
+                "model.shrink_prior=normal",
+                "model.shrink_prior=adaptive",
+                "model.unseen_in_combo=network",
+            ],
+        )
+    with pytest.raises(ConfigError, match="shrink_prior"):
+        load_config(None, ["model.shrink_prior=laplace"])
+
+
 def test_shrink_singles_shrinks_only_the_singles_that_doubles_use(data_tiny):
     from scformer_jax.prior import fit_additive_prior, prior_for, shrink_single_changes
 
@@ -396,6 +503,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "model.unseen_in_combo=network",
         "model.seen_single_correction=false",
         "model.shrink_singles=false",
+        "model.shrink_prior=normal",
         "model.control_anchor=false",
     )
     corrected_dir, corrected = run(
@@ -405,6 +513,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "model.unseen_in_combo=network",
         "model.seen_single_correction=true",
         "model.shrink_singles=false",
+        "model.shrink_prior=normal",
     )
     # Training and the validation loss are the model's own: unchanged.
     assert corrected["train_mse"] == plain["train_mse"]
@@ -421,6 +530,7 @@ def test_seen_single_correction_and_anchor_change_validation_and_eval_not_traini
         "model.unseen_in_combo=network",
         "model.seen_single_correction=false",
         "model.shrink_singles=false",
+        "model.shrink_prior=normal",
         "model.control_anchor=true",
     )
     assert anchored["train_mse"] == plain["train_mse"]
