@@ -100,10 +100,12 @@ ABLATIONS = {
         "model.unseen_single=network",
         "model.unseen_in_combo=network",
     ],
-    "no shrink_singles": ["model.shrink_singles=false"],
+    "no shrink_singles": ["model.shrink_singles=false", "model.shrink_prior=normal"],
+    "shrink_prior normal": ["model.shrink_prior=normal"],
     "no seen_single_correction": [
         "model.seen_single_correction=false",
         "model.shrink_singles=false",
+        "model.shrink_prior=normal",
         "model.unseen_in_combo=network",
     ],
     "additive_prior instead of seen_single_correction": [
@@ -118,6 +120,7 @@ ABLATIONS = {
         "model.coexpression_prior=false",
         "model.seen_single_correction=false",
         "model.shrink_singles=false",
+        "model.shrink_prior=normal",
         "model.unseen_single=network",
         "model.unseen_in_combo=network",
     ],
