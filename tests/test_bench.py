@@ -195,6 +195,15 @@ def test_win_counts_compare_with_the_chosen_baselines_and_subgroups():
     assert quality.wins(
         table, baselines=quality.SIMPLE_BASELINES, subgroups=quality.SCORED_SUBGROUPS
     )[:2] == (2, 2)
+    # Level, to float rounding (the same prediction), is not a win; half a thousandth is.
+    for metric in quality.WIN_METRICS:
+        table[("recommended", "overall", metric)] = (0.4 + 1e-7, 0.0, 1)
+    simple = dict(baselines=quality.SIMPLE_BASELINES, subgroups=quality.SCORED_SUBGROUPS)
+    won, total, lost = quality.wins(table, **simple)
+    assert (won, total) == (0, 2) and "overall/pearson_delta (0.400 vs additive 0.400)" in lost
+    for metric in quality.WIN_METRICS:
+        table[("recommended", "overall", metric)] = (0.4 + quality.WIN_MARGIN, 0.0, 1)
+    assert quality.wins(table, **simple)[:2] == (2, 2)
 
 
 def test_paired_comparison_takes_the_strongest_baseline_per_cell():
