@@ -14,8 +14,9 @@ Two questions, answered on the test perturbations of GEARS's simulation split:
   double's downstream response by a random gain (additive, synergistic, buffering); the
   network's own joint response (gain 1) is its expectation. It is measured on an independent
   replicate of the experiment in which every double is additive. Beside it, the sum of the
-  measured singles shrunk by their sampling error (``model.shrink_singles``): how much of
-  ``additive``'s error is the noise of the singles' means.
+  measured singles shrunk by their sampling error (``model.shrink_singles``, under the
+  per-gene normal prior and under the adaptive mixture prior of ``model.shrink_prior``): how
+  much of ``additive``'s error is the noise of the singles' means.
 
 Each row is the mean ``pearson_delta`` / ``pearson_de_delta`` over the test perturbations of
 the subgroup in all the split seeds together. Nothing is trained: about a minute.
@@ -69,6 +70,9 @@ def headroom(name: str, seeds: list[int]) -> dict[tuple[str, str], list[tuple[fl
         subgroup_of = {c: g for g, members in split["subgroups"].items() for c in members}
         prior = fit_additive_prior(data, split["train"], coexpression=True)
         shrunk = fit_additive_prior(data, split["train"], shrink=True).changes
+        adaptive = fit_additive_prior(
+            data, split["train"], shrink=True, shrink_prior="adaptive"
+        ).changes
         d = abs(prior.coexpression.direct_effect)
         for condition in split["test"]:
             if condition == "ctrl":
@@ -92,6 +96,9 @@ def headroom(name: str, seeds: list[int]) -> dict[tuple[str, str], list[tuple[fl
                     predictions["additive (measured singles)"] = sum(prior.changes[g] for g in seen)
                     predictions["additive (measured singles, shrunk)"] = sum(
                         shrunk[g] for g in seen
+                    )
+                    predictions["additive (measured singles, shrunk, adaptive prior)"] = sum(
+                        adaptive[g] for g in seen
                     )
                 predictions["network joint response (replicate)"] = (
                     replicate.condition_mean(condition) - ctrl
