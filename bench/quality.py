@@ -208,19 +208,21 @@ def run_one(config_path: Path, overrides: list[str], workdir: Path, fresh: bool)
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
     """runs: variant name -> the metrics.json of each seed. Returns
-    {(row, subgroup, metric): (mean, sd, n)}: one row per variant (its model) and, from the
-    first variant's runs (every variant of a seed shares the split), one per baseline and
-    the technical-duplicate ceiling."""
+    {(row, subgroup, metric): (mean, sd, n)}: one row per variant (its model) and one per
+    baseline and the technical-duplicate ceiling, from the runs of ``recommended`` when it is
+    there, else of the first variant (every variant of a seed shares the split; only
+    ``additive_shrunk`` differs between configs, following ``model.shrink_prior``)."""
     from scformer_jax.evaluation import summarize_runs
 
     table = {}
     wanted = [m for m, _ in METRICS]
-    for i, (variant, per_seed) in enumerate(runs.items()):
+    source = "recommended" if "recommended" in runs else next(iter(runs), None)
+    for variant, per_seed in runs.items():
         frame = summarize_runs(per_seed, metrics=wanted)
         for rec in frame.itertuples(index=False):
             if rec.method == "model":
                 row = variant
-            elif i == 0 and rec.method in BASELINES + (CEILING,):
+            elif variant == source and rec.method in BASELINES + (CEILING,):
                 row = rec.method
             else:
                 continue

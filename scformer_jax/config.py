@@ -146,8 +146,9 @@ class ModelConfig:
     # The prior of that shrinkage: "normal" (one normal per gene, its variance from all the
     # singles' changes of the gene: every single's change of a gene is scaled by the same
     # factor) or "adaptive" (one mixture of a point mass at no change and normals of growing
-    # spread for every change, fitted by maximum likelihood: a change large against its error
-    # is barely shrunk, one within its noise goes near no change). See scformer_jax.prior.
+    # spread for every change, fitted by penalised maximum likelihood: a change large against
+    # its error is barely shrunk, one within its noise goes near no change). See
+    # scformer_jax.prior.
     shrink_prior: str = "normal"
     # True: every perturbation of measured genes starts from what the control cells'
     # co-expression implies (the regression of each gene on the perturbed one, scaled by the

@@ -33,11 +33,12 @@ prior over the training singles' true changes, ``N(0, tau_g^2)`` with
 ``se_Gg^2`` is the gene's within-condition variance pooled over the training singles divided by
 the single's cell count (the control mean's error, over many more cells, is left out). With
 ``model.shrink_prior: adaptive`` the prior is instead one scale mixture of normals shared by
-every (single, gene) change, fitted to them by maximum likelihood (the adaptive shrinkage of
-Stephens, Biostatistics 2017): a point mass at no change and normals of growing spread. A
-change that is large against its error then keeps nearly all of it, where the per-gene normal
-prior scales every single's change of a gene by the same factor, so the one single that moves
-a gene most (a double's top differentially expressed genes) was shrunk as hard as the noise.
+every (single, gene) change, fitted to them by penalised maximum likelihood (the adaptive
+shrinkage of Stephens, Biostatistics 2017): a point mass at no change and normals of growing
+spread. A change that is large against its error then keeps nearly all of it, where the
+per-gene normal prior scales every single's change of a gene by the same factor, so the one
+single that moves a gene most (a double's top differentially expressed genes) was shrunk as
+hard as the noise.
 
 With ``model.coexpression_prior``, every perturbation of measured genes starts from what the
 control cells' co-expression implies, and the model learns the rest:
@@ -69,14 +70,18 @@ RIDGE = 0.1
 # Genes per block of :func:`shrink_single_changes` (bounds its memory at genome-wide sizes).
 SHRINK_BLOCK_GENES = 1024
 # Adaptive shrinkage: the mixture's spreads grow by this factor from a tenth of the smallest
-# standard error to twice the largest change beyond its error; the point mass at no change
-# gets this many pseudo-observations (it is favoured where the data cannot tell); the weights
-# are fitted on at most this many (single, gene) changes, drawn with a fixed seed.
+# standard error to twice the largest change beyond its error (at most this many components:
+# with more, the grid starts higher; spreads far below every error act as the point mass);
+# the point mass at no change gets NULL_WEIGHT - 1 pseudo-observations (a Dirichlet penalty
+# that favours it where the data cannot tell); the weights are fitted on at most MAX_FIT
+# (single, gene) changes with an error, drawn with a fixed seed, by EM accelerated by SQUAREM
+# until the penalised log-likelihood moves by less than TOLERANCE per change.
 ADAPTIVE_GRID_FACTOR = float(np.sqrt(2.0))
+ADAPTIVE_MAX_COMPONENTS = 64
 ADAPTIVE_NULL_WEIGHT = 10.0
 ADAPTIVE_MAX_FIT = 1 << 18
-ADAPTIVE_MAX_ITERATIONS = 1000
-ADAPTIVE_TOLERANCE = 1e-8
+ADAPTIVE_MAX_ITERATIONS = 2000
+ADAPTIVE_TOLERANCE = 1e-10
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -255,7 +260,7 @@ def shrink_single_changes(
         mean(squared error), 0)``; each change becomes its posterior mean ``w * change`` with
         ``w = tau^2 / (tau^2 + squared error)`` (1 where both are 0: nothing to shrink by).
         ``"adaptive"``: one prior for every change, a mixture of a point mass at 0 and
-        normals ``N(0, s_k^2)`` whose weights are fitted by maximum likelihood
+        normals ``N(0, s_k^2)`` whose weights are fitted by penalised maximum likelihood
         (:func:`fit_adaptive_prior`); the posterior mean is
         ``sum_k p(k | change) * s_k^2 / (s_k^2 + squared error) * change``, so a change
         large against its error is barely shrunk and one within its noise goes near 0. A
@@ -264,7 +269,8 @@ def shrink_single_changes(
     Returns:
       gene -> float32 (n_genes,) the posterior means.
     """
-    _check_choice_arg("prior", prior, SHRINK_PRIORS)
+    if prior not in SHRINK_PRIORS:
+        raise ValueError(f"prior must be one of {list(SHRINK_PRIORS)}, got {prior!r}.")
     if not changes:
         return {}
     genes = list(changes)
@@ -278,6 +284,8 @@ def shrink_single_changes(
         se2 = np.asarray(squared_errors[g])
         if np.any(se2 < 0) or not np.all(np.isfinite(se2)):
             raise ValueError("squared_errors must be finite and non-negative.")
+        if not np.all(np.isfinite(changes[g])):
+            raise ValueError(f"the change of {g!r} is not finite (NaN or inf): nothing to shrink.")
     out = {g: np.empty(n_genes, np.float32) for g in genes}
     if prior == "adaptive":
         spreads, weights = fit_adaptive_prior(changes, squared_errors)
@@ -300,11 +308,6 @@ def shrink_single_changes(
     return out
 
 
-def _check_choice_arg(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
-
-
 def fit_adaptive_prior(
     changes: Mapping[str, np.ndarray], squared_errors: Mapping[str, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -312,62 +315,75 @@ def fit_adaptive_prior(
 
     The spreads ``s_k`` are 0 (the point mass) and a grid growing by
     ``ADAPTIVE_GRID_FACTOR`` from a tenth of the smallest non-zero standard error to twice the
-    largest ``sqrt(change^2 - squared error)``. The weights maximise the likelihood of the
-    changes with non-zero error, ``change ~ sum_k w_k N(0, s_k^2 + squared error)``, plus
-    ``ADAPTIVE_NULL_WEIGHT - 1`` pseudo-observations on the point mass, by EM from equal
-    weights (on at most ``ADAPTIVE_MAX_FIT`` changes, drawn with a fixed seed).
+    largest ``sqrt(change^2 - squared error)`` (at most ``ADAPTIVE_MAX_COMPONENTS``). The
+    weights maximise the penalised likelihood of the changes with non-zero error,
+    ``change ~ sum_k w_k N(0, s_k^2 + squared error)``, with ``ADAPTIVE_NULL_WEIGHT - 1``
+    pseudo-observations on the point mass (on at most ``ADAPTIVE_MAX_FIT`` of those changes,
+    drawn with a fixed seed over the genes in sorted order), by EM with SQUAREM steps.
 
     Returns:
       (spreads float64 (K,), weights float64 (K,) summing to 1). Without any non-zero error:
       the point mass alone.
     """
-    genes = list(changes)
-    n_genes = int(np.shape(changes[genes[0]])[0]) if genes else 0
-    total = len(genes) * n_genes
-    rng = np.random.default_rng(0)
-    picked = (
-        np.sort(rng.choice(total, ADAPTIVE_MAX_FIT, replace=False))
-        if total > ADAPTIVE_MAX_FIT
-        else None
-    )
-    fit_d, fit_se2 = [], []
-    min_se2, max_excess = np.inf, 0.0
-    for i, g in enumerate(genes):
+    genes = sorted(changes)
+    d_parts, se2_parts = [], []
+    for g in genes:
         d = np.asarray(changes[g], np.float64)
         se2 = np.asarray(squared_errors[g], np.float64)
-        positive = se2 > 0
-        if np.any(positive):
-            min_se2 = min(min_se2, float(se2[positive].min()))
-        max_excess = max(max_excess, float(np.max(d**2 - se2, initial=0.0)))
-        if picked is not None:
-            lo, hi = np.searchsorted(picked, [i * n_genes, (i + 1) * n_genes])
-            columns = picked[lo:hi] - i * n_genes
-            d, se2, positive = d[columns], se2[columns], positive[columns]
-        fit_d.append(d[positive])
-        fit_se2.append(se2[positive])
-    if not np.isfinite(min_se2):
+        d_parts.append(d[se2 > 0])
+        se2_parts.append(se2[se2 > 0])
+    d = np.concatenate(d_parts) if d_parts else np.zeros(0)
+    se2 = np.concatenate(se2_parts) if se2_parts else np.zeros(0)
+    if not len(d):
         return np.zeros(1), np.ones(1)
-    smallest = np.sqrt(min_se2) / 10.0
-    largest = max(2.0 * np.sqrt(max_excess), smallest)
-    n_grid = int(np.floor(np.log(largest / smallest) / np.log(ADAPTIVE_GRID_FACTOR))) + 1
-    spreads = np.concatenate(
-        [[0.0], smallest * ADAPTIVE_GRID_FACTOR ** np.arange(n_grid), [largest]]
+    smallest = np.sqrt(se2.min()) / 10.0
+    largest = max(2.0 * np.sqrt(max(float(np.max(d**2 - se2)), 0.0)), smallest)
+    log_factor = np.log(ADAPTIVE_GRID_FACTOR)
+    n_grid = int(np.floor(np.log(largest / smallest) / log_factor)) + 1
+    if n_grid > ADAPTIVE_MAX_COMPONENTS - 2:  # start higher: the grid ends at `largest`
+        n_grid = ADAPTIVE_MAX_COMPONENTS - 2
+        smallest = largest / ADAPTIVE_GRID_FACTOR ** (n_grid - 1)
+    spreads = np.unique(
+        np.concatenate([[0.0], smallest * ADAPTIVE_GRID_FACTOR ** np.arange(n_grid), [largest]])
     )
-    spreads = np.unique(spreads)
-    d = np.concatenate(fit_d)
-    se2 = np.concatenate(fit_se2)
+    if len(d) > ADAPTIVE_MAX_FIT:
+        picked = np.sort(np.random.default_rng(0).choice(len(d), ADAPTIVE_MAX_FIT, replace=False))
+        d, se2 = d[picked], se2[picked]
     likelihood = _component_likelihoods(d, se2, spreads)  # (n, K), rows scaled to max 1
     pseudo = np.zeros(len(spreads))
     pseudo[0] = ADAPTIVE_NULL_WEIGHT - 1.0
+
+    def objective(w):  # the penalised log-likelihood (up to the rows' scales)
+        mixture = np.maximum(likelihood @ w, 1e-300)
+        return float(np.log(mixture).sum() + pseudo @ np.log(np.maximum(w, 1e-300)))
+
+    def em(w):
+        mixture = np.maximum(likelihood @ w, 1e-300)
+        return (w * (likelihood.T @ (1.0 / mixture)) + pseudo) / (len(d) + pseudo.sum())
+
     weights = np.full(len(spreads), 1.0 / len(spreads))
+    value = objective(weights)
     for _ in range(ADAPTIVE_MAX_ITERATIONS):
-        mixture = np.maximum(likelihood @ weights, 1e-300)
-        responsibility_sums = weights * (likelihood.T @ (1.0 / mixture))
-        new = (responsibility_sums + pseudo) / (len(d) + pseudo.sum())
-        converged = np.max(np.abs(new - weights)) < ADAPTIVE_TOLERANCE
-        weights = new
-        if converged:
+        # SQUAREM (Varadhan & Roland 2008): a step along two EM updates' direction, kept only
+        # when it stays on the simplex and raises the objective; else the plain EM update.
+        first = em(weights)
+        second = em(first)
+        r, v = first - weights, second - 2 * first + weights
+        step = min(-np.sqrt((r @ r) / (v @ v)), -1.0) if v @ v > 0 else -1.0
+        proposal = weights - 2 * step * r + step**2 * v
+        while np.any(proposal <= 0) and step < -1.0:  # back towards the EM update
+            step = (step - 1.0) / 2.0 if step < -1.01 else -1.0
+            proposal = weights - 2 * step * r + step**2 * v
+        candidate = second
+        if np.all(proposal > 0):
+            accelerated = em(proposal / proposal.sum())
+            if objective(accelerated) >= objective(second):
+                candidate = accelerated
+        new_value = objective(candidate)
+        weights = candidate
+        if abs(new_value - value) <= ADAPTIVE_TOLERANCE * len(d):
             break
+        value = new_value
     return spreads, weights
 
 

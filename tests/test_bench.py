@@ -276,6 +276,28 @@ def test_train_seeds_give_every_split_seed_one_run_per_train_seed(tmp_path, monk
     assert not any("train.seed" in o for o in trained[0][1])
 
 
+def test_baseline_rows_come_from_the_recommended_runs():
+    def metrics(model, shrunk):
+        result = {"overall": {m: model for m in quality.WIN_METRICS}, "per_subgroup": {}}
+        base = {
+            b: {"overall": {m: 0.1 for m in quality.WIN_METRICS}, "per_subgroup": {}}
+            for b in quality.BASELINES
+        }
+        base["additive_shrunk"] = {
+            "overall": {m: shrunk for m in quality.WIN_METRICS},
+            "per_subgroup": {},
+        }
+        return {"model": result, "baselines": base}
+
+    # The seed config shrinks under the normal prior (0.2), the recommended one adaptively
+    # (0.3): the additive_shrunk row is the recommended config's, whatever the order.
+    table = quality.summarize({"seed": [metrics(0.1, 0.2)], "recommended": [metrics(0.4, 0.3)]})
+    assert table[("additive_shrunk", "overall", "pearson_delta")][0] == pytest.approx(0.3)
+    assert table[("seed", "overall", "pearson_delta")][0] == pytest.approx(0.1)
+    only = quality.summarize({"seed": [metrics(0.1, 0.2)]})
+    assert only[("additive_shrunk", "overall", "pearson_delta")][0] == pytest.approx(0.2)
+
+
 def test_unknown_ablation_is_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--ablations", "no such option", "--datasets", "simulated"])

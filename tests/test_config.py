@@ -50,7 +50,7 @@ SEED_SETTINGS = {
     "model.additive_prior": (False, "no prior"),
     "model.seen_single_correction": (False, "no correction"),
     "model.shrink_singles": (False, "no shrinkage of measured singles"),
-    "model.shrink_prior": ("normal", "no shrinkage of measured singles"),
+    "model.shrink_prior": ("normal", "the key's default; no shrinkage of measured singles"),
     "model.coexpression_prior": (False, "no prior"),
     "model.unseen_single": ("network", "the model predicts every perturbation"),
     "model.unseen_in_combo": ("network", "the model predicts every perturbation"),
