@@ -374,13 +374,12 @@ def fit_adaptive_prior(
         while np.any(proposal <= 0) and step < -1.0:  # back towards the EM update
             step = (step - 1.0) / 2.0 if step < -1.01 else -1.0
             proposal = weights - 2 * step * r + step**2 * v
-        candidate = second
+        weights, new_value = second, objective(second)
         if np.all(proposal > 0):
             accelerated = em(proposal / proposal.sum())
-            if objective(accelerated) >= objective(second):
-                candidate = accelerated
-        new_value = objective(candidate)
-        weights = candidate
+            accelerated_value = objective(accelerated)
+            if accelerated_value >= new_value:
+                weights, new_value = accelerated, accelerated_value
         if abs(new_value - value) <= ADAPTIVE_TOLERANCE * len(d):
             break
         value = new_value
