@@ -94,6 +94,7 @@ PER_PERTURBATION = "per_perturbation.csv"  # eval's per-perturbation table in a 
 # ablation runs.
 ABLATIONS = {
     "unseen_single network": ["model.unseen_single=network"],
+    "unseen_single prior": ["model.unseen_single=prior"],
     "unseen_in_combo network": ["model.unseen_in_combo=network"],
     "unseen_in_combo prior": ["model.unseen_in_combo=prior"],
     "with control_anchor": ["model.control_anchor=true"],

@@ -29,8 +29,10 @@ GENE_EMBEDDING_INITS = ("random", "data")
 # scformer_jax.model.init_params).
 PARAM_INITS = ("flax", "torch")
 OUTPUT_BASELINES = ("none", "control_input", "gene_mean")
-# How a single perturbation of a gene without a training single is predicted.
-UNSEEN_SINGLE_PREDICTIONS = ("network", "prior")
+# How a single perturbation of a gene without a training single is predicted
+# (model.unseen_single): the network, the network's unperturbed prediction plus the
+# co-expression prior, or the control mean plus that prior (no network).
+UNSEEN_SINGLE_PREDICTIONS = ("network", "prior", "no_network")
 # How a multi-gene perturbation with such a gene is predicted (model.unseen_in_combo): the
 # network, the network with the prior standing in for its guess of that gene, or the priors
 # alone (no network).
@@ -158,9 +160,10 @@ class ModelConfig:
     # How a single perturbation of a measured gene that has no single in the training split
     # is predicted: "network" (the model's output for it, plus the priors) or "prior" (the
     # model's prediction of the control cell unperturbed plus the gene's co-expression prior:
-    # the network's own guess for a gene it never saw perturbed is not used; needs
-    # coexpression_prior). Validation, eval and predict apply it; training is unchanged
-    # (scformer_jax.predict).
+    # the network's own guess for a gene it never saw perturbed is not used) or "no_network"
+    # (the control mean plus that prior: no network at all, as the coexpression baseline;
+    # the same for every cell). "prior" and "no_network" need coexpression_prior.
+    # Validation, eval and predict apply it; training is unchanged (scformer_jax.predict).
     unseen_single: str = "network"
     # The same for a measured gene without a training single inside a multi-gene
     # perturbation, under seen_single_correction: "network" (the network's output for the
@@ -295,10 +298,11 @@ class ModelConfig:
                 "unseen genes: set model.seen_single_correction: true and "
                 "model.coexpression_prior: true (or model.unseen_in_combo: network)."
             )
-        if self.unseen_single == "prior" and not self.coexpression_prior:
+        if self.unseen_single != "network" and not self.coexpression_prior:
             raise ConfigError(
-                "model.unseen_single: prior predicts unseen singles from the co-expression "
-                "prior: set model.coexpression_prior: true (or model.unseen_single: network)."
+                f"model.unseen_single: {self.unseen_single} predicts unseen singles from the "
+                "co-expression prior: set model.coexpression_prior: true (or "
+                "model.unseen_single: network)."
             )
         if self.pert_pad_id in (0, 1) or not 0 <= self.pert_pad_id <= 2:
             raise ConfigError(

@@ -148,20 +148,27 @@ class Predictor:
         return network_cells + self.prior_part(condition, control_cells, network_cells)
 
     def _priors_only(self, condition: str) -> bool:
-        """Whether ``model.unseen_in_combo: no_network`` predicts the multi-gene `condition`
-        from the priors alone: each gene has a measured training single or a co-expression
-        prior, and one at least has no single."""
-        if self.prior is None or self.model_config.unseen_in_combo != "no_network":
+        """Whether `condition` is predicted from the priors alone, without the network: under
+        ``model.unseen_single: no_network`` a single of a measured gene with a co-expression
+        prior and no training single; under ``model.unseen_in_combo: no_network`` a
+        multi-gene condition each of whose genes has a measured training single or a
+        co-expression prior, one at least without a single."""
+        if self.prior is None:
             return False
         genes = condition_genes(condition)
+        if len(genes) == 1:
+            return self.model_config.unseen_single == "no_network" and self._prior_only(genes[0])
+        if self.model_config.unseen_in_combo != "no_network":
+            return False
         if len(genes) < 2 or not any(self._prior_only(g) for g in genes):
             return False
         return all(g in self.prior.changes or self._prior_only(g) for g in genes)
 
     def _priors_cells(self, condition: str, n_cells: int) -> np.ndarray:
-        """(n_cells, n_genes) ``model.unseen_in_combo: no_network``: the control mean plus
-        the condition's measured singles' changes (shrunk under ``model.shrink_singles``) plus
-        the co-expression prior of its other genes, the same for every cell."""
+        """(n_cells, n_genes) a condition predicted from the priors alone (:meth:`_priors_only`):
+        the control mean plus the condition's measured singles' changes (shrunk under
+        ``model.shrink_singles``) plus the co-expression prior of its other genes, the same
+        for every cell."""
         n_genes = self.dataset.n_genes
         profile = np.asarray(self.dataset.control_mean, np.float32).copy()
         for gene in condition_genes(condition):
@@ -221,7 +228,8 @@ class Predictor:
         unmeasured single of a double under ``model.additive_prior`` (a gene that
         ``model.unseen_in_combo: prior`` stands in for adds the unperturbed prediction and
         takes off its single's output: no change); none for a condition that
-        ``model.unseen_in_combo: no_network`` predicts from the priors alone."""
+        ``model.unseen_single: no_network`` or ``model.unseen_in_combo: no_network`` predicts
+        from the priors alone."""
         if self._priors_only(condition):
             return 0
         if self._unseen_single_gene(condition) is not None or self.prior is None:
@@ -270,16 +278,17 @@ class Predictor:
         correction by the model's errors on the measured singles
         (``model.seen_single_correction``), and the control anchor
         (``model.control_anchor``), and with ``model.unseen_in_combo: prior`` what takes the
-        network's guess for a double's unseen genes out; zeros without any. A double that
-        ``model.unseen_in_combo: no_network`` predicts from the priors alone: that
-        prediction minus the network's output. With
+        network's guess for a double's unseen genes out; zeros without any. A condition that
+        ``model.unseen_single: no_network`` or ``model.unseen_in_combo: no_network`` predicts
+        from the priors alone: that prediction minus the network's output. With
         ``model.unseen_single: prior``,
         for a single of a measured gene without a training single: its prediction minus the
         network's output, which `network_cells` ((n, n_genes), e.g. from a validation pass)
         gives when the caller has it, else computed here."""
         n_genes = self.dataset.n_genes
         if self._priors_only(condition):
-            # In place of the network's output (model.unseen_in_combo: no_network).
+            # In place of the network's output (model.unseen_single / unseen_in_combo:
+            # no_network).
             if network_cells is None:
                 network_cells = self._model_cells(condition, control_cells)
             return self._priors_cells(condition, len(control_cells)) - network_cells

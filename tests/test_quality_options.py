@@ -693,6 +693,55 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
         load_config(None, ["model.unseen_single=guess"])
 
 
+def test_unseen_single_no_network_is_the_control_mean_plus_the_coexpression_prior(data_tiny):
+    from scformer_jax.prior import prior_for
+
+    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
+    config = _tiny_model_config(
+        data_tiny,
+        coexpression_prior=True,
+        seen_single_correction=True,
+        unseen_single="no_network",
+        output_baseline="control_input",
+    )
+    prior = prior_for(config, data_tiny, split["train"])
+    chosen, network, _ = _predictor_pair(config, data_tiny, prior, unseen_single="prior")
+    controls = data_tiny.control_cells[:5]
+    names = list(data_tiny.gene_names)
+    seen = sorted(prior.changes)
+    unseen = next(
+        g
+        for c in split["test"]
+        for g in data_tiny.condition_genes[c]
+        if g not in prior.changes and g in names
+    )
+    single = f"{unseen}+ctrl"
+    ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
+    expected = np.broadcast_to(
+        ctrl + prior.coexpression.effect(unseen), (len(controls), data_tiny.n_genes)
+    )
+    got = chosen.predict_cells(single, controls)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # Not what `prior` predicts (the network's unperturbed prediction in place of the mean).
+    assert not np.allclose(got, network.predict_cells(single, controls), atol=1e-3)
+    assert chosen._network_outputs(single) == 0
+    # Validation adds prior_part to the network's output: the same prediction.
+    network_cells = chosen._model_cells(single, controls)
+    for given in (None, network_cells):
+        np.testing.assert_allclose(
+            network_cells + chosen.prior_part(single, controls, given), expected, atol=1e-5
+        )
+    # Measured singles, doubles and the control are as under `prior`.
+    for condition in (f"{seen[0]}+ctrl", f"{seen[0]}+{unseen}", f"{seen[0]}+{seen[1]}", "ctrl"):
+        np.testing.assert_allclose(
+            chosen.predict_cells(condition, controls),
+            network.predict_cells(condition, controls),
+            atol=1e-6,
+        )
+    with pytest.raises(ConfigError, match="unseen_single: no_network"):
+        load_config(None, ["model.coexpression_prior=false", "model.unseen_single=no_network"])
+
+
 def _unseen_in_combo_pair(data, value, **extra):
     """A predictor with ``model.unseen_in_combo: value`` and one with ``network`` on the same
     untrained parameters, under both priors, with five control cells, the genes with a
