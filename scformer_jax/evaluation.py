@@ -36,7 +36,6 @@ from scformer_jax.data.de import group_stats
 from scformer_jax.data.splits import SUBGROUP_NAMES
 from scformer_jax.io import make_temp_dir, write_text_atomic
 from scformer_jax.predict import Predictor, normalize_perturbation, run_predictor
-from scformer_jax.prior import single_changes_and_errors
 from scformer_jax.runs import Run, load_run
 
 REPORT_METRICS = (
@@ -541,13 +540,14 @@ def evaluate_run(
         predictor, dataset, test, seed=seed, max_cells=max_cells_per_condition
     )
     predictions = {MODEL: model_mean}
-    train_profiles = {c: dataset.condition_mean(c) for c in split["train"] if c != CONTROL}
+    # The training perturbations' cells are read once, here or by run_predictor above.
+    measured = run.training_measurements()
     fitted = baselines_lib.fit_baselines(
-        train_profiles,
+        measured.profiles,
         ctrl_mean,
         _first_occurrence_names(dataset.gene_names),
         control_expression=dataset.dense_rows(dataset.control_cells),
-        single_squared_errors=single_changes_and_errors(dataset, split["train"])[1],
+        single_squared_errors=measured.single_squared_errors,
         shrink_prior=run.model_config.shrink_prior,
     )
     for name, baseline in fitted.items():

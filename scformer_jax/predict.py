@@ -470,7 +470,16 @@ def run_predictor(run: Run, *, batch_size: int | None = None) -> Predictor:
       run: the loaded run.
       batch_size: prediction batch (default: the run's ``train.eval_batch_size``).
     """
-    prior = prior_for(run.model_config, run.dataset, run.split["train"])
+    prior = (
+        prior_for(
+            run.model_config,
+            run.dataset,
+            run.split["train"],
+            measured=run.training_measurements(),
+        )
+        if uses_prior(run.model_config)
+        else None
+    )
     return Predictor(
         run.model_config,
         run.params,

@@ -57,7 +57,7 @@ a CRISPRa one). Perturbed genes that are not measured have no co-expression: no 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -179,9 +179,16 @@ def uses_prior(model_config) -> bool:
     )
 
 
-def prior_for(model_config, dataset, train_conditions: Sequence[str]) -> AdditivePrior | None:
+def prior_for(
+    model_config,
+    dataset,
+    train_conditions: Sequence[str],
+    *,
+    measured: TrainingMeasurements | None = None,
+) -> AdditivePrior | None:
     """The training singles' changes (and the co-expression prior when the config asks for
-    it) when the model config uses them, else None."""
+    it) when the model config uses them, else None. `measured`: as
+    :func:`fit_additive_prior`'s."""
     if not uses_prior(model_config):
         return None
     return fit_additive_prior(
@@ -190,6 +197,7 @@ def prior_for(model_config, dataset, train_conditions: Sequence[str]) -> Additiv
         coexpression=model_config.coexpression_prior,
         shrink=model_config.shrink_singles,
         shrink_prior=model_config.shrink_prior,
+        measured=measured,
     )
 
 
@@ -200,13 +208,22 @@ def fit_additive_prior(
     coexpression: bool = False,
     shrink: bool = False,
     shrink_prior: str = "normal",
+    measured: TrainingMeasurements | None = None,
 ) -> AdditivePrior:
     """The training singles' mean changes over the control mean (training cells only) and,
     with `coexpression`, the co-expression prior (:func:`fit_coexpression`, from the
     measured changes). With `shrink`, the changes are shrunk by their sampling error
-    under `shrink_prior` (:func:`shrink_single_changes`)."""
-    changes, squared_errors = single_changes_and_errors(dataset, train_conditions)
-    used = shrink_single_changes(changes, squared_errors, prior=shrink_prior) if shrink else changes
+    under `shrink_prior` (:func:`shrink_single_changes`). `measured`: the training split
+    already measured (:func:`measure_training` of the same `train_conditions`), else the
+    singles' cells are read here."""
+    if measured is None:
+        measured = measure_training(dataset, train_conditions, singles_only=True)
+    changes = measured.single_changes
+    used = (
+        shrink_single_changes(changes, measured.single_squared_errors, prior=shrink_prior)
+        if shrink
+        else changes
+    )
     return AdditivePrior(
         changes=used, coexpression=fit_coexpression(dataset, changes) if coexpression else None
     )
@@ -222,26 +239,83 @@ def _training_singles(train_conditions: Sequence[str]) -> dict[str, str]:
     return singles
 
 
-def single_changes_and_errors(
-    dataset, train_conditions: Sequence[str]
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The training singles' mean changes over the control mean and their squared standard
-    errors: gene -> (n_genes,) float32 and float64. The error of a gene's change is its
-    within-condition variance, pooled over the training singles, over the single's cell count
-    (one pass over the singles' cells)."""
+class SquaredErrors(Mapping):
+    """gene -> float64 (n_genes,) squared standard error of its single's change: the pooled
+    within-condition variance over the single's cell count, computed when asked (one
+    (n_genes,) vector is kept, not one per single)."""
+
+    def __init__(self, pooled: np.ndarray, counts: Mapping[str, int]):
+        self.pooled = pooled
+        self.counts = dict(counts)
+
+    def __getitem__(self, gene: str) -> np.ndarray:
+        return self.pooled / self.counts[gene]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.counts)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingMeasurements:
+    """A training split's perturbations measured in one pass over their cells.
+
+    Attributes:
+      profiles: training condition (not the control) -> float32 (n_genes,) mean expression
+        (the singles' only, when measured with ``singles_only``).
+      single_changes: gene -> float32 (n_genes,) mean change of its training single over the
+        control mean.
+      single_squared_errors: gene -> float64 (n_genes,) squared standard error of that change
+        (:class:`SquaredErrors`).
+    """
+
+    profiles: Mapping[str, np.ndarray]
+    single_changes: Mapping[str, np.ndarray]
+    single_squared_errors: Mapping[str, np.ndarray]
+
+
+def measure_training(
+    dataset, train_conditions: Sequence[str], *, singles_only: bool = False
+) -> TrainingMeasurements:
+    """The training perturbations' mean profiles and their singles' changes over the control
+    mean with their squared standard errors, in one pass over the cells (of the singles
+    alone with `singles_only`). The error of a gene's change is its within-condition
+    variance, pooled over the training singles, over the single's cell count."""
     ctrl = np.asarray(dataset.control_mean, np.float32)
-    changes, counts = {}, {}
+    singles = _training_singles(train_conditions)
+    single_of = {condition: gene for gene, condition in singles.items()}
+    wanted = singles.values() if singles_only else dict.fromkeys(train_conditions)
+    profiles, changes, counts = {}, {}, {}
     squares = np.zeros(dataset.n_genes, np.float64)
-    for gene, condition in _training_singles(train_conditions).items():
+    for condition in wanted:
+        if condition == CONTROL:
+            continue
         cells = dataset.condition_cells[condition]
         mean, square = dataset.expression_moments(cells)
-        squares += square
-        changes[gene] = (mean.astype(np.float32) - ctrl).astype(np.float32)
-        counts[gene] = len(cells)
+        profiles[condition] = mean.astype(np.float32)
+        gene = single_of.get(condition)
+        if gene is not None:
+            squares += square
+            changes[gene] = (profiles[condition] - ctrl).astype(np.float32)
+            counts[gene] = len(cells)
     dof = sum(counts.values()) - len(counts)
     pooled = squares / dof if dof > 0 else np.zeros(dataset.n_genes)
-    errors = {g: pooled / counts[g] for g in changes}
-    return changes, errors
+    return TrainingMeasurements(
+        profiles=profiles,
+        single_changes={g: changes[g] for g in singles},
+        single_squared_errors=SquaredErrors(pooled, {g: counts[g] for g in singles}),
+    )
+
+
+def single_changes_and_errors(
+    dataset, train_conditions: Sequence[str]
+) -> tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]:
+    """The training singles' mean changes over the control mean and their squared standard
+    errors: gene -> (n_genes,) float32 and float64 (:func:`measure_training` of the singles)."""
+    measured = measure_training(dataset, train_conditions, singles_only=True)
+    return dict(measured.single_changes), measured.single_squared_errors
 
 
 def shrink_single_changes(

@@ -82,6 +82,17 @@ class Run:
     meta: dict
     vocabulary: VocabularyMatch | None = None
     which: str = "best"
+    _measured: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def training_measurements(self):
+        """The training split's perturbations measured once, then kept: their mean profiles
+        and their singles' changes and errors (:func:`scformer_jax.prior.measure_training`),
+        for the model's priors and the baselines alike."""
+        if self._measured is None:
+            from scformer_jax.prior import measure_training
+
+            self._measured = measure_training(self.dataset, self.split["train"])
+        return self._measured
 
 
 def read_config(workdir: str | Path) -> Config:
