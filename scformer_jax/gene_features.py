@@ -19,7 +19,7 @@ tokens) keep their random rows.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -69,7 +69,12 @@ def _unit_rms(block: np.ndarray) -> np.ndarray:
 
 
 def data_gene_embedding(
-    dataset, train_conditions: Sequence[str], dim: int, *, seed: int = 0
+    dataset,
+    train_conditions: Sequence[str],
+    dim: int,
+    *,
+    seed: int = 0,
+    profiles: Mapping[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Per-gene features from the control cells and the training perturbations.
 
@@ -78,6 +83,8 @@ def data_gene_embedding(
       train_conditions: the training split's conditions (test data is never read).
       dim: feature dimension (the model's embsize).
       seed: draws the control-cell subset when there are more than ``MAX_CONTROL_CELLS``.
+      profiles: training condition -> (n_genes,) mean expression, when the caller has
+        measured them (:func:`scformer_jax.prior.measure_training`); others are read here.
 
     Returns:
       float32 (n_genes, dim): row i for expression column i (= token i); each half has unit
@@ -98,8 +105,9 @@ def data_gene_embedding(
     # Gene loadings: right singular vectors scaled by the singular values (the transpose view).
     ctrl_part = top_components(ctrl.T / np.sqrt(max(len(cells) - 1, 1)), k_ctrl, seed=seed)
 
+    known = profiles or {}
     changes = [
-        dataset.condition_mean(c) - dataset.control_mean
+        (known[c] if c in known else dataset.condition_mean(c)) - dataset.control_mean
         for c in dict.fromkeys(train_conditions)
         if condition_genes(c)
     ]
@@ -119,13 +127,17 @@ def init_from_data(
     *,
     seed: int = 0,
     embedding: bool = True,
+    profiles: Mapping[str, np.ndarray] | None = None,
 ) -> Any:
     """``params`` with the data-initialised parts the config asks for: the gene embedding
     (``gene_embedding_init: data``, unless ``embedding`` is False, e.g. when it comes from a
     pretrained checkpoint) and the per-gene output baseline (``output_baseline:
-    gene_mean``: the control cells' mean expression of each measured gene, 0 elsewhere)."""
+    gene_mean``: the control cells' mean expression of each measured gene, 0 elsewhere).
+    `profiles`: as :func:`data_gene_embedding`'s."""
     if embedding and model_config.gene_embedding_init == "data":
-        params = init_gene_embedding_from_data(params, dataset, train_conditions, seed=seed)
+        params = init_gene_embedding_from_data(
+            params, dataset, train_conditions, seed=seed, profiles=profiles
+        )
     if model_config.output_baseline == "gene_mean":
         baseline = np.zeros(np.shape(params["gene_baseline"]), np.float32)
         baseline[np.asarray(dataset.gene_token_ids, np.int64)] = dataset.control_mean
@@ -134,13 +146,21 @@ def init_from_data(
 
 
 def init_gene_embedding_from_data(
-    params: Any, dataset, train_conditions: Sequence[str], *, scale: float = 0.1, seed: int = 0
+    params: Any,
+    dataset,
+    train_conditions: Sequence[str],
+    *,
+    scale: float = 0.1,
+    seed: int = 0,
+    profiles: Mapping[str, np.ndarray] | None = None,
 ) -> Any:
     """``params`` with the measured genes' rows of the gene embedding (``encoder``) replaced
     by :func:`data_gene_embedding`, scaled to root-mean-square ``scale / sqrt(3)`` (the
     random rows' uniform(-scale, scale) spread)."""
     table = np.asarray(params["encoder"]["embedding"])
-    features = data_gene_embedding(dataset, train_conditions, table.shape[1], seed=seed)
+    features = data_gene_embedding(
+        dataset, train_conditions, table.shape[1], seed=seed, profiles=profiles
+    )
     columns = np.asarray(dataset.gene_token_ids, np.int64)
     table = table.copy()
     table[columns] = features * (scale / np.sqrt(3.0))

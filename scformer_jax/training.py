@@ -42,7 +42,7 @@ from scformer_jax.io import RunFolderLock, write_text_atomic
 from scformer_jax.model import BATCH_STATS, TransformerGenerator, init_params
 from scformer_jax.objectives import loss_terms, objective_value
 from scformer_jax.predict import Predictor, full_profiles
-from scformer_jax.prior import prior_for
+from scformer_jax.prior import measure_training, prior_for, uses_prior
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,7 @@ def _loader(
     batch_size: int,
     prior=None,
     share=None,
+    condition_means=None,
 ):
     seed = config.data.seed if config.data.seed is not None else config.train.seed
     # Evaluation scores every gene of a cell, as the original's pred_perturb: no sampling.
@@ -316,6 +317,7 @@ def _loader(
         target_offsets=None
         if prior is None or not (config.model.additive_prior or config.model.coexpression_prior)
         else prior.offsets(conditions, dataset.n_genes, additive=config.model.additive_prior),
+        condition_means=condition_means,
         share=share,
     )
 
@@ -441,7 +443,16 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     model_config = model_config_for(config, dataset)
     per_device = parallel.check_batch_size(config.train.batch_size)
     parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
-    prior = prior_for(model_config, dataset, split["train"])
+    # The training perturbations' cells are read once for the priors, the mean targets and
+    # the data-initialised gene embedding.
+    measured = (
+        measure_training(dataset, split["train"])
+        if uses_prior(model_config)
+        or config.data.train_target == "condition_mean"
+        or model_config.gene_embedding_init == "data"
+        else None
+    )
+    prior = prior_for(model_config, dataset, split["train"], measured=measured)
     # With several processes each assembles (and reads the cells of) only its share of a
     # training batch; validation gathers every prediction, so each process builds it whole.
     train_loader = _loader(
@@ -452,6 +463,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
         batch_size=config.train.batch_size,
         prior=prior,
         share=parallel.process_share(),
+        condition_means=None if measured is None else measured.profiles,
     )
     val_loader = _loader(
         dataset,
@@ -483,6 +495,7 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
         split["train"],
         seed=config.train.seed,
         embedding=not config.train.load_model,
+        profiles=None if measured is None else measured.profiles,
     )
     state, schedule = create_train_state(
         model_config, config.optim, steps_per_epoch, init_rng, params=params

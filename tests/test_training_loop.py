@@ -366,3 +366,35 @@ def test_ema_run_evaluates_the_average_and_resumes_it(tmp_path):
     resumed, _ = final_params(tmp_path / "split")
     for a, b in zip(leaves(evaluated), leaves(resumed)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_training_reads_each_training_perturbation_once(tmp_path, monkeypatch):
+    """The priors and the mean targets share one pass over the training cells' moments."""
+    import collections
+
+    from scformer_jax.data.dataset import PerturbData
+    from scformer_jax.data.splits import read_split_json
+
+    reads = collections.Counter()
+    for name in ("expression_moments", "mean_expression"):
+        original = getattr(PerturbData, name)
+
+        def counting(self, cells, _original=original):
+            reads[tuple(np.asarray(cells).tolist())] += 1
+            return _original(self, cells)
+
+        monkeypatch.setattr(PerturbData, name, counting)
+    datasets = []
+    load = runs.load_data
+
+    def keep(config):
+        dataset, split = load(config)
+        datasets.append(dataset)
+        return dataset, split
+
+    monkeypatch.setattr(runs, "load_data", keep)
+    assert run_train(tmp_path / "run", "train.epochs=1", "train.max_steps=2") == 0
+    split = read_split_json(tmp_path / "run" / "split.json")
+    train = [c for c in dict.fromkeys(split["train"]) if c != "ctrl"]
+    cells = datasets[0].condition_cells
+    assert [reads[tuple(cells[c].tolist())] for c in train] == [1] * len(train)

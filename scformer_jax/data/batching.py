@@ -402,6 +402,9 @@ class BatchLoader:
         expression of the target's condition over all of its cells the loader serves).
       target_offsets: condition -> (n_genes,) taken off that condition's targets (see
         :func:`assemble_batch`); None: nothing.
+      condition_means: condition -> (n_genes,) the mean expression of its cells, for
+        ``target="condition_mean"``, when the caller has measured them already (those
+        missing are computed here).
       drop_last: leave out the last partial batch of every epoch (its cells, which change
         with the shuffle, are not served in that epoch), as GEARS's train loader.
       share: with several processes, yield only this process's rows of every batch (and
@@ -428,6 +431,7 @@ class BatchLoader:
         length_buckets: int | Sequence[int] = 4,
         target: str = "cell",
         target_offsets: Mapping[str, np.ndarray] | None = None,
+        condition_means: Mapping[str, np.ndarray] | None = None,
         drop_last: bool = False,
         share: ProcessShare | None = None,
     ):
@@ -480,8 +484,11 @@ class BatchLoader:
         self.pert_pad_id = int(pert_pad_id)
         self.frozen_pairing = frozen_pairing
         # A split holds whole conditions, so a condition's mean is over the cells served.
+        known = condition_means or {}
         self.target_profiles = (
-            None if target == "cell" else {c: data.condition_mean(c) for c in self.conditions}
+            None
+            if target == "cell"
+            else {c: known[c] if c in known else data.condition_mean(c) for c in self.conditions}
         )
         self.target_offsets = target_offsets
 
