@@ -49,6 +49,28 @@ def data_tiny_unmeasured():
         return PerturbData(adata, name="tiny-unmeasured")
 
 
+@pytest.fixture
+def cell_reads(monkeypatch):
+    """A Counter, (cell index, ...) -> how many times a mean over those cells was computed
+    (``PerturbData.expression_moments`` and ``mean_expression``) while the test runs."""
+    import collections
+
+    import numpy as np
+
+    from scformer_jax.data.dataset import PerturbData
+
+    reads = collections.Counter()
+    for name in ("expression_moments", "mean_expression"):
+        original = getattr(PerturbData, name)
+
+        def counting(self, cells, _original=original):
+            reads[tuple(np.asarray(cells).tolist())] += 1
+            return _original(self, cells)
+
+        monkeypatch.setattr(PerturbData, name, counting)
+    return reads
+
+
 # ------------------------------------------------------------------ the tiny model
 @pytest.fixture(scope="session")
 def tiny():

@@ -271,25 +271,14 @@ def test_eval_caps_the_test_perturbations(trained_run, tmp_path):
 
 
 def test_eval_reads_each_training_perturbation_once_and_follows_the_shrink_prior(
-    trained_run, tmp_path, monkeypatch
+    trained_run, tmp_path, monkeypatch, cell_reads
 ):
-    import collections
     import dataclasses
 
     from scformer_jax import baselines as baselines_lib
-    from scformer_jax.data.dataset import PerturbData
     from scformer_jax.runs import load_run
 
     run = load_run(trained_run)
-    reads = collections.Counter()
-    for name in ("expression_moments", "mean_expression"):
-        original = getattr(PerturbData, name)
-
-        def counting(self, cells, _original=original):
-            reads[tuple(np.asarray(cells).tolist())] += 1
-            return _original(self, cells)
-
-        monkeypatch.setattr(PerturbData, name, counting)
     asked = []
     fit_baselines = baselines_lib.fit_baselines
 
@@ -304,10 +293,10 @@ def test_eval_reads_each_training_perturbation_once_and_follows_the_shrink_prior
         variant = dataclasses.replace(
             run, model_config=dataclasses.replace(run.model_config, shrink_prior=prior)
         )
-        reads.clear()
+        cell_reads.clear()
         metrics = evaluation.evaluate_run(variant, out_dir=tmp_path / prior, n_plots=0)
         # The priors of the model and the baselines share one pass over the training cells.
-        counts = [reads[tuple(run.dataset.condition_cells[c].tolist())] for c in train]
+        counts = [cell_reads[tuple(run.dataset.condition_cells[c].tolist())] for c in train]
         assert counts == [1] * len(train)
         shrunk[prior] = metrics["baselines"]["additive_shrunk"]["overall"]["pearson_delta"]
     assert asked == ["normal", "adaptive"]

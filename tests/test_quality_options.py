@@ -644,7 +644,8 @@ def test_predictor_adds_the_coexpression_prior(data_tiny):
     np.testing.assert_allclose(corrected.predict_cells(double, controls), expected, atol=1e-4)
 
 
-def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_genes(data_tiny):
+@pytest.mark.parametrize("value", ["prior", "no_network"])
+def test_unseen_single_replaces_the_networks_guess_for_unseen_measured_genes(data_tiny, value):
     from scformer_jax.prior import prior_for
 
     split = gears_split(data_tiny.conditions, split="simulation", seed=1)
@@ -652,7 +653,7 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
         data_tiny,
         coexpression_prior=True,
         seen_single_correction=True,
-        unseen_single="prior",
+        unseen_single=value,
         output_baseline="control_input",
     )
     prior = prior_for(config, data_tiny, split["train"])
@@ -667,12 +668,19 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
         if g not in prior.changes and g in names
     )
     single = f"{unseen}+ctrl"
-    # The control cell as the model predicts it unperturbed, plus the co-expression prior.
-    expected = network.predict_cells("ctrl", controls) + prior.effect_offset(
-        single, data_tiny.n_genes
-    )
+    effect = prior.effect_offset(single, data_tiny.n_genes)
+    assert np.abs(effect).sum() > 0
+    # prior: the control cell as the model predicts it unperturbed, plus the co-expression
+    # prior; no_network: the control cells' mean plus that prior (the coexpression
+    # baseline's prediction), the same for every cell, with no network output in it.
+    unperturbed = network.predict_cells("ctrl", controls) + effect
+    ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
+    mean = np.broadcast_to(ctrl + effect, unperturbed.shape)
+    expected, other = (unperturbed, mean) if value == "prior" else (mean, unperturbed)
     np.testing.assert_allclose(chosen.predict_cells(single, controls), expected, atol=1e-5)
+    assert not np.allclose(expected, other, atol=1e-3)
     assert not np.allclose(expected, network.predict_cells(single, controls), atol=1e-3)
+    assert chosen._network_outputs(single) == (1 if value == "prior" else 0)
     # Validation adds prior_part to the network's output (given, or computed): the same
     # prediction.
     network_cells = chosen._model_cells(single, controls)
@@ -687,59 +695,10 @@ def test_unseen_single_prior_replaces_the_networks_guess_for_unseen_measured_gen
             network.predict_cells(condition, controls),
             atol=1e-6,
         )
-    with pytest.raises(ConfigError, match="coexpression_prior"):
-        load_config(None, ["model.coexpression_prior=false", "model.unseen_single=prior"])
+    with pytest.raises(ConfigError, match=f"unseen_single: {value}.*coexpression_prior"):
+        load_config(None, ["model.coexpression_prior=false", f"model.unseen_single={value}"])
     with pytest.raises(ConfigError, match="unseen_single"):
         load_config(None, ["model.unseen_single=guess"])
-
-
-def test_unseen_single_no_network_is_the_control_mean_plus_the_coexpression_prior(data_tiny):
-    from scformer_jax.prior import prior_for
-
-    split = gears_split(data_tiny.conditions, split="simulation", seed=1)
-    config = _tiny_model_config(
-        data_tiny,
-        coexpression_prior=True,
-        seen_single_correction=True,
-        unseen_single="no_network",
-        output_baseline="control_input",
-    )
-    prior = prior_for(config, data_tiny, split["train"])
-    chosen, network, _ = _predictor_pair(config, data_tiny, prior, unseen_single="prior")
-    controls = data_tiny.control_cells[:5]
-    names = list(data_tiny.gene_names)
-    seen = sorted(prior.changes)
-    unseen = next(
-        g
-        for c in split["test"]
-        for g in data_tiny.condition_genes[c]
-        if g not in prior.changes and g in names
-    )
-    single = f"{unseen}+ctrl"
-    ctrl = data_tiny.X[data_tiny.control_cells].toarray().mean(axis=0)
-    expected = np.broadcast_to(
-        ctrl + prior.coexpression.effect(unseen), (len(controls), data_tiny.n_genes)
-    )
-    got = chosen.predict_cells(single, controls)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-    # Not what `prior` predicts (the network's unperturbed prediction in place of the mean).
-    assert not np.allclose(got, network.predict_cells(single, controls), atol=1e-3)
-    assert chosen._network_outputs(single) == 0
-    # Validation adds prior_part to the network's output: the same prediction.
-    network_cells = chosen._model_cells(single, controls)
-    for given in (None, network_cells):
-        np.testing.assert_allclose(
-            network_cells + chosen.prior_part(single, controls, given), expected, atol=1e-5
-        )
-    # Measured singles, doubles and the control are as under `prior`.
-    for condition in (f"{seen[0]}+ctrl", f"{seen[0]}+{unseen}", f"{seen[0]}+{seen[1]}", "ctrl"):
-        np.testing.assert_allclose(
-            chosen.predict_cells(condition, controls),
-            network.predict_cells(condition, controls),
-            atol=1e-6,
-        )
-    with pytest.raises(ConfigError, match="unseen_single: no_network"):
-        load_config(None, ["model.coexpression_prior=false", "model.unseen_single=no_network"])
 
 
 def _unseen_in_combo_pair(data, value, **extra):

@@ -368,22 +368,11 @@ def test_ema_run_evaluates_the_average_and_resumes_it(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_training_reads_each_training_perturbation_once(tmp_path, monkeypatch):
-    """The priors and the mean targets share one pass over the training cells' moments."""
-    import collections
-
-    from scformer_jax.data.dataset import PerturbData
+def test_training_reads_each_training_perturbation_once(tmp_path, monkeypatch, cell_reads):
+    """The priors, the mean targets and the gene embedding share one pass over the training
+    cells' moments."""
     from scformer_jax.data.splits import read_split_json
 
-    reads = collections.Counter()
-    for name in ("expression_moments", "mean_expression"):
-        original = getattr(PerturbData, name)
-
-        def counting(self, cells, _original=original):
-            reads[tuple(np.asarray(cells).tolist())] += 1
-            return _original(self, cells)
-
-        monkeypatch.setattr(PerturbData, name, counting)
     datasets = []
     load = runs.load_data
 
@@ -397,4 +386,4 @@ def test_training_reads_each_training_perturbation_once(tmp_path, monkeypatch):
     split = read_split_json(tmp_path / "run" / "split.json")
     train = [c for c in dict.fromkeys(split["train"]) if c != "ctrl"]
     cells = datasets[0].condition_cells
-    assert [reads[tuple(cells[c].tolist())] for c in train] == [1] * len(train)
+    assert [cell_reads[tuple(cells[c].tolist())] for c in train] == [1] * len(train)
