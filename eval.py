@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     try:
         # The dataset and the parameters are loaded once, for the evaluation and --predict.
         run = load_run(workdir, which=args.checkpoint)
+        # The training perturbations are measured once, for the predictor and the baselines.
+        run.training_measurements()
         predictor = run_predictor(run)
         if args.predict:
             # Bad names fail here, before the evaluation's minutes of work.

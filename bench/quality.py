@@ -85,12 +85,13 @@ METRICS = (
 # Metrics that the win count and the closing line use.
 WIN_METRICS = ("pearson_delta", "pearson_de_delta")
 # A cell is won when the recommended mean is ahead of every baseline's by at least this much:
-# a level cell (the same prediction, as combo_seen0 under unseen_in_combo: no_network is the
+# a level cell (the same prediction, as unseen_single and combo_seen0 under no_network are the
 # coexpression baseline's, apart from float rounding) is not a win. Half the tables' last digit.
 WIN_MARGIN = 5e-4
 PER_PERTURBATION = "per_perturbation.csv"  # eval's per-perturbation table in a run's eval/
 # The recommended config with one option set back to the seed's value (or, for the additive
-# prior and the control anchor, which validation did not choose, with that option on): the
+# prior and the control anchor, which validation did not choose, with that option on; or to
+# the value recommended before, as "unseen_single prior" and "shrink_prior normal"): the
 # ablation runs.
 ABLATIONS = {
     "unseen_single network": ["model.unseen_single=network"],

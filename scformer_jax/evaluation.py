@@ -525,6 +525,9 @@ def evaluate_run(
         ordered = sorted(test)
         picks = np.unique(np.linspace(0, len(ordered) - 1, min(max_perturbations, len(ordered))))
         test = [ordered[int(i)] for i in picks]
+    # Every training perturbation's mean (and its singles' errors) is computed once, for the
+    # model's priors and the baselines.
+    measured = run.training_measurements()
     if predictor is None:
         predictor = run_predictor(run, batch_size=batch_size)
 
@@ -540,8 +543,6 @@ def evaluate_run(
         predictor, dataset, test, seed=seed, max_cells=max_cells_per_condition
     )
     predictions = {MODEL: model_mean}
-    # The training perturbations' cells are read once, here or by run_predictor above.
-    measured = run.training_measurements()
     fitted = baselines_lib.fit_baselines(
         measured.profiles,
         ctrl_mean,

@@ -475,7 +475,7 @@ def run_predictor(run: Run, *, batch_size: int | None = None) -> Predictor:
             run.model_config,
             run.dataset,
             run.split["train"],
-            measured=run.training_measurements(),
+            measured=run.training_measurements(singles_only=True),
         )
         if uses_prior(run.model_config)
         else None

@@ -258,6 +258,14 @@ class SquaredErrors(Mapping):
         return len(self.counts)
 
 
+def _block_of(squared_errors: Mapping[str, np.ndarray], gene: str, block: slice) -> np.ndarray:
+    """float64 the `block` of `gene`'s squared errors (of :class:`SquaredErrors`, without
+    computing the whole vector)."""
+    if isinstance(squared_errors, SquaredErrors):
+        return squared_errors.pooled[block] / squared_errors.counts[gene]
+    return np.asarray(squared_errors[gene][block], np.float64)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainingMeasurements:
     """A training split's perturbations measured in one pass over their cells.
@@ -285,27 +293,38 @@ def measure_training(
     variance, pooled over the training singles, over the single's cell count."""
     ctrl = np.asarray(dataset.control_mean, np.float32)
     singles = _training_singles(train_conditions)
-    single_of = {condition: gene for gene, condition in singles.items()}
-    wanted = singles.values() if singles_only else dict.fromkeys(train_conditions)
-    profiles, changes, counts = {}, {}, {}
+    unknown = [c for c in dict.fromkeys(train_conditions) if c not in dataset.condition_cells]
+    if unknown:
+        raise KeyError(
+            f"Training condition(s) {unknown[:5]} are not in the dataset {dataset.name!r}: "
+            "the split does not belong to this dataset."
+        )
+    means, changes, counts = {}, {}, {}
     squares = np.zeros(dataset.n_genes, np.float64)
-    for condition in wanted:
-        if condition == CONTROL:
-            continue
+    # The singles first, in a fixed order (their squared deviations are summed), then the
+    # other perturbations.
+    for gene, condition in singles.items():
         cells = dataset.condition_cells[condition]
         mean, square = dataset.expression_moments(cells)
-        profiles[condition] = mean.astype(np.float32)
-        gene = single_of.get(condition)
-        if gene is not None:
-            squares += square
-            changes[gene] = (profiles[condition] - ctrl).astype(np.float32)
-            counts[gene] = len(cells)
+        means[condition] = mean.astype(np.float32)
+        squares += square
+        changes[gene] = (means[condition] - ctrl).astype(np.float32)
+        counts[gene] = len(cells)
+    ordered = singles.values() if singles_only else dict.fromkeys(train_conditions)
+    profiles = {}
+    for condition in ordered:
+        if condition == CONTROL:
+            continue
+        if condition not in means:
+            mean, _ = dataset.expression_moments(dataset.condition_cells[condition])
+            means[condition] = mean.astype(np.float32)
+        profiles[condition] = means[condition]
     dof = sum(counts.values()) - len(counts)
     pooled = squares / dof if dof > 0 else np.zeros(dataset.n_genes)
     return TrainingMeasurements(
         profiles=profiles,
-        single_changes={g: changes[g] for g in singles},
-        single_squared_errors=SquaredErrors(pooled, {g: counts[g] for g in singles}),
+        single_changes=changes,
+        single_squared_errors=SquaredErrors(pooled, counts),
     )
 
 
@@ -369,7 +388,7 @@ def shrink_single_changes(
     for start in range(0, n_genes, block_genes):
         block = slice(start, start + block_genes)
         d = np.stack([np.asarray(changes[g][block], np.float64) for g in genes])
-        se2 = np.stack([np.asarray(squared_errors[g][block], np.float64) for g in genes])
+        se2 = np.stack([_block_of(squared_errors, g, block) for g in genes])
         if prior == "adaptive":
             weight = _adaptive_posterior_weight(d, se2, spreads, weights)
         else:

@@ -84,15 +84,19 @@ class Run:
     which: str = "best"
     _measured: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
-    def training_measurements(self):
+    def training_measurements(self, *, singles_only: bool = False):
         """The training split's perturbations measured once, then kept: their mean profiles
         and their singles' changes and errors (:func:`scformer_jax.prior.measure_training`),
-        for the model's priors and the baselines alike."""
-        if self._measured is None:
+        for the model's priors and the baselines alike. `singles_only`: the singles' are
+        enough (a measurement of every perturbation, when kept, serves too)."""
+        if self._measured is None or (self._measured[0] and not singles_only):
             from scformer_jax.prior import measure_training
 
-            self._measured = measure_training(self.dataset, self.split["train"])
-        return self._measured
+            measured = measure_training(
+                self.dataset, self.split["train"], singles_only=singles_only
+            )
+            self._measured = (singles_only, measured)
+        return self._measured[1]
 
 
 def read_config(workdir: str | Path) -> Config:

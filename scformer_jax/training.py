@@ -445,11 +445,12 @@ def _train(config: Config, workdir: Path, *, progress: bool) -> dict:
     parallel.check_batch_size(config.train.eval_batch_size, what="train.eval_batch_size")
     # The training perturbations' cells are read once for the priors, the mean targets and
     # the data-initialised gene embedding.
+    profiles_needed = (
+        config.data.train_target == "condition_mean" or model_config.gene_embedding_init == "data"
+    )
     measured = (
-        measure_training(dataset, split["train"])
-        if uses_prior(model_config)
-        or config.data.train_target == "condition_mean"
-        or model_config.gene_embedding_init == "data"
+        measure_training(dataset, split["train"], singles_only=not profiles_needed)
+        if profiles_needed or uses_prior(model_config)
         else None
     )
     prior = prior_for(model_config, dataset, split["train"], measured=measured)

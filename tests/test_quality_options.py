@@ -409,6 +409,56 @@ def test_adaptive_shrinkage_is_the_mixture_posterior_mean_and_spares_large_chang
     np.testing.assert_array_equal(kept["G0"], measured[0].astype(np.float32))
 
 
+def test_measure_training_is_the_same_with_or_without_the_other_perturbations():
+    """The singles' changes and pooled errors do not depend on what else is measured, nor on
+    where the singles sit in the split (a gene spelled both "A+ctrl" and "ctrl+A")."""
+    from types import SimpleNamespace
+
+    from scformer_jax.prior import SquaredErrors, measure_training, shrink_single_changes
+
+    rng = np.random.default_rng(0)
+    n_genes = 300
+    values = rng.gamma(2.0, 1.0, (60, n_genes))
+    conditions = ["ctrl", "A+ctrl", "B+ctrl", "C+ctrl", "ctrl+A", "A+B"]
+    cells = {c: np.arange(10 * i, 10 * i + 10) for i, c in enumerate(conditions)}
+
+    def moments(rows):
+        block = values[rows]
+        mean = block.mean(axis=0)
+        return mean, ((block - mean) ** 2).sum(axis=0)
+
+    data = SimpleNamespace(
+        name="stub",
+        n_genes=n_genes,
+        control_mean=values[cells["ctrl"]].mean(axis=0).astype(np.float32),
+        condition_cells=cells,
+        expression_moments=moments,
+    )
+    train = ["A+B", "ctrl+A", "C+ctrl", "ctrl", "A+ctrl", "B+ctrl"]
+    full = measure_training(data, train)
+    singles = measure_training(data, train, singles_only=True)
+    assert list(full.profiles) == ["A+B", "ctrl+A", "C+ctrl", "A+ctrl", "B+ctrl"]
+    assert list(singles.profiles) == ["A+ctrl", "C+ctrl", "B+ctrl"]  # A: its last spelling
+    for g in ("A", "B", "C"):
+        np.testing.assert_array_equal(full.single_changes[g], singles.single_changes[g])
+        np.testing.assert_array_equal(
+            full.single_squared_errors[g], singles.single_squared_errors[g]
+        )
+    # The errors: the pooled within-condition variance over the single's cell count.
+    pooled = sum(moments(cells[c])[1] for c in ("A+ctrl", "B+ctrl", "C+ctrl")) / 27
+    np.testing.assert_allclose(full.single_squared_errors["B"], pooled / 10, rtol=1e-12)
+    assert isinstance(full.single_squared_errors, SquaredErrors)
+    # Shrinking by blocks of the lazy errors equals shrinking by the materialised ones.
+    as_dict = {g: full.single_squared_errors[g] for g in full.single_squared_errors}
+    for prior in ("normal", "adaptive"):
+        lazy = shrink_single_changes(full.single_changes, full.single_squared_errors, prior=prior)
+        eager = shrink_single_changes(full.single_changes, as_dict, prior=prior)
+        for g in lazy:
+            np.testing.assert_array_equal(lazy[g], eager[g])
+    with pytest.raises(KeyError, match="not in the dataset"):
+        measure_training(data, train + ["D+ctrl"])
+
+
 def test_shrink_prior_adaptive_reaches_the_prior_and_the_shrunk_baseline(data_tiny):
     from scformer_jax.prior import (
         fit_additive_prior,
