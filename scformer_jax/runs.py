@@ -28,6 +28,7 @@ from scformer_jax.config import (
 )
 from scformer_jax.data.dataset import PerturbData, load_dataset
 from scformer_jax.data.splits import gears_split, read_split_json, write_split_json
+from scformer_jax.prior import TrainingMeasurements, measure_training
 from scformer_jax.vocab import VOCAB_FILE, VocabularyMatch, adapt_to_dataset, read_vocab
 
 CONFIG_FILE = "config.yaml"
@@ -84,14 +85,12 @@ class Run:
     which: str = "best"
     _measured: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
-    def training_measurements(self, *, singles_only: bool = False):
+    def training_measurements(self, *, singles_only: bool = False) -> TrainingMeasurements:
         """The training split's perturbations measured once, then kept: their mean profiles
         and their singles' changes and errors (:func:`scformer_jax.prior.measure_training`),
         for the model's priors and the baselines alike. `singles_only`: the singles' are
         enough (a measurement of every perturbation, when kept, serves too)."""
         if self._measured is None or (self._measured[0] and not singles_only):
-            from scformer_jax.prior import measure_training
-
             measured = measure_training(
                 self.dataset, self.split["train"], singles_only=singles_only
             )
