@@ -419,18 +419,27 @@ def fit_adaptive_prior(
       the point mass alone.
     """
     genes = sorted(changes)
-    d_parts, se2_parts = [], []
-    for g in genes:
+
+    def with_error(g):  # the gene's changes with a non-zero error, and those errors
         d = np.asarray(changes[g], np.float64)
         se2 = np.asarray(squared_errors[g], np.float64)
-        d_parts.append(d[se2 > 0])
-        se2_parts.append(se2[se2 > 0])
-    d = np.concatenate(d_parts) if d_parts else np.zeros(0)
-    se2 = np.concatenate(se2_parts) if se2_parts else np.zeros(0)
-    if not len(d):
+        return d[se2 > 0], se2[se2 > 0]
+
+    # A first pass for the grid's ends and the count of changes with an error, a second for
+    # the (sub)sample the weights are fitted on: (single, gene) changes are never all held at
+    # once (at genome-wide sizes they are GBs).
+    counts, smallest_se2, largest_excess = [], np.inf, 0.0
+    for g in genes:
+        d, se2 = with_error(g)
+        counts.append(len(d))
+        if len(d):
+            smallest_se2 = min(smallest_se2, float(se2.min()))
+            largest_excess = max(largest_excess, float(np.max(d**2 - se2)))
+    total = sum(counts)
+    if not total:
         return np.zeros(1), np.ones(1)
-    smallest = np.sqrt(se2.min()) / 10.0
-    largest = max(2.0 * np.sqrt(max(float(np.max(d**2 - se2)), 0.0)), smallest)
+    smallest = np.sqrt(smallest_se2) / 10.0
+    largest = max(2.0 * np.sqrt(largest_excess), smallest)
     log_factor = np.log(ADAPTIVE_GRID_FACTOR)
     n_grid = int(np.floor(np.log(largest / smallest) / log_factor)) + 1
     if n_grid > ADAPTIVE_MAX_COMPONENTS - 2:  # start higher: the grid ends at `largest`
@@ -439,9 +448,20 @@ def fit_adaptive_prior(
     spreads = np.unique(
         np.concatenate([[0.0], smallest * ADAPTIVE_GRID_FACTOR ** np.arange(n_grid), [largest]])
     )
-    if len(d) > ADAPTIVE_MAX_FIT:
-        picked = np.sort(np.random.default_rng(0).choice(len(d), ADAPTIVE_MAX_FIT, replace=False))
-        d, se2 = d[picked], se2[picked]
+    picked = None
+    if total > ADAPTIVE_MAX_FIT:
+        picked = np.sort(np.random.default_rng(0).choice(total, ADAPTIVE_MAX_FIT, replace=False))
+    d_parts, se2_parts = [], []
+    start = 0
+    for g, count in zip(genes, counts):
+        d, se2 = with_error(g)
+        if picked is not None:
+            lo, hi = np.searchsorted(picked, [start, start + count])
+            d, se2 = d[picked[lo:hi] - start], se2[picked[lo:hi] - start]
+        d_parts.append(d)
+        se2_parts.append(se2)
+        start += count
+    d, se2 = np.concatenate(d_parts), np.concatenate(se2_parts)
     likelihood = _component_likelihoods(d, se2, spreads)  # (n, K), rows scaled to max 1
     pseudo = np.zeros(len(spreads))
     pseudo[0] = ADAPTIVE_NULL_WEIGHT - 1.0
