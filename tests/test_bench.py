@@ -305,7 +305,7 @@ def test_unknown_ablation_is_refused(capsys):
 
 
 def test_headroom_knows_the_true_direction_of_unseen_singles():
-    scores = headroom.headroom("simulated", [1])
+    scores = headroom.headroom("simulated", [1], truth_cells=500)
     true = np.mean(scores[("unseen_single", "coexpression (true direction)")], axis=0)
     typical = np.mean(scores[("unseen_single", "coexpression (training direction)")], axis=0)
     # The simulator's random knock-down / activation of unseen genes is what the typical
@@ -314,8 +314,19 @@ def test_headroom_knows_the_true_direction_of_unseen_singles():
     assert {
         "additive (measured singles)",
         "additive (measured singles, shrunk)",
-        "network joint response (replicate)",
+        "network joint response (true, every double additive)",
+        "sum of the true singles",
+        "true profile (perfect predictor)",
     } <= {predictor for subgroup, predictor in scores if subgroup == "combo_seen2"}
+    # The truths are the same network's expectations: a perfect predictor beats every
+    # estimate from the measured cells, and the sum of the true singles beats the sum of the
+    # measured ones (whose sampling noise is the room above `additive`).
+    for subgroup in ("unseen_single", "combo_seen2"):
+        rows = {p: np.mean(v, axis=0) for (g, p), v in scores.items() if g == subgroup}
+        perfect = rows.pop("true profile (perfect predictor)")
+        assert all(perfect[0] > other[0] for other in rows.values()), rows
+    combo = {p: np.mean(v, axis=0) for (g, p), v in scores.items() if g == "combo_seen2"}
+    assert combo["sum of the true singles"][0] > combo["additive (measured singles)"][0] + 0.05
 
 
 def test_data_bench_cases_on_tiny_data(tmp_path):
