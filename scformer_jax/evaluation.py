@@ -177,6 +177,7 @@ def build_reference(
     test_conditions: Sequence[str],
     *,
     seed: int = 0,
+    profiles: Mapping[str, np.ndarray] | None = None,
 ) -> Reference:
     """Everything the metrics need besides the predictions (see :class:`Reference`).
 
@@ -185,16 +186,31 @@ def build_reference(
       train_conditions: the split's training conditions (``ctrl`` is ignored).
       test_conditions: the conditions to evaluate.
       seed: seed of the cell samples and of the technical duplicate split.
+      profiles: the training conditions' mean profiles, if already measured
+        (:func:`scformer_jax.prior.measure_training`): the pooled perturbed reference is
+        then their cell-count-weighted mean (equal to the pooled cells' mean but for float
+        rounding) instead of another pass over every perturbed training cell.
     """
     rng = np.random.default_rng(seed)
-    train = [c for c in train_conditions if c != CONTROL and c in dataset.condition_cells]
+    train = list(
+        dict.fromkeys(c for c in train_conditions if c != CONTROL and c in dataset.condition_cells)
+    )
     if not train:
         raise ValueError(
             "The split has no perturbed training condition, so there is no "
             "perturbed reference (mean of the perturbed training cells)."
         )
-    train_cells = dataset.cells_of(train)
-    pert_ref = np.asarray(dataset.mean_expression(train_cells), np.float64)
+    n_pert_ref_cells = sum(len(dataset.condition_cells[c]) for c in train)
+    if profiles is None:
+        pert_ref = np.asarray(dataset.mean_expression(dataset.cells_of(train)), np.float64)
+    else:
+        missing = [c for c in train if c not in profiles]
+        if missing:
+            raise KeyError(f"No measured profile for training condition(s) {missing[:5]}.")
+        pert_ref = np.zeros(dataset.n_genes, np.float64)
+        for c in train:
+            pert_ref += len(dataset.condition_cells[c]) * np.asarray(profiles[c], np.float64)
+        pert_ref /= n_pert_ref_cells
     ctrl_mean = np.asarray(dataset.control_mean, np.float64)
 
     # Welch t of each test condition against control: one pass over their cells.
@@ -243,7 +259,7 @@ def build_reference(
     return Reference(
         ctrl_mean=ctrl_mean,
         pert_ref=pert_ref,
-        n_pert_ref_cells=len(train_cells),
+        n_pert_ref_cells=n_pert_ref_cells,
         true_mean=true_mean,
         true_cells=true_cells,
         control_cells=control_cells,
@@ -526,7 +542,7 @@ def evaluate_run(
         picks = np.unique(np.linspace(0, len(ordered) - 1, min(max_perturbations, len(ordered))))
         test = [ordered[int(i)] for i in picks]
     # Every training perturbation's mean (and its singles' errors) is computed once, for the
-    # model's priors and the baselines.
+    # model's priors, the baselines and the pooled perturbed reference.
     measured = run.training_measurements()
     if predictor is None:
         predictor = run_predictor(run, batch_size=batch_size)
@@ -536,7 +552,7 @@ def evaluate_run(
         k: [c for c in v if c in chosen] for k, v in split.get("subgroups", {}).items() if v
     }
     subgroups = {k: v for k, v in subgroups.items() if v}
-    ref = build_reference(dataset, split["train"], test, seed=seed)
+    ref = build_reference(dataset, split["train"], test, seed=seed, profiles=measured.profiles)
     ctrl_mean, true_mean = ref.ctrl_mean, ref.true_mean
 
     model_mean, model_cells = model_predictions(

@@ -14,6 +14,7 @@ from scformer_jax import evaluation
 from scformer_jax import metrics as metrics_lib
 from scformer_jax.metrics import CALIBRATED_METRIC_NAMES
 from scformer_jax.predict import UnknownPerturbationError, load_predictor
+from scformer_jax.prior import measure_training
 
 TINY = "tests/configs/tiny.yaml"
 
@@ -240,6 +241,16 @@ def test_reference_and_technical_duplicate(data_tiny):
         assert ref.de_weights[c].max() == 1.0
     again = evaluation.build_reference(data, split["train"], test, seed=3)
     other = evaluation.build_reference(data, split["train"], test, seed=4)
+    # From already measured training profiles: the same pooled reference, no pass over cells.
+    profiles = measure_training(data, split["train"]).profiles
+    measured = evaluation.build_reference(data, split["train"], test, seed=3, profiles=profiles)
+    np.testing.assert_allclose(measured.pert_ref, ref.pert_ref, rtol=1e-6, atol=1e-7)
+    assert measured.n_pert_ref_cells == ref.n_pert_ref_cells == len(train_cells)
+    assert all(np.array_equal(measured.halves[c][0], ref.halves[c][0]) for c in test)
+    with pytest.raises(KeyError, match="No measured profile"):
+        evaluation.build_reference(
+            data, split["train"], test, profiles={c: v for c, v in list(profiles.items())[1:]}
+        )
     assert all(np.array_equal(again.halves[c][0], ref.halves[c][0]) for c in test)
     assert not all(np.array_equal(other.halves[c][0], ref.halves[c][0]) for c in test)
     ceiling = evaluation.technical_duplicate(ref, data)
@@ -295,9 +306,13 @@ def test_eval_reads_each_training_perturbation_once_and_follows_the_shrink_prior
         )
         cell_reads.clear()
         metrics = evaluation.evaluate_run(variant, out_dir=tmp_path / prior, n_plots=0)
-        # The priors of the model and the baselines share one pass over the training cells.
+        # The priors of the model, the baselines and the pooled perturbed reference share one
+        # pass over the training cells: each perturbed training cell is read once in all.
         counts = [cell_reads[tuple(run.dataset.condition_cells[c].tolist())] for c in train]
         assert counts == [1] * len(train)
+        train_cells = set(run.dataset.cells_of(train).tolist())
+        reads = sum(n * len(train_cells.intersection(key)) for key, n in cell_reads.items())
+        assert reads == len(train_cells)
         shrunk[prior] = metrics["baselines"]["additive_shrunk"]["overall"]["pearson_delta"]
     assert asked == ["normal", "adaptive"]
     assert shrunk["normal"] != shrunk["adaptive"]
