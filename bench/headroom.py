@@ -64,8 +64,10 @@ def _truth(settings: dict, sim_seed: int, cells: int, **changes):
     and its doubles' interaction types.
 
     The network, the perturbations and the interactions are drawn before the condition sizes,
-    so they are the same as in the observed simulation; the cells' order differs, so no cell
-    shares its random draws with the observed cell in the same place.
+    so they are the same as in the observed simulation. The cells in the same place of the two
+    simulations share their random draws, but the conditions' order differs: of a truth
+    mean's cells, about one (of `cells`) shares its draws with a cell of the same observed
+    condition.
     """
     from scformer_jax.data.dataset import load_dataset
     from scformer_jax.data.simulate import simulate, simulation_config, simulation_truth
